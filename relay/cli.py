@@ -1,0 +1,161 @@
+"""The `continuity-relay` command: argument parsing, one function per command, no logic of its own.
+
+Exit status: 0 success, 1 failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay import __version__, app
+from relay.config import Config, load
+from relay.delivery.health import read_state
+from relay.directory import Directory
+from relay.errors import ConfigErrors, DirectoryError, RelayError, StorageError, UsageError
+from relay.log import setup
+from relay.storage.continuity import replay_queue_path
+from relay.storage.queue import Queue
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(args.config)
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if not getattr(args, "password_stdin", False):
+        return None
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise UsageError("--password-stdin: no password on standard input")
+    return line
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup(config.log_level)
+    asyncio.run(app.serve(config))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"{config.file}: OK, {len(config.domains)} domain(s)")
+    return 0
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    user = Directory(_config(args)).add(args.email, args.name or "", _password(args))
+    print(f"added {user.email}" + ("" if user.password_hash else " (no password: cannot log in)"))
+    return 0
+
+
+def cmd_users_import(args: argparse.Namespace) -> int:
+    added, problems = Directory(_config(args)).import_csv(Path(args.file))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"imported {len(added)} user(s), {len(problems)} line(s) refused")
+    return 1 if problems else 0
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    password = _password(args)
+    if password is None:
+        raise UsageError("users passwd reads the new password with --password-stdin")
+    print(f"password changed for {Directory(_config(args)).set_password(args.email, password).email}")
+    return 0
+
+
+def cmd_users_activate(args: argparse.Namespace) -> int:
+    print(f"activated {Directory(_config(args)).set_active(args.email, True).email}")
+    return 0
+
+
+def cmd_users_deactivate(args: argparse.Namespace) -> int:
+    print(f"deactivated {Directory(_config(args)).set_active(args.email, False).email}")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    for user in Directory(_config(args)).list(args.domain):
+        state = "active" if user.active else "inactive"
+        password = "password" if user.password_hash else "no-password"
+        print(f"{user.email}\t{state}\t{password}\t{user.name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"{'domain':30} {'state':8} {'since':20} {'waiting':>8}  continuity")
+    for name, domain in sorted(config.domains.items()):
+        state = read_state(config.storage.spool / "state", name)
+        since = (dt.datetime.fromtimestamp(state.since).strftime("%Y-%m-%d %H:%M:%S")
+                 if state.since else "-")
+        waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
+        sub = domain.continuity
+        if sub is None:
+            cover = "none"
+        else:
+            cover = f"{'active' if domain.continuity_active() else 'inactive'} {sub.since}..{sub.until}"
+        print(f"{name:30} {state.state:8} {since:20} {waiting:>8}  {cover}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="continuity-relay",
+                                     description="Self-hosted e-mail continuity relay.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(group, name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", default="config.yaml",
+                         help="configuration file (default: config.yaml)")
+        sub.set_defaults(func=func)
+        return sub
+
+    command(commands, "serve", cmd_serve, "run the relay in the foreground")
+    command(commands, "check", cmd_check, "validate the configuration file")
+    command(commands, "status", cmd_status, "show each domain's state and replay queue")
+    users = commands.add_parser("users", help="manage registered users").add_subparsers(
+        dest="users_command", required=True)
+    add = command(users, "add", cmd_users_add, "register a user")
+    add.add_argument("email")
+    add.add_argument("--name", default="")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    imp = command(users, "import", cmd_users_import, "register users from a CSV file "
+                  "(header row; columns email, name, optional password)")
+    imp.add_argument("file")
+    pw = command(users, "passwd", cmd_users_passwd, "set a user's password")
+    pw.add_argument("email")
+    pw.add_argument("--password-stdin", action="store_true", required=True)
+    for name, func in (("activate", cmd_users_activate), ("deactivate", cmd_users_deactivate)):
+        command(users, name, func, f"{name} a user").add_argument("email")
+    lst = command(users, "list", cmd_users_list, "list registered users")
+    lst.add_argument("--domain")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigErrors as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"continuity-relay: {exc}", file=sys.stderr)
+        return 2
+    except (DirectoryError, StorageError) as exc:
+        print(f"continuity-relay: {exc}", file=sys.stderr)
+        return 1
+    except RelayError as exc:
+        print(f"continuity-relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1

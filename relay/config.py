@@ -1,0 +1,333 @@
+"""The configuration file: YAML in, frozen dataclasses out, every problem named by file and key.
+
+`load(path)` reads and validates the whole file and raises `ConfigErrors` listing every problem,
+one per line, as `FILE: dotted.key: what is wrong`. Unknown keys are errors. Relative paths
+resolve against the folder of the configuration file. Durations read like `30s`, `15m`, `90d`;
+sizes like `50MiB`; listen addresses like `127.0.0.1:2525`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relay.addresses import AddressError, normalise_domain
+from relay.errors import ConfigError, ConfigErrors
+
+PASSWORD_SCHEMES = ("BLF-CRYPT", "ARGON2ID")
+STARTTLS_MODES = ("off", "opportunistic", "required")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Listen:
+    inbound: HostPort
+
+
+@dataclass(frozen=True)
+class Storage:
+    maildirs: Path
+    spool: Path
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class Replay:
+    probe_interval: float
+
+
+@dataclass(frozen=True)
+class Primary:
+    address: HostPort
+    starttls: str = "opportunistic"
+    verify_cert: bool = True
+    ca_file: Path | None = None
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Continuity:
+    since: dt.date
+    until: dt.date
+
+    def active_on(self, day: dt.date) -> bool:
+        return self.since <= day <= self.until
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    primary: Primary
+    continuity: Continuity | None
+
+    def continuity_active(self, day: dt.date | None = None) -> bool:
+        return self.continuity is not None and self.continuity.active_on(day or dt.date.today())
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    hostname: str
+    listen: Listen
+    storage: Storage
+    users_file: Path
+    password_scheme: str
+    message_size_limit: int
+    max_recipients: int
+    replay: Replay
+    domains: dict[str, Domain] = field(default_factory=dict)
+    log_level: str = "INFO"
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "k": 1024,
+               "K": 1024, "M": 1024**2, "G": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `15m`, `2h`, `90d` or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 15m, 90d")
+    if isinstance(value, (int, float)) and value >= 0:
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 15m, 90d, got {value!r}")
+    return float(int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+
+
+def parse_size(value: Any) -> int:
+    """`50MiB`, `512KiB`, `1048576` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size like 50MiB, got {value!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def parse_hostport(value: Any) -> HostPort:
+    """`host:port` or `[v6]:port` -> HostPort."""
+    text = str(value).strip()
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\s\[\]]+):(\d+)$", text)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return HostPort(m.group(1), int(m.group(2)))
+
+
+class _Reader:
+    """Walks the YAML tree, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.problems: list[ConfigError] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(ConfigError(str(self.file), key, message))
+
+    def section(self, data: Any, key: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.problem(key, "expected a mapping")
+            return {}
+        for name in data:
+            if name not in allowed:
+                self.problem(f"{key}.{name}" if key else str(name), "unknown setting")
+        for name in sorted(required - set(data)):
+            self.problem(f"{key}.{name}" if key else name, "missing")
+        return data
+
+    def value(self, data: dict, key: str, name: str, parse, default: Any = None) -> Any:
+        if data.get(name) is None:
+            return default
+        try:
+            return parse(data[name])
+        except (ValueError, TypeError) as exc:
+            self.problem(f"{key}.{name}" if key else name, str(exc))
+            return default
+
+    def path(self, data: dict, key: str, name: str, default: str | None = None) -> Path | None:
+        raw = data.get(name, default)
+        if raw is None:
+            return None
+        if not isinstance(raw, str) or not raw.strip():
+            self.problem(f"{key}.{name}" if key else name, "expected a path")
+            return None
+        return (self.file.parent / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+
+
+def _choice(options: tuple[str, ...]):
+    def parse(value: Any) -> str:
+        text = str(value)
+        for option in options:
+            if text.lower() == option.lower():
+                return option
+        raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"expected a date like 2026-01-31, got {value!r}") from None
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _hostname(value: Any) -> str:
+    text = str(value)
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", text):
+        raise ValueError(f"expected a host name, got {value!r}")
+    return text
+
+
+def add_months(day: dt.date, months: int) -> dt.date:
+    """The same day `months` later, clamped to the month's end (29 Feb + 12 months = 28 Feb)."""
+    index = day.month - 1 + months
+    year, month = day.year + index // 12, index % 12 + 1
+    for last in (31, 30, 29, 28):
+        try:
+            return dt.date(year, month, min(day.day, last))
+        except ValueError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def _primary(r: _Reader, raw: Any, key: str) -> Primary | None:
+    if isinstance(raw, str):
+        raw = {"address": raw}
+    data = r.section(raw, key, {"address", "starttls", "verify_cert", "ca_file", "timeout",
+                                "connect_timeout"}, {"address"})
+    address = r.value(data, key, "address", parse_hostport)
+    if address is None:
+        return None
+    return Primary(
+        address=address,
+        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES), "opportunistic"),
+        verify_cert=r.value(data, key, "verify_cert", _boolean, True),
+        ca_file=r.path(data, key, "ca_file"),
+        timeout=r.value(data, key, "timeout", parse_duration, 60.0),
+        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, 10.0),
+    )
+
+
+def _continuity(r: _Reader, raw: Any, key: str) -> Continuity | None:
+    if raw is None:
+        return None
+    data = r.section(raw, key, {"since", "until"}, {"since", "until"})
+    since = r.value(data, key, "since", _date)
+    until = r.value(data, key, "until", _date)
+    if since is None or until is None:
+        return None
+    if until < add_months(since, 12):
+        r.problem(f"{key}.until", f"a subscription runs at least 12 months: until must be on or "
+                                   f"after {add_months(since, 12).isoformat()}")
+        return None
+    return Continuity(since, until)
+
+
+def _domains(r: _Reader, raw: Any) -> dict[str, Domain]:
+    if not isinstance(raw, dict) or not raw:
+        r.problem("domains", "expected a mapping of at least one domain")
+        return {}
+    domains: dict[str, Domain] = {}
+    for name, body in raw.items():
+        key = f"domains.{name}"
+        try:
+            domain = normalise_domain(str(name))
+        except AddressError as exc:
+            r.problem(key, f"not a valid domain: {exc}")
+            continue
+        data = r.section(body, key, {"primary", "continuity"}, {"primary"})
+        primary = _primary(r, data["primary"], f"{key}.primary") if "primary" in data else None
+        continuity = _continuity(r, data.get("continuity"), f"{key}.continuity")
+        if domain in domains:
+            r.problem(key, "domain listed twice")
+        elif primary is not None:
+            domains[domain] = Domain(domain, primary, continuity)
+    return domains
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a configuration file; raise ConfigErrors naming every problem."""
+    file = Path(path).absolute()
+    r = _Reader(file)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(str(file), "(file)", exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where else ""
+        raise ConfigErrors([ConfigError(str(file), "(file)", f"{line}not valid YAML")]) from None
+    top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
+                              "message_size_limit", "max_recipients", "replay", "domains",
+                              "log_level"},
+                    {"listen", "storage", "domains"})
+    listen = r.section(top.get("listen"), "listen", {"inbound"}, {"inbound"})
+    storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
+                        {"maildirs", "spool"})
+    replay = r.section(top.get("replay"), "replay", {"probe_interval"})
+    config = Config(
+        file=file,
+        hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
+        listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport)),
+        storage=Storage(
+            maildirs=r.path(storage, "storage", "maildirs"),
+            spool=r.path(storage, "storage", "spool"),
+            owner=r.value(storage, "storage", "owner", _owner),
+        ),
+        users_file=r.path(top, "", "users_file", "users.passwd"),
+        password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES), "BLF-CRYPT"),
+        message_size_limit=r.value(top, "", "message_size_limit", parse_size, 50 * 1024**2),
+        max_recipients=r.value(top, "", "max_recipients", _positive_int, 100),
+        replay=Replay(probe_interval=r.value(replay, "replay", "probe_interval", parse_duration, 30.0)),
+        domains=_domains(r, top.get("domains")) if "domains" in top else {},
+        log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO"),
+    )
+    if r.problems:
+        raise ConfigErrors(r.problems)
+    return config
+
+
+def _owner(value: Any) -> str:
+    import pwd
+
+    try:
+        pwd.getpwnam(str(value))
+    except KeyError:
+        raise ValueError(f"no such user {value!r} on this machine") from None
+    return str(value)

@@ -1,0 +1,1 @@
+"""Talking to other SMTP servers: the primary, and later the smarthost."""

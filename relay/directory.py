@@ -1,0 +1,234 @@
+"""The user directory: registered users and their passwords, kept in Dovecot's passwd-file.
+
+The passwd-file is the only store (rule 10), so Dovecot, the submission port and the webmail
+accept the same password. One line per user:
+
+    alice@example.com:{BLF-CRYPT}$2b$12$...:::Alice Smith:::
+    bob@example.com::::Bob:::                        registered, no password: logs in nowhere
+    carol@example.com:{ARGON2ID}$argon2id$...:::Carol:::nologin reason=deactivated
+
+Field 5 (gecos, ignored by Dovecot) holds the display name. Every change is a read-modify-write
+under a file lock, written as temp file, fsync, rename, fsync of the directory: a crash leaves
+either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import argon2
+import bcrypt
+from filelock import FileLock
+
+from relay.addresses import AddressError, Mailbox, parse_mailbox
+from relay.config import Config
+from relay.errors import DirectoryError
+from relay.storage.durable import Owner, replace_file
+
+DEACTIVATED = "nologin reason=deactivated"
+BCRYPT_MAX = 72
+
+
+@dataclass(frozen=True)
+class User:
+    address: Mailbox
+    name: str = ""
+    password_hash: str = ""        # "{SCHEME}hash", or "" for a user without a password
+    active: bool = True
+
+    @property
+    def email(self) -> str:
+        return str(self.address)
+
+    @property
+    def can_log_in(self) -> bool:
+        return self.active and bool(self.password_hash)
+
+    def line(self) -> str:
+        extra = "" if self.active else DEACTIVATED
+        return f"{self.email}:{self.password_hash}:::{self.name}:::{extra}"
+
+
+def hash_password(password: str, scheme: str = "BLF-CRYPT") -> str:
+    """A `{SCHEME}hash` string Dovecot verifies; bcrypt only sees 72 bytes, so longer
+    passwords get ARGON2ID whatever the configured scheme."""
+    if not password or "\x00" in password or "\n" in password:
+        raise DirectoryError("a password must be non-empty, on one line, without NUL")
+    raw = password.encode("utf-8")
+    if scheme == "BLF-CRYPT" and len(raw) <= BCRYPT_MAX:
+        return "{BLF-CRYPT}" + bcrypt.hashpw(raw, bcrypt.gensalt(12)).decode("ascii")
+    return "{ARGON2ID}" + argon2.PasswordHasher().hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """Check a password against a `{SCHEME}hash` written by `hash_password`."""
+    if password_hash.startswith("{BLF-CRYPT}"):
+        raw = password.encode("utf-8")[:BCRYPT_MAX]
+        return bcrypt.checkpw(raw, password_hash[len("{BLF-CRYPT}"):].encode("ascii"))
+    if password_hash.startswith("{ARGON2ID}"):
+        try:
+            return argon2.PasswordHasher().verify(password_hash[len("{ARGON2ID}"):], password)
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            return False
+    return False
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if any(c in name for c in ":\n\r\x00"):
+        raise DirectoryError("a name may not contain ':' or line breaks")
+    return name
+
+
+def parse_line(line: str) -> User:
+    fields = line.rstrip("\n").split(":", 7)
+    if len(fields) != 8:
+        raise ValueError("expected 8 colon-separated fields")
+    return User(parse_mailbox(fields[0]), fields[4], fields[1], DEACTIVATED not in fields[7])
+
+
+class Directory:
+    """Users of the configured domains, backed by the passwd-file at `config.users_file`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.file = config.users_file
+        self._lock = FileLock(str(self.file) + ".lock")
+        self._cache: tuple[tuple[int, int, int], dict[str, User]] | None = None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _read(self) -> dict[str, User]:
+        try:
+            text = self.file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        users: dict[str, User] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            try:
+                user = parse_line(line)
+            except (ValueError, AddressError) as exc:
+                raise DirectoryError(f"{self.file}:{number}: {exc}") from None
+            users[user.email] = user
+        return users
+
+    def users(self) -> dict[str, User]:
+        """All users, re-read only when the file changed (it is checked on every call)."""
+        try:
+            st = os.stat(self.file)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return {}
+        if self._cache is None or self._cache[0] != stamp:
+            self._cache = (stamp, self._read())
+        return self._cache[1]
+
+    def get(self, address: Mailbox) -> User | None:
+        return self.users().get(str(address))
+
+    def is_registered(self, address: Mailbox) -> bool:
+        return str(address) in self.users()
+
+    def list(self, domain: str | None = None) -> list[User]:
+        return sorted((u for u in self.users().values() if domain in (None, u.address.domain)),
+                      key=lambda u: (u.address.domain, u.address.local))
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def _address(self, email: str) -> Mailbox:
+        try:
+            address = parse_mailbox(email)
+        except AddressError as exc:
+            raise DirectoryError(f"{email!r}: {exc}") from None
+        if address.domain not in self.config.domains:
+            raise DirectoryError(f"{email}: domain {address.domain} is not configured")
+        return address
+
+    def _write(self, users: Iterable[User]) -> None:
+        body = "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.email))
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(self.file, body.encode("utf-8"), 0o640, Owner.named(self.config.storage.owner))
+        self._cache = None
+
+    def _change(self, email: str, change) -> User:
+        address = self._address(email)
+        with self._lock:
+            users = self._read()
+            user = change(users.get(str(address)), address)
+            users[user.email] = user
+            self._write(users.values())
+        return user
+
+    def add(self, email: str, name: str = "", password: str | None = None) -> User:
+        name = _check_name(name)
+        password_hash = hash_password(password, self.config.password_scheme) if password else ""
+
+        def change(old: User | None, address: Mailbox) -> User:
+            if old is not None:
+                raise DirectoryError(f"{address}: already registered")
+            return User(address, name, password_hash)
+        return self._change(email, change)
+
+    def set_password(self, email: str, password: str) -> User:
+        password_hash = hash_password(password, self.config.password_scheme)
+        return self._change(email, lambda old, a: replace(self._existing(old, a),
+                                                          password_hash=password_hash))
+
+    def set_active(self, email: str, active: bool) -> User:
+        return self._change(email, lambda old, a: replace(self._existing(old, a), active=active))
+
+    @staticmethod
+    def _existing(user: User | None, address: Mailbox) -> User:
+        if user is None:
+            raise DirectoryError(f"{address}: no such user")
+        return user
+
+    def import_csv(self, path: Path) -> tuple[list[User], list[str]]:
+        """Add users from a CSV file with a header row (email, name, optional password).
+
+        Returns the users added and one message per refused line, naming its line number;
+        good lines are imported even when others are refused.
+        """
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DirectoryError(f"{path}: {exc}") from None
+        rows = csv.DictReader(text.splitlines())
+        header = [h.strip().lower() for h in rows.fieldnames or []]
+        if "email" not in header:
+            raise DirectoryError(f"{path}:1: the header row must name an 'email' column")
+        rows.fieldnames = header
+        added: list[User] = []
+        problems: list[str] = []
+        pending: dict[str, tuple[int, User]] = {}
+        for row in rows:
+            line = rows.line_num
+            try:
+                address = self._address((row.get("email") or "").strip())
+                if str(address) in pending:
+                    raise DirectoryError(f"{address}: listed twice")
+                password = row.get("password") or None
+                password_hash = hash_password(password, self.config.password_scheme) if password else ""
+                user = User(address, _check_name(row.get("name") or ""), password_hash)
+                pending[str(address)] = (line, user)
+            except DirectoryError as exc:
+                problems.append(f"{path}:{line}: {exc}")
+        with self._lock:
+            users = self._read()
+            for email, (line, user) in pending.items():
+                if email in users:
+                    problems.append(f"{path}:{line}: {email}: already registered")
+                    continue
+                users[email] = user
+                added.append(user)
+            if added:
+                self._write(users.values())
+        return added, problems

@@ -1,0 +1,1 @@
+"""The SMTP listeners (aiosmtpd handlers) and every reply string they send."""

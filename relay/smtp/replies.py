@@ -1,0 +1,33 @@
+"""Every SMTP reply the relay composes itself, in one place.
+
+A test checks that each enhanced status code's class matches its basic code (2.x.x for 2xx...).
+Replies relayed from a primary server are formatted by `relayed()`, which keeps the primary's
+code and text but never lets a line break in that text inject extra reply lines.
+"""
+
+from __future__ import annotations
+
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+QUEUED = "250 2.0.0 OK: queued as {id}"
+DELIVERED = "250 2.0.0 OK: delivered as {id}"
+
+BAD_SENDER = "553 5.1.7 Sender address rejected: {reason}"
+BAD_RECIPIENT = "553 5.1.3 Recipient address rejected: {reason}"
+RELAY_DENIED = "550 5.7.1 Relay access denied: {domain} is not served here"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+PRIMARY_UNREACHABLE = "451 4.4.1 Mail server for {domain} not reachable, try again later"
+SPLIT_OUTCOME = "451 4.3.0 Recipients cannot all be accepted now, try again later"
+LOCAL_ERROR = "451 4.3.0 Temporary local problem, try again later"
+
+ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
+       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR)
+
+
+def relayed(code: int, text: str) -> str:
+    """A primary's reply, passed to our client as one or more well-formed reply lines."""
+    lines = [line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip()]
+    lines = ["".join(c for c in line if c.isprintable())[:400] for line in lines] or [""]
+    lines = lines[:10]
+    head = [f"{code}-{line}" for line in lines[:-1]]
+    return "\r\n".join([*head, f"{code} {lines[-1]}".rstrip()])

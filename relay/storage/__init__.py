@@ -1,0 +1,1 @@
+"""Everything the relay keeps on disk: user Maildirs, queues, the archive."""

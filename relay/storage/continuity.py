@@ -1,0 +1,59 @@
+"""Continuity storage: what the relay does with a message the primary could not take.
+
+`keep()` puts one recipient's copy into that user's Maildir INBOX (with `Return-Path:` and
+`Delivered-To:` on top, as a delivery agent writes them) and into the domain's replay queue,
+which takes a hard link to the very same file before it becomes visible in new/. The queue
+envelope records how many bytes of Maildir headers to skip, so replay sends the bytes that
+were received.
+
+Crash points (see maildir.py and queue.py for each store's own):
+  - before the queue commit: at most a stray file; the sender got no 250 and will retry
+  - after the queue commit, before new/: replay has it, the Maildir not; the sender retries,
+    so the primary may get it twice (never zero times)
+  - after new/ is fsync'd: complete; only now does the caller answer 250
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from relay.addresses import Mailbox
+from relay.errors import StorageError
+from relay.storage.durable import Owner
+from relay.storage.maildir import MaildirStore
+from relay.storage.queue import Envelope, Queue
+
+
+def replay_queue_path(spool: Path, domain: str) -> Path:
+    return spool / "replay" / domain
+
+
+class ContinuityStore:
+    """The Maildirs plus one replay queue per domain."""
+
+    def __init__(self, maildirs: MaildirStore, spool: Path, owner: Owner = Owner()) -> None:
+        self.maildirs = maildirs
+        self.spool = spool
+        self.owner = owner
+        self._queues: dict[str, Queue] = {}
+
+    def replay_queue(self, domain: str) -> Queue:
+        if domain not in self._queues:
+            self._queues[domain] = Queue(replay_queue_path(self.spool, domain), self.owner)
+        return self._queues[domain]
+
+    def keep(self, user: Mailbox, sender: str, message: bytes,
+             mail_options: tuple[str, ...] = ()) -> str:
+        """Store one recipient's copy durably; returns the replay queue id. Blocking."""
+        trace = (f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n").encode()
+        envelope = Envelope(mail_from=sender, rcpt=str(user), received_at=time.time(),
+                            skip=len(trace), mail_options=mail_options)
+        queue = self.replay_queue(user.domain)
+        ids: list[str] = []
+        try:
+            self.maildirs.deliver(user, trace + message,
+                                  before_publish=lambda tmp: ids.append(queue.enqueue_link(tmp, envelope)))
+        except OSError as exc:
+            raise StorageError(f"cannot keep mail for {user}: {exc.strerror or exc}") from exc
+        return ids[0]

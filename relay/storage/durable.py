@@ -1,0 +1,89 @@
+"""Durable file primitives shared by every writer: write-fsync-rename, fsync of directories,
+and handing created files to the mail user.
+
+Rule 1 ("250 means on disk") rests on these: a file counts as written only after the file and
+the directory that names it were fsync'd.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.errors import StorageError
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who should own what the relay creates: the mail user Dovecot runs as.
+
+    Only a process running as root can give files away; running as the mail user itself
+    (production under systemd) makes this a no-op.
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+
+    @classmethod
+    def named(cls, user: str | None) -> Owner:
+        if user is None or os.geteuid() != 0:
+            return cls()
+        entry = pwd.getpwnam(user)
+        return cls(entry.pw_uid, entry.pw_gid)
+
+    def claim(self, path: Path | str) -> None:
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid if self.gid is not None else -1)
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a directory's entries (a new name, a rename, an unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()) -> None:
+    """Create `path` (which must not exist) with `data`, fsync'd; the caller fsyncs the dir."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    owner.claim(path)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()) -> None:
+    """Atomically replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        write_new(tmp, data, mode, owner)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def make_dirs(path: Path, owner: Owner = Owner(), mode: int = 0o700) -> None:
+    """mkdir -p, handing each directory it creates to `owner` and fsyncing its parent."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        owner.claim(directory)
+        fsync_dir(directory.parent)

@@ -1,0 +1,99 @@
+"""User Maildirs: the only writer of `<storage.maildirs>/<domain>/<localpart>/`.
+
+Layout is Maildir++ as Dovecot reads it (`mail_location = maildir:ROOT/%d/%n`): INBOX is the
+top folder, other folders are `.Name/` with a `maildirfolder` marker. The tree is created with
+stdlib `mailbox.Maildir` (so its layout is the one `mailbox` and Dovecot agree on); messages are
+written here directly because the spool must take its own hard link to a message *before* the
+message becomes visible in new/ (Dovecot may rename it to cur/ at any moment after that).
+
+A delivery, step by step, and what a crash at each step leaves:
+  1. tmp/<name> written and fsync'd      -> a stray tmp file (Dovecot removes those after 36 h)
+  2. `before_publish(tmp/<name>)`          -> whatever that callback leaves (the spool cleans up)
+  3. link tmp/<name> -> new/<name>, unlink tmp, fsync new/
+                                           -> the message is in the mailbox
+"""
+
+from __future__ import annotations
+
+import itertools
+import mailbox
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.addresses import Mailbox
+from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
+
+FOLDERS = ("Sent", "Outbox")
+
+
+def _safe_hostname() -> str:
+    # Maildir's own escaping of the two characters a file name cannot carry here.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+
+
+class MaildirStore:
+    """Creates Maildir++ trees and delivers messages into them, durably."""
+
+    def __init__(self, root: Path, owner: Owner = Owner()) -> None:
+        self.root = root
+        self.owner = owner
+        self._host = _safe_hostname()
+        self._counter = itertools.count()
+        self._ready: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def path(self, user: Mailbox) -> Path:
+        return user.path_under(self.root)
+
+    def ensure(self, user: Mailbox) -> Path:
+        """Create the user's Maildir++ tree (INBOX, .Sent, .Outbox) if it is not there yet."""
+        path = self.path(user)
+        if path in self._ready:
+            return path
+        with self._lock:
+            if not (path / "new").is_dir() or not all((path / f".{f}").is_dir() for f in FOLDERS):
+                make_dirs(path.parent, self.owner)
+                box = mailbox.Maildir(str(path), factory=None, create=True)
+                for folder in FOLDERS:
+                    if folder not in box.list_folders():
+                        box.add_folder(folder)
+                for directory, _subdirs, files in os.walk(path):
+                    self.owner.claim(directory)
+                    for name in files:
+                        self.owner.claim(os.path.join(directory, name))
+                for directory in (path.parent, path, path / f".{FOLDERS[0]}"):
+                    fsync_dir(directory)
+            self._ready.add(path)
+        return path
+
+    def unique_name(self, size: int) -> str:
+        now = time.time()
+        seconds, micro = int(now), int((now % 1) * 1e6)
+        return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
+
+    def deliver(self, user: Mailbox, data: bytes, folder: str | None = None,
+                before_publish: Callable[[Path], None] | None = None) -> Path:
+        """Write `data` into the user's folder (INBOX by default); return the new file's path.
+
+        Returns only once the file and new/ are fsync'd. `before_publish` sees the fsync'd
+        temp file before it appears in new/.
+        """
+        box = self.ensure(user)
+        if folder:
+            box = box / f".{folder}"
+        name = self.unique_name(len(data))
+        tmp = box / "tmp" / name
+        write_new(tmp, data, owner=self.owner)
+        try:
+            if before_publish is not None:
+                before_publish(tmp)
+            final = box / "new" / name
+            os.link(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(box / "new")
+        return final

@@ -1,0 +1,202 @@
+"""Crash-safe queues: the spine every piece of deferred work goes through.
+
+One queue is one directory (for example `<spool>/replay/<domain>/`):
+
+    msg/<id>       the message bytes; a hard link to the Maildir copy when there is one, so a
+                   user deleting the message over IMAP does not stop it from being replayed
+    tmp/<id>       an envelope being written
+    waiting/<id>   envelope (JSON), the commit marker: the entry exists once this name exists
+    active/<id>    claimed by a runner (claim = rename, so two workers never own one entry)
+    failed/<id>    refused for good; kept for `status` and the administrator
+    hold/<id>      set aside after crashing the runner `MAX_CRASHES` times; never retried alone
+
+Ids sort by arrival time, so "oldest first" is a sort of file names.
+
+What a crash leaves, and what `recover()` (run at start-up) does with it:
+  - msg/<id> without an envelope in any state: the enqueue never committed -> removed
+  - tmp/<id>: a half-written envelope -> removed
+  - active/<id>: the runner died holding it -> back to waiting with crashes+1, or to hold/
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from relay.errors import CorruptEntryError, StorageError
+from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
+
+STATES = ("waiting", "active", "failed", "hold")
+MAX_CRASHES = 3
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the queue knows about an entry besides its bytes."""
+
+    mail_from: str
+    rcpt: str
+    received_at: float
+    skip: int = 0            # bytes at the top of msg/<id> not to pass on (our Maildir headers)
+    mail_options: tuple[str, ...] = ()
+    crashes: int = 0
+    attempts: int = 0
+    note: str = ""           # the last failure, for status and DSNs
+    extra: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        raw = json.loads(data)
+        raw["mail_options"] = tuple(raw.get("mail_options", ()))
+        return cls(**raw)
+
+
+class Queue:
+    """One queue directory; safe to use from several threads of one process."""
+
+    def __init__(self, root: Path, owner: Owner = Owner()) -> None:
+        self.root = root
+        self.owner = owner
+        self._counter = itertools.count()
+        self._made = False
+        self._lock = threading.Lock()
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _ensure(self) -> None:
+        if not self._made:
+            for name in ("msg", "tmp", *STATES):
+                make_dirs(self._dir(name), self.owner)
+            self._made = True
+
+    def new_id(self) -> str:
+        with self._lock:
+            n = next(self._counter)
+        return f"{time.time_ns():016x}.{os.getpid()}.{n:06d}"
+
+    def enqueue_link(self, source: Path, envelope: Envelope) -> str:
+        """Queue the file at `source` by hard link (a copy across file systems)."""
+        try:
+            self._ensure()
+            entry = self.new_id()
+            target = self._dir("msg") / entry
+            try:
+                os.link(source, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                write_new(target, Path(source).read_bytes(), owner=self.owner)
+            fsync_dir(self._dir("msg"))
+            self._commit(entry, envelope)
+            return entry
+        except OSError as exc:
+            raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
+
+    def enqueue_bytes(self, data: bytes, envelope: Envelope) -> str:
+        """Queue a message given as bytes."""
+        try:
+            self._ensure()
+            entry = self.new_id()
+            write_new(self._dir("msg") / entry, data, owner=self.owner)
+            fsync_dir(self._dir("msg"))
+            self._commit(entry, envelope)
+            return entry
+        except OSError as exc:
+            raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
+
+    def _commit(self, entry: str, envelope: Envelope) -> None:
+        tmp = self._dir("tmp") / entry
+        write_new(tmp, envelope.to_bytes(), owner=self.owner)
+        os.rename(tmp, self._dir("waiting") / entry)
+        fsync_dir(self._dir("waiting"))
+
+    def list(self, state: str = "waiting") -> list[str]:
+        """Entry ids in `state`, oldest first."""
+        try:
+            return sorted(n for n in os.listdir(self._dir(state)) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def count(self, state: str = "waiting") -> int:
+        return len(self.list(state))
+
+    def read(self, entry: str, state: str = "waiting") -> tuple[Envelope, bytes]:
+        """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
+        try:
+            envelope = Envelope.from_bytes((self._dir(state) / entry).read_bytes())
+            data = (self._dir("msg") / entry).read_bytes()
+        except (OSError, ValueError, TypeError) as exc:
+            raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
+        return envelope, data[envelope.skip:]
+
+    def envelope(self, entry: str, state: str = "waiting") -> Envelope:
+        try:
+            return Envelope.from_bytes((self._dir(state) / entry).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
+
+    def move(self, entry: str, source: str, target: str, envelope: Envelope | None = None) -> None:
+        """Move an entry between states, rewriting its envelope on the way when given one."""
+        src, dst = self._dir(source) / entry, self._dir(target) / entry
+        if envelope is not None:
+            tmp = self._dir("tmp") / entry
+            tmp.unlink(missing_ok=True)
+            write_new(tmp, envelope.to_bytes(), owner=self.owner)
+            os.rename(tmp, dst)
+            src.unlink()
+        else:
+            os.rename(src, dst)
+        fsync_dir(self._dir(target))
+        fsync_dir(self._dir(source))
+
+    def claim(self, entry: str) -> bool:
+        """waiting -> active; False when another worker took it first."""
+        try:
+            os.rename(self._dir("waiting") / entry, self._dir("active") / entry)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def finish(self, entry: str, state: str = "active") -> None:
+        """Done: drop the envelope (the commit marker) first, then the bytes."""
+        (self._dir(state) / entry).unlink()
+        fsync_dir(self._dir(state))
+        (self._dir("msg") / entry).unlink(missing_ok=True)
+
+    def recover(self) -> dict[str, int]:
+        """Start-up rescan: put the queue back in a state the runners can trust."""
+        if not self.root.exists():
+            return {"requeued": 0, "held": 0, "orphans": 0}
+        self._ensure()
+        requeued = held = orphans = 0
+        for name in os.listdir(self._dir("tmp")):
+            (self._dir("tmp") / name).unlink(missing_ok=True)
+        for entry in self.list("active"):
+            try:
+                envelope = self.envelope(entry, "active")
+            except CorruptEntryError:
+                self.move(entry, "active", "hold")
+                held += 1
+                continue
+            envelope = replace(envelope, crashes=envelope.crashes + 1)
+            target = "hold" if envelope.crashes >= MAX_CRASHES else "waiting"
+            self.move(entry, "active", target, envelope)
+            held += target == "hold"
+            requeued += target == "waiting"
+        committed = set().union(*(self.list(state) for state in STATES))
+        for entry in os.listdir(self._dir("msg")):
+            if entry not in committed:
+                (self._dir("msg") / entry).unlink(missing_ok=True)
+                orphans += 1
+        fsync_dir(self._dir("msg"))
+        return {"requeued": requeued, "held": held, "orphans": orphans}
