@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from relay.config import Config
 from relay.delivery.health import Health
@@ -35,8 +36,21 @@ def recover(config: Config, store: ContinuityStore) -> None:
             event(log, "queue.recovered", domain=domain, **result)
 
 
-async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Run every listener until SIGTERM or SIGINT."""
+@dataclass
+class Running:
+    """What `start` opened; `close()` shuts it down in order."""
+
+    inbound: asyncio.Server
+    handler: InboundHandler
+
+    async def close(self) -> None:
+        self.inbound.close()
+        await self.inbound.wait_closed()
+        await self.handler.drain()
+
+
+async def start(config: Config) -> Running:
+    """Prepare storage, recover the queues and open the inbound listener."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="storage"))
     owner = Owner.named(config.storage.owner)
@@ -54,11 +68,16 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
                             decode_data=False),
         inbound.host, inbound.port)
     event(log, "inbound.listening", address=str(inbound), domains=len(config.domains))
+    return Running(server, handler)
+
+
+async def serve(config: Config) -> None:
+    """Run every listener until SIGTERM or SIGINT."""
+    running = await start(config)
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    await running.close()
     event(log, "app.stopped")

@@ -17,8 +17,9 @@ import asyncio
 import email.utils
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from enum import Enum
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -70,9 +71,9 @@ class InboundSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
         super().connection_lost(error)
-        if isinstance(session, RelaySession):
+        if isinstance(session, RelaySession) and isinstance(self.event_handler, InboundHandler):
             for upstream in session.upstreams.values():
-                self.loop.create_task(upstream.quit())
+                self.event_handler.spawn(upstream.quit())
             session.upstreams.clear()
 
 
@@ -88,6 +89,18 @@ class InboundHandler:
         self.is_registered = is_registered
         self.keep = keep
         self.max_recipients = max_recipients
+        self._background: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a clean-up (a QUIT to a primary) without holding up the session."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the clean-ups still running (at shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
 
     async def handle_exception(self, error: Exception) -> str:
         event(log, "inbound.error", logging.ERROR, error=type(error).__name__, detail=error)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from relay.config import load
+from relay.directory import Directory
+from tests.smtp.fakes import FakePrimary, InProcessRelay, free_port, write_config
+
+
+@pytest.fixture
+def primary():
+    server = FakePrimary().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_relay(tmp_path):
+    """make_relay(primary_port, users=[...], **config) -> a started InProcessRelay."""
+    started = []
+
+    def make(primary_port: int | None = None, users=("alice@example.com", "bob@example.com"),
+             **options) -> InProcessRelay:
+        path = write_config(tmp_path, primary_port or free_port(), **options)
+        directory = Directory(load(path))
+        for user in users:
+            directory.add(user)
+        relay = InProcessRelay.from_file(path).start()
+        started.append(relay)
+        return relay
+
+    yield make
+    for relay in started:
+        relay.stop()

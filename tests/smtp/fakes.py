@@ -1,0 +1,178 @@
+"""A scripted fake primary server and an in-process relay, for routing tests over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import textwrap
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+from relay import app
+from relay.config import Config, HostPort, load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class Script:
+    """What the fake primary answers. Replies per recipient address, else `rcpt`."""
+
+    mail: str = "250 2.1.0 Ok"
+    rcpt: str = "250 2.1.5 Ok"
+    rcpt_for: dict[str, str] = field(default_factory=dict)
+    data: str = "250 2.0.0 Ok: queued"
+    drop_at: str | None = None       # "RCPT" or "DATA": close the connection instead
+    hang_at: str | None = None       # "RCPT" or "DATA": never answer
+
+
+class ScriptedHandler:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.received: list[Received] = []
+
+    async def _act(self, server, verb: str) -> str | None:
+        if self.script.hang_at == verb:
+            await asyncio.sleep(30)
+        if self.script.drop_at == verb:
+            server.transport.close()
+            return "421 4.3.0 gone"
+        return None
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        if self.script.mail.startswith("250"):
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return self.script.mail
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        early = await self._act(server, "RCPT")
+        if early:
+            return early
+        reply = self.script.rcpt_for.get(address, self.script.rcpt)
+        if reply.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server, session, envelope):
+        early = await self._act(server, "DATA")
+        if early:
+            return early
+        if self.script.data.startswith("250"):
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.content))
+        return self.script.data
+
+
+class FakePrimary:
+    """An aiosmtpd server in its own thread, answering as its script says."""
+
+    def __init__(self, script: Script | None = None) -> None:
+        self.handler = ScriptedHandler(script or Script())
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     decode_data=False, enable_SMTPUTF8=True)
+
+    @property
+    def script(self) -> Script:
+        return self.handler.script
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+    def start(self) -> FakePrimary:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01",
+                 until: str = "2027-12-31", continuity: bool = True, extra: str = "") -> Path:
+    cont = f"    continuity: {{since: {since}, until: {until}}}\n" if continuity else ""
+    text = textwrap.dedent(f"""\
+        hostname: relay.test
+        listen: {{inbound: 127.0.0.1:{free_port()}}}
+        storage: {{maildirs: maildirs, spool: spool}}
+        users_file: users.passwd
+        message_size_limit: 1MiB
+        domains:
+          example.com:
+            primary: {{address: 127.0.0.1:{primary_port}, connect_timeout: 2s, timeout: 2s}}
+        """) + cont + extra
+    path = directory / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+class InProcessRelay:
+    """The relay's inbound listener on a loop in a background thread, on a free port."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = dataclasses.replace(
+            config, listen=dataclasses.replace(config.listen, inbound=HostPort("127.0.0.1", 0)))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: app.Running | None = None
+
+    @classmethod
+    def from_file(cls, path: Path) -> InProcessRelay:
+        return cls(load(path))
+
+    def start(self) -> InProcessRelay:
+        self.thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(app.start(self.config), self.loop).result(10)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None
+        return self.running.inbound.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        assert self.running is not None
+        asyncio.run_coroutine_threadsafe(self.running.close(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def send(port: int, mail_from: str, rcpts: list[str], wire: bytes,
+         ) -> tuple[list[tuple[int, bytes]], tuple[int, bytes] | None]:
+    """One transaction with exact DATA bytes (`wire` is already dot-stuffed, without the
+    final `.`). Returns each RCPT reply and the DATA reply (None when no RCPT was taken)."""
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("sender.test")
+        client.mail(mail_from)
+        answers = [client.rcpt(r) for r in rcpts]
+        if not any(code == 250 for code, _ in answers):
+            return answers, None
+        client.putcmd("data")
+        code, text = client.getreply()
+        assert code == 354, (code, text)
+        client.send(wire + b".\r\n")
+        return answers, client.getreply()
+
+
+def stored_files(root: Path) -> list[Path]:
+    """Every message file under a maildirs root (INBOX and folders, new/ and cur/)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name in ("new", "cur"))
