@@ -295,3 +295,25 @@ def test_null_sender_accepted_and_passed_on(primary, make_relay):
     _, reply = send(relay.port, "", ["alice@example.com"], MESSAGE)
     assert reply[0] == 250
     assert primary.received[0].mail_from == "<>"
+
+
+def test_unexpected_error_is_451_without_internals(make_relay):
+    relay = make_relay(free_port())
+
+    def broken(user):
+        raise RuntimeError("secret internals /etc/shadow")
+
+    relay.running.handler.is_registered = broken
+    answers, _ = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
+    assert answers == [(451, b"4.3.0 Temporary local problem, try again later")]
+
+
+def test_disk_fault_while_keeping_is_451_and_nothing_acknowledged(make_relay):
+    relay = make_relay(free_port())
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    relay.running.handler.keep = disk_full
+    _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
+    assert reply == (451, b"4.3.0 Temporary local problem, try again later")

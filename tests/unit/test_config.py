@@ -1,0 +1,118 @@
+"""Configuration: validated settings, and one line per problem naming the file and dotted key."""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.config import add_months, load, parse_duration, parse_size
+from relay.errors import ConfigErrors
+
+GOOD = """\
+hostname: relay.example.net
+listen: {inbound: "127.0.0.1:2525"}
+storage: {maildirs: data/maildirs, spool: /var/spool/relay}
+users_file: users.passwd
+message_size_limit: 20MiB
+replay: {probe_interval: 15m}
+domains:
+  Example.COM:
+    primary: {address: "[::1]:25", starttls: required, timeout: 90s}
+    continuity: {since: 2026-01-01, until: 2027-01-01}
+  example.org:
+    primary: mail.example.org:2525
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_config(tmp_path):
+    config = load(write(tmp_path, GOOD))
+    assert config.storage.maildirs == tmp_path / "data" / "maildirs"
+    assert config.storage.spool == Path("/var/spool/relay")
+    assert config.users_file == tmp_path / "users.passwd"
+    assert config.message_size_limit == 20 * 1024 * 1024
+    assert config.replay.probe_interval == 900
+    com = config.domains["example.com"]
+    assert (com.primary.address.host, com.primary.address.port) == ("::1", 25)
+    assert com.primary.starttls == "required" and com.primary.timeout == 90
+    assert com.continuity_active(dt.date(2026, 6, 1)) and not com.continuity_active(dt.date(2027, 1, 2))
+    org = config.domains["example.org"]
+    assert org.continuity is None and not org.continuity_active()
+
+
+def test_every_problem_named_by_file_and_dotted_key(tmp_path):
+    path = write(tmp_path, """\
+        listen: {inbound: "nowhere"}
+        storage: {maildirs: m, spool: s, colour: blue}
+        message_size_limit: lots
+        replay: {probe_interval: soon}
+        domains:
+          example.com:
+            primary: {address: "h:25", starttls: maybe}
+            continuity: {since: 2026-03-01, until: 2026-12-31}
+          "bad domain":
+            primary: "h:25"
+        surprise: 1
+        """)
+    with pytest.raises(ConfigErrors) as info:
+        load(path)
+    lines = str(info.value).splitlines()
+    keys = [line.split(": ")[1] for line in lines]
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert sorted(keys) == sorted([
+        "listen.inbound", "storage.colour", "message_size_limit", "replay.probe_interval",
+        "domains.example.com.primary.starttls", "domains.example.com.continuity.until",
+        "domains.bad domain", "surprise"])
+
+
+def test_subscription_shorter_than_12_months_is_an_error(tmp_path):
+    path = write(tmp_path, GOOD.replace("until: 2027-01-01", "until: 2026-12-31"))
+    with pytest.raises(ConfigErrors, match=r"domains\.Example\.COM\.continuity\.until: .*12 months"):
+        load(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigErrors, match="No such file"):
+        load(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigErrors, match="line 2: not valid YAML"):
+        load(write(tmp_path, "listen: [\n"))
+
+
+def test_check_command_exit_codes(tmp_path, capsys):
+    assert main(["check", "-c", str(write(tmp_path, GOOD))]) == 0
+    bad = write(tmp_path, GOOD.replace("20MiB", "twenty"))
+    assert main(["check", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{bad}: message_size_limit: expected a size like 50MiB, got 'twenty'"]
+
+
+def test_shipped_config_is_valid():
+    config = load(Path(__file__).parents[2] / "config.yaml")
+    assert config.listen.inbound.host == "127.0.0.1"
+    assert config.domains["example.com"].continuity is not None
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("15m", 900), ("2h", 7200), ("90d", 7776000),
+                                          (45, 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text,size", [("50MiB", 50 << 20), ("512KiB", 512 << 10), (1000, 1000),
+                                       ("1GB", 10**9)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_add_months_clamps_to_month_end():
+    assert add_months(dt.date(2028, 2, 29), 12) == dt.date(2029, 2, 28)
+    assert add_months(dt.date(2026, 1, 31), 13) == dt.date(2027, 2, 28)

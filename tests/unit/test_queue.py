@@ -1,0 +1,78 @@
+"""The queue: commit marker, claim by rename, and recovery from what a crash leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from relay.errors import CorruptEntryError
+from relay.storage.queue import MAX_CRASHES, Envelope, Queue
+
+
+def envelope(rcpt: str = "a@example.com") -> Envelope:
+    return Envelope(mail_from="s@sender.test", rcpt=rcpt, received_at=1.0, skip=3)
+
+
+def test_enqueue_link_shares_the_file_and_read_skips_our_headers(tmp_path):
+    source = tmp_path / "message"
+    source.write_bytes(b"XY\nreal message")
+    queue = Queue(tmp_path / "q")
+    entry = queue.enqueue_link(source, envelope())
+    assert (tmp_path / "q" / "msg" / entry).stat().st_ino == source.stat().st_ino
+    source.unlink()  # the user deleted their copy: the queue still has it
+    env, data = queue.read(entry)
+    assert env.rcpt == "a@example.com" and data == b"real message"
+
+
+def test_ids_sort_oldest_first_and_claim_is_exclusive(tmp_path):
+    queue = Queue(tmp_path / "q")
+    ids = [queue.enqueue_bytes(b"abcdef", envelope(f"u{n}@example.com")) for n in range(20)]
+    assert queue.list() == ids
+    assert queue.claim(ids[0]) and not queue.claim(ids[0])
+    assert queue.count("waiting") == 19 and queue.count("active") == 1
+    queue.finish(ids[0])
+    assert not (tmp_path / "q" / "msg" / ids[0]).exists()
+
+
+def test_recover_cleans_what_a_crash_leaves(tmp_path):
+    queue = Queue(tmp_path / "q")
+    done = queue.enqueue_bytes(b"abcdef", envelope())
+    crashed = queue.enqueue_bytes(b"abcdef", envelope())
+    queue.claim(crashed)
+    # A crash between the message link and the envelope commit, and a half-written envelope:
+    (tmp_path / "q" / "msg" / "0000000000000000.1.000001").write_bytes(b"orphan")
+    (tmp_path / "q" / "tmp" / "0000000000000000.1.000002").write_bytes(b'{"mail_fr')
+    result = Queue(tmp_path / "q").recover()
+    assert result == {"requeued": 1, "held": 0, "orphans": 1}
+    assert queue.list() == sorted([done, crashed])
+    assert queue.envelope(crashed).crashes == 1
+    assert os.listdir(tmp_path / "q" / "tmp") == []
+    assert sorted(os.listdir(tmp_path / "q" / "msg")) == sorted([done, crashed])
+
+
+def test_entry_that_crashes_the_runner_three_times_is_set_aside(tmp_path):
+    queue = Queue(tmp_path / "q")
+    entry = queue.enqueue_bytes(b"abcdef", envelope())
+    for _ in range(MAX_CRASHES):
+        assert queue.claim(entry)
+        queue.recover()
+    assert queue.list("hold") == [entry] and queue.list() == []
+    assert queue.envelope(entry, "hold").crashes == MAX_CRASHES
+
+
+def test_corrupt_envelope(tmp_path):
+    queue = Queue(tmp_path / "q")
+    entry = queue.enqueue_bytes(b"abcdef", envelope())
+    (tmp_path / "q" / "waiting" / entry).write_bytes(b"not json")
+    with pytest.raises(CorruptEntryError):
+        queue.read(entry)
+    queue.claim(entry)
+    assert queue.recover()["held"] == 1
+
+
+def test_envelope_round_trip():
+    env = Envelope("s@x.example", "r@y.example", 5.0, 10, ("BODY=8BITMIME",), note="451 later")
+    assert Envelope.from_bytes(env.to_bytes()) == env
+    assert json.loads(env.to_bytes())["mail_options"] == ["BODY=8BITMIME"]
