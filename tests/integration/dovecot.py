@@ -8,7 +8,7 @@ exercise what sysadmins install. Dovecot runs as root in the foreground
 Paths Dovecot must reach (Maildirs for the mail user, the passwd-file for the
 ``dovecot`` user in the mail user's group) must not sit below a mode-0700
 directory such as pytest's ``/tmp/pytest-of-root``: use
-:func:`make_traversable` (or the ``mail_tmp_path`` fixture). start_dovecot
+:func:`make_shared_tmpdir` (or the ``mail_tmp_path`` fixture). start_dovecot
 checks this and fails with an explanation instead of letting Dovecot log
 "Permission denied" at the first login.
 """
@@ -127,18 +127,16 @@ def chown_tree(path: Path, user: str = "vmail") -> None:
                 os.lchown(os.path.join(root, name), uid, gid)
 
 
-def make_traversable(path: Path, stop_at: Path | None = None) -> None:
-    """Add o+x to `path` and its ancestors (up to, not including, `stop_at`,
-    default the system temp dir) so non-root Dovecot processes can reach files
-    below it. Only search permission is added: nothing becomes listable."""
-    stop = Path(stop_at or tempfile.gettempdir()).resolve()
-    path = Path(path).resolve()
-    for p in (path, *path.parents):
-        if p == stop or p == Path(p.anchor):
-            break
-        mode = p.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(p, stat.S_IMODE(mode) | stat.S_IXOTH)
+def make_shared_tmpdir(prefix: str = "continuity-test-") -> Path:
+    """A fresh directory in the system temp dir, mode 0711, that Dovecot's
+    non-root processes can traverse. The caller removes it (shutil.rmtree).
+
+    Not below pytest's tmp_path: pytest creates /tmp/pytest-of-<user> with
+    mode 0700 and every pytest session that starts (another engineer's, CI's)
+    resets it to 0700, so a chmod there does not last."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o711)
+    return path
 
 
 def _user_can(path: Path, uid: int, gids: Iterable[int], bit: str) -> bool:
@@ -165,16 +163,15 @@ def _check_reachable(target: Path, who: str, uid: int, gids: set[int], why: str)
                 f"{who} (uid {uid}) cannot enter {p} (mode {stat.S_IMODE(st.st_mode):04o}, "
                 f"owner {st.st_uid}:{st.st_gid}), so Dovecot cannot {why}. Put test files "
                 "under a directory every user can traverse (the mail_tmp_path fixture, or "
-                "tests.integration.dovecot.make_traversable(tmp_path))."
+                "make_shared_tmpdir() in tests/integration/dovecot.py)."
             )
 
 
 # --------------------------------------------------------------------------- config
 
 
-def _replace_once(text: str, old: str, new: str, what: str) -> str:
-    count = text.count(old)
-    if count == 0:
+def _replace_all(text: str, old: str, new: str, what: str) -> str:
+    if old not in text:
         raise DovecotError(f"{CONTRIB_CONF}: expected {what} {old!r}, not found")
     return text.replace(old, new)
 
@@ -192,8 +189,8 @@ def build_config(
 ) -> str:
     """The contrib config with test paths substituted and test overrides appended."""
     text = CONTRIB_CONF.read_text()
-    text = _replace_once(text, PROD_MAILDIRS, str(maildirs), "maildirs path")
-    text = _replace_once(text, PROD_USERS_FILE, str(users_file), "passwd-file path")
+    text = _replace_all(text, PROD_MAILDIRS, str(maildirs), "maildirs path")
+    text = _replace_all(text, PROD_USERS_FILE, str(users_file), "passwd-file path")
 
     # `ssl_cert = </path` is read while parsing, even with ssl = no: drop the
     # production certificate lines (TLS is off on loopback).
@@ -203,10 +200,10 @@ def build_config(
 
     uid, _gid, group = mail_user_ids(mail_user)
     if mail_user != "vmail" or group != "vmail":
-        text = _replace_once(
+        text = _replace_all(
             text, "uid=vmail gid=vmail", f"uid={mail_user} gid={group}", "userdb uid/gid"
         )
-        text = _replace_once(
+        text = _replace_all(
             text, "extra_groups = vmail", f"extra_groups = {group}", "auth extra_groups"
         )
 
@@ -408,16 +405,17 @@ def start_dovecot(
             if imap_ok and pop3_ok:
                 return dovecot
             time.sleep(0.05)
+        exited = process.poll() is not None
         dovecot.stop()
         log = dovecot.log_text()
-        if "Address already in use" in log and attempt < attempts:
+        if exited and "Address already in use" in log and attempt < attempts:
             continue  # lost the race for a free port: try other ports
-        why = (
-            f"exited with status {process.returncode}"
-            if process.returncode is not None and not (imap_ok and pop3_ok)
-            and time.monotonic() < deadline
-            else f"did not answer on IMAP {imap_port} (ok={imap_ok}) and POP3 "
-            f"{pop3_port} (ok={pop3_ok}) within {timeout:.0f} s"
-        )
+        if exited:
+            why = f"exited with status {process.returncode}"
+        else:
+            why = (
+                f"did not answer on IMAP {imap_port} (ok={imap_ok}) and POP3 "
+                f"{pop3_port} (ok={pop3_ok}) within {timeout:.0f} s"
+            )
         raise DovecotError(f"Dovecot {why}; config {config_path}; log:\n{log}")
     raise AssertionError("unreachable")

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
+from relay.addresses import parse_mailbox
 from relay.cli import main
 from relay.config import load
-from relay.addresses import parse_mailbox
 from relay.directory import Directory, hash_password, verify_password
 from relay.errors import DirectoryError
 
