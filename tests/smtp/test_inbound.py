@@ -317,3 +317,17 @@ def test_disk_fault_while_keeping_is_451_and_nothing_acknowledged(make_relay):
     relay.running.handler.keep = disk_full
     _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
     assert reply == (451, b"4.3.0 Temporary local problem, try again later")
+
+
+def test_status_shows_state_since_and_waiting(make_relay, capsys):
+    from relay.cli import main
+
+    relay = make_relay(free_port())
+    for _ in range(3):
+        send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
+    capsys.readouterr()
+    assert main(["status", "-c", str(relay.config.file)]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    fields = line.split()
+    assert fields[0] == "example.com" and fields[1] == "outage" and fields[4] == "3"
+    assert fields[5] == "active"

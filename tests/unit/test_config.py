@@ -116,3 +116,9 @@ def test_sizes(text, size):
 def test_add_months_clamps_to_month_end():
     assert add_months(dt.date(2028, 2, 29), 12) == dt.date(2029, 2, 28)
     assert add_months(dt.date(2026, 1, 31), 13) == dt.date(2027, 2, 28)
+
+
+def test_serve_refuses_a_bad_config(tmp_path, capsys):
+    bad = write(tmp_path, GOOD.replace("storage: {", "storage: {quota: 1, "))
+    assert main(["serve", "-c", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"{bad}: storage.quota: unknown setting"
