@@ -1,0 +1,32 @@
+"""Running as root with `storage.owner`: everything created is handed to the mail user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from relay.config import load
+from relay.directory import Directory
+from tests.smtp.fakes import InProcessRelay, free_port, send, write_config
+
+
+def test_everything_created_belongs_to_the_mail_user(tmp_path):
+    assert os.geteuid() == 0, "the test suite runs as root (scripts/test), as CI does"
+    vmail = pwd.getpwnam("vmail")
+    path = write_config(tmp_path, free_port(), extra="")
+    path.write_text(path.read_text().replace("storage: {maildirs: maildirs, spool: spool}",
+                                             "storage: {maildirs: maildirs, spool: spool, owner: vmail}"))
+    Directory(load(path)).add("alice@example.com", password="pw")
+    relay = InProcessRelay.from_file(path).start()
+    try:
+        _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert reply[0] == 250
+    finally:
+        relay.stop()
+    created = [tmp_path / "users.passwd", tmp_path / "maildirs", tmp_path / "spool"]
+    for root in ("maildirs", "spool"):
+        for directory, dirs, files in os.walk(tmp_path / root):
+            created += [os.path.join(directory, n) for n in dirs + files]
+    assert len(created) > 20
+    wrong = [p for p in created if (os.stat(p).st_uid, os.stat(p).st_gid) != (vmail.pw_uid, vmail.pw_gid)]
+    assert wrong == []
