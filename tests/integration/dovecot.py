@@ -68,7 +68,7 @@ def dovecot_binary() -> str:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dovecot_version(binary: str) -> str:
     """`dovecot --version`, checked to be 2.3.x (contrib config is 2.3 syntax)."""
     try:

@@ -14,6 +14,7 @@ import poplib
 import re
 import shutil
 import stat
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,3 +419,57 @@ def test_factory_and_atomic_passwd_file_rewrite(dovecot_factory, mail_tmp_path: 
     with pytest.raises(imaplib.IMAP4.error, match="deactivated"):
         imap(world, f"erin@{DOMAIN}", "second")
     assert "Password mismatch" in dovecot.log_text()
+
+
+def test_production_config_is_valid_with_tls(tmp_path: Path) -> None:
+    """The file as shipped (ssl = required, certificate paths, ports 143/993/110/995)
+    parses as Dovecot 2.3 once the certificate files exist."""
+    try:
+        dc.require_dovecot()
+    except dc.DovecotError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    doveconf, openssl = shutil.which("doveconf"), shutil.which("openssl")
+    assert doveconf and openssl, "doveconf (dovecot-core) and openssl are needed"
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    text = dc.CONTRIB_CONF.read_text()
+    for prod, test in (("/etc/continuity-relay/tls/fullchain.pem", cert),
+                       ("/etc/continuity-relay/tls/privkey.pem", key)):  # fmt: skip
+        assert f"<{prod}\n" in text
+        text = text.replace(prod, str(test))
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(text)
+
+    def setting(name: str) -> str:
+        # -x expands `<file` values: fails if a certificate file cannot be read.
+        out = subprocess.run([doveconf, "-x", "-c", conf, "-h", name], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert setting("ssl") == "required"
+    assert setting("disable_plaintext_auth") == "yes"
+    assert setting("mail_location") == f"maildir:{dc.PROD_MAILDIRS}/%d/%n"
+    assert setting("mail_save_crlf") == "yes"
+    assert dc.PROD_USERS_FILE in setting("passdb/0/args")
+    assert setting("ssl_cert").startswith("-----BEGIN CERTIFICATE-----")
+    assert setting("ssl_min_protocol") == "TLSv1.2"
+
+
+def test_helper_refuses_other_dovecot_versions(tmp_path: Path) -> None:
+    fake = tmp_path / "dovecot"
+    fake.write_text("#!/bin/sh\necho '2.4.1-4 (7d8c0e5759)'\n")
+    fake.chmod(0o755)
+    with pytest.raises(dc.DovecotError, match=r"2\.3\.x.*2\.4"):
+        dc.dovecot_version(str(fake))
+
+
+def test_helper_explains_unreachable_maildirs(tmp_path: Path) -> None:
+    """pytest's tmp_path sits below /tmp/pytest-of-root (0700): vmail cannot enter it."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(dc.DovecotError, match="mail_tmp_path"):
+        dc.start_dovecot(tmp_path / "work", private / "maildirs", private / "users.passwd")
