@@ -155,7 +155,8 @@ class Directory:
     def _write(self, users: Iterable[User]) -> None:
         body = "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.email))
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(self.file, body.encode("utf-8"), 0o640, Owner.named(self.config.storage.owner))
+        replace_file(self.file, body.encode("utf-8"), 0o640, Owner.named(self.config.storage.owner),
+                     bump_mtime=True)
         self._cache = None
 
     def _change(self, email: str, change) -> User:

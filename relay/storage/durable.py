@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +61,35 @@ def write_new(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()
     owner.claim(path)
 
 
-def replace_file(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()) -> None:
-    """Atomically replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
+def replace_file(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner(),
+                 bump_mtime: bool = False) -> None:
+    """Atomically replace `path` with `data`: temp file, fsync, rename, fsync the directory.
+
+    `bump_mtime` makes the new file's mtime differ from the old one's in whole seconds, for
+    readers that notice changes by (mtime seconds, size) only, as Dovecot's passwd-file does.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.unlink(missing_ok=True)
         write_new(tmp, data, mode, owner)
+        if bump_mtime:
+            _newer_than(tmp, path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _newer_than(new: Path, old: Path) -> None:
+    try:
+        before = int(os.stat(old).st_mtime)
+    except FileNotFoundError:
+        return
+    stamp = time.time()
+    if int(stamp) <= before:
+        stamp = before + 1.0
+    os.utime(new, (stamp, stamp))
 
 
 def make_dirs(path: Path, owner: Owner = Owner(), mode: int = 0o700) -> None:

@@ -123,6 +123,8 @@ def _child_env(dev_mode: bool | None = None) -> dict[str, str]:
         dev_mode = bool(sys.flags.dev_mode)
     if dev_mode:
         env["PYTHONDEVMODE"] = "1"
+    else:
+        env.pop("PYTHONDEVMODE", None)
     return env
 
 

@@ -138,3 +138,14 @@ def test_rewrite_is_atomic_and_leaves_no_temp_files(directory):
     names = os.listdir(directory.file.parent)
     assert sorted(names) == ["users.passwd", "users.passwd.lock"]
     assert len(directory.list()) == 5
+
+
+def test_every_rewrite_changes_mtime_seconds(directory):
+    """Dovecot re-reads a passwd-file only when its mtime (whole seconds) or size changed, and
+    a new bcrypt hash has the same length as the old one."""
+    directory.add("a@example.com", password="first-password")
+    before = directory.file.stat()
+    directory.set_password("a@example.com", "other-password")
+    after = directory.file.stat()
+    assert after.st_size == before.st_size
+    assert int(after.st_mtime) != int(before.st_mtime)
