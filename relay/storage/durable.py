@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,72 @@ class Owner:
             os.chown(path, self.uid, self.gid if self.gid is not None else -1)
 
 
-def fsync_dir(path: Path | str) -> None:
-    """Make a directory's entries (a new name, a rename, an unlink) durable."""
+def _fsync_dir_now(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _GroupSync:
+    """Group commit for directory fsyncs: threads that need the same directory synced share
+    one fsync, as long as it started after their own change was made.
+
+    Each caller takes a ticket from one clock after its change; a fsync that starts when the
+    clock reads N covers every ticket up to N, because those changes were all made before it.
+    A directory's entry is dropped once nobody waits on it, so the table stays small.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._clock = 0
+        self._done: dict[str, int] = {}
+        self._busy: set[str] = set()
+        self._waiting: dict[str, int] = {}
+
+    def sync(self, path: str) -> None:
+        with self._cond:
+            self._clock += 1
+            ticket = self._clock
+            self._waiting[path] = self._waiting.get(path, 0) + 1
+            while path in self._busy and self._done.get(path, 0) < ticket:
+                self._cond.wait()
+            self._waiting[path] -= 1
+            if self._done.get(path, 0) >= ticket:
+                self._forget(path)
+                return
+            self._busy.add(path)
+            target = self._clock
+        synced = False
+        try:
+            _fsync_dir_now(path)
+            synced = True
+        finally:
+            with self._cond:
+                self._busy.discard(path)
+                if synced:
+                    self._done[path] = max(self._done.get(path, 0), target)
+                self._forget(path)
+                self._cond.notify_all()
+
+    def _forget(self, path: str) -> None:
+        """Drop a directory's entry once nobody waits on it or syncs it (lock held)."""
+        if not self._waiting.get(path) and path not in self._busy:
+            self._waiting.pop(path, None)
+            self._done.pop(path, None)
+
+
+_group_sync = _GroupSync()
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a directory's entries (a new name, a rename, an unlink) durable.
+
+    Concurrent callers for the same directory share fsyncs (group commit); each returns only
+    after a fsync that began after its call.
+    """
+    _group_sync.sync(os.fspath(path))
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()) -> None:
