@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from relay.config import Config
 from relay.delivery.health import Health
 from relay.directory import Directory
+from relay.errors import RelayError
 from relay.log import event
 from relay.smtp.inbound import InboundHandler, InboundSMTP
 from relay.storage.continuity import ContinuityStore
@@ -62,11 +64,15 @@ async def start(config: Config) -> Running:
     handler = InboundHandler(config.domains, config.hostname, Health(config.storage.spool, owner),
                              directory.is_registered, store.keep, config.max_recipients)
     inbound = config.listen.inbound
-    server = await loop.create_server(
-        lambda: InboundSMTP(handler, hostname=config.hostname, ident="continuity-relay",
-                            data_size_limit=config.message_size_limit, enable_SMTPUTF8=True,
-                            decode_data=False),
-        inbound.host, inbound.port)
+    try:
+        server = await loop.create_server(
+            lambda: InboundSMTP(handler, hostname=config.hostname, ident="continuity-relay",
+                                data_size_limit=config.message_size_limit, enable_SMTPUTF8=True,
+                                decode_data=False),
+            inbound.host, inbound.port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RelayError(f"listen.inbound {inbound}: {reason}") from None
     event(log, "inbound.listening", address=str(inbound), domains=len(config.domains))
     return Running(server, handler)
 

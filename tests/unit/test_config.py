@@ -122,3 +122,17 @@ def test_serve_refuses_a_bad_config(tmp_path, capsys):
     bad = write(tmp_path, GOOD.replace("storage: {", "storage: {quota: 1, "))
     assert main(["serve", "-c", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == f"{bad}: storage.quota: unknown setting"
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(tmp_path, GOOD.replace("127.0.0.1:2525", f"127.0.0.1:{port}")
+                     .replace("/var/spool/relay", "spool"))
+        assert main(["serve", "-c", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"continuity-relay: listen.inbound 127.0.0.1:{port}: Address already in use"
