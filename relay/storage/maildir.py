@@ -1,10 +1,11 @@
 """User Maildirs: the only writer of `<storage.maildirs>/<domain>/<localpart>/`.
 
 Layout is Maildir++ as Dovecot reads it (`mail_location = maildir:ROOT/%d/%n`): INBOX is the
-top folder, other folders are `.Name/` with a `maildirfolder` marker. The tree is created with
-stdlib `mailbox.Maildir` (so its layout is the one `mailbox` and Dovecot agree on); messages are
-written here directly because the spool must take its own hard link to a message *before* the
-message becomes visible in new/ (Dovecot may rename it to cur/ at any moment after that).
+top folder, other folders are `.Name/` with a `maildirfolder` marker. Names follow stdlib
+`mailbox.Maildir` (a test reads our trees back with it). Messages are written here directly
+rather than with `mailbox.Maildir.add` because the spool must take its own hard link to a
+message *before* it becomes visible in new/ (Dovecot may rename it to cur/ at any moment after
+that), and `add` does not fsync the directory.
 
 A delivery, step by step, and what a crash at each step leaves:
   1. tmp/<name> written and fsync'd      -> a stray tmp file (Dovecot removes those after 36 h)
@@ -16,7 +17,6 @@ A delivery, step by step, and what a crash at each step leaves:
 from __future__ import annotations
 
 import itertools
-import mailbox
 import os
 import socket
 import threading
@@ -50,25 +50,34 @@ class MaildirStore:
         return user.path_under(self.root)
 
     def ensure(self, user: Mailbox) -> Path:
-        """Create the user's Maildir++ tree (INBOX, .Sent, .Outbox) if it is not there yet."""
+        """Create or complete the user's Maildir++ tree (INBOX, .Sent, .Outbox).
+
+        Run once per user and process, and idempotent: a tree half-made by a crash (a user
+        folder without new/, a folder without its maildirfolder marker, a directory not yet
+        handed to the mail user) is completed, not trusted. `mailbox.Maildir(create=True)`
+        would only build a tree whose top folder does not exist yet.
+        """
         path = self.path(user)
         if path in self._ready:
             return path
         with self._lock:
-            if not (path / "new").is_dir() or not all((path / f".{f}").is_dir() for f in FOLDERS):
-                make_dirs(path.parent, self.owner)
-                box = mailbox.Maildir(str(path), factory=None, create=True)
-                for folder in FOLDERS:
-                    if folder not in box.list_folders():
-                        box.add_folder(folder)
-                for directory, _subdirs, files in os.walk(path):
-                    self.owner.claim(directory)
-                    for name in files:
-                        self.owner.claim(os.path.join(directory, name))
-                for directory in (path.parent, path, path / f".{FOLDERS[0]}"):
-                    fsync_dir(directory)
+            make_dirs(path.parent, self.owner)
+            for folder in (path, *(path / f".{name}" for name in FOLDERS)):
+                self._complete(folder, marker=folder != path)
+            fsync_dir(path.parent)
+            fsync_dir(path)
             self._ready.add(path)
         return path
+
+    def _complete(self, folder: Path, marker: bool) -> None:
+        for sub in (folder, folder / "cur", folder / "new", folder / "tmp"):
+            sub.mkdir(mode=0o700, exist_ok=True)
+            self.owner.claim(sub)
+        if marker:
+            flag = folder / "maildirfolder"
+            flag.touch(mode=0o600, exist_ok=True)
+            self.owner.claim(flag)
+        fsync_dir(folder)
 
     def unique_name(self, size: int) -> str:
         now = time.time()

@@ -51,3 +51,16 @@ def test_keep_for_null_sender(tmp_path):
     assert envelope.mail_from == ""
     (stored,) = (tmp_path / "m" / "example.com" / "bob" / "new").iterdir()
     assert stored.read_bytes().startswith(b"Return-Path: <>\r\n")
+
+
+def test_half_made_tree_is_completed(tmp_path):
+    """A crash between creating a user's folder and its subfolders must not leave the user
+    without a working Maildir."""
+    root = tmp_path / "m"
+    (root / "example.com" / "dave").mkdir(parents=True)
+    (root / "example.com" / "dave" / ".Sent").mkdir()
+    store = MaildirStore(root)
+    path = store.deliver(parse_mailbox("dave@example.com"), b"x\r\n")
+    assert path.read_bytes() == b"x\r\n"
+    assert (root / "example.com" / "dave" / ".Sent" / "maildirfolder").exists()
+    assert (root / "example.com" / "dave" / ".Sent" / "new").is_dir()
