@@ -46,8 +46,8 @@ class Running:
     handler: InboundHandler
 
     async def close(self) -> None:
+        """Stop accepting connections, then let the messages in hand finish (see drain)."""
         self.inbound.close()
-        await self.inbound.wait_closed()
         await self.handler.drain()
 
 

@@ -90,6 +90,7 @@ class InboundHandler:
         self.keep = keep
         self.max_recipients = max_recipients
         self._background: set[asyncio.Task] = set()
+        self._in_flight: set[asyncio.Task] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up (a QUIT to a primary) without holding up the session."""
@@ -97,8 +98,13 @@ class InboundHandler:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def drain(self) -> None:
-        """Wait for the clean-ups still running (at shutdown)."""
+    async def drain(self, timeout: float = 25) -> None:
+        """At shutdown: let messages already in hand finish and their senders get the reply,
+        then let the clean-ups run. A sender cut off later retries; nothing acknowledged is
+        lost either way."""
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=timeout)
+            await asyncio.sleep(0.1)  # the sessions push their replies
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
 
@@ -177,7 +183,10 @@ class InboundHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope, Transaction) and isinstance(session, RelaySession)
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
-        return await asyncio.shield(self._finish(session, envelope))
+        task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
 
     async def _finish(self, session: RelaySession, tx: Transaction) -> str:
         message = self._received(session, tx) + tx.content

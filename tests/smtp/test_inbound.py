@@ -331,3 +331,29 @@ def test_status_shows_state_since_and_waiting(make_relay, capsys):
     fields = line.split()
     assert fields[0] == "example.com" and fields[1] == "outage" and fields[4] == "3"
     assert fields[5] == "active"
+
+
+def test_shutdown_lets_a_message_in_hand_finish_and_get_its_reply(make_relay):
+    import asyncio
+    import threading
+    import time
+
+    relay = make_relay(free_port())
+    real_keep = relay.running.handler.keep
+    started = threading.Event()
+
+    def slow_keep(*args):
+        started.set()
+        time.sleep(1.0)
+        return real_keep(*args)
+
+    relay.running.handler.keep = slow_keep
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(
+        reply=send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)[1]))
+    sender.start()
+    assert started.wait(10)
+    asyncio.run_coroutine_threadsafe(relay.running.close(), relay.loop).result(15)
+    sender.join(0.5)  # close() returned only once the reply was on its way
+    assert result["reply"][0] == 250
+    assert len(maildir_and_queue(relay)[0]) == 1
