@@ -117,7 +117,7 @@ def test_cli_users_commands(config_path, monkeypatch, capsys):
     assert main(["users", "list", "--domain", "example.com", *c]) == 0
     out = capsys.readouterr().out
     assert out == "carol@example.com\tactive\tpassword\tCarol\n"
-    assert "hunter2" not in open(load(config_path).users_file).read()
+    assert "hunter2" not in load(config_path).users_file.read_text()
     user = Directory(load(config_path)).list("example.com")[0]
     assert verify_password(user.password_hash, "new-pass")
 
