@@ -26,6 +26,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -86,28 +87,26 @@ class Queue:
 
     def enqueue_link(self, source: Path, envelope: Envelope) -> str:
         """Queue the file at `source` by hard link (a copy across file systems)."""
-        try:
-            self._ensure()
-            entry = self.new_id()
-            target = self._dir("msg") / entry
+
+        def place(target: Path) -> None:
             try:
                 os.link(source, target)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
                 write_new(target, Path(source).read_bytes(), owner=self.owner)
-            fsync_dir(self._dir("msg"))
-            self._commit(entry, envelope)
-            return entry
-        except OSError as exc:
-            raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
+        return self._enqueue(place, envelope)
 
     def enqueue_bytes(self, data: bytes, envelope: Envelope) -> str:
         """Queue a message given as bytes."""
+        return self._enqueue(lambda target: write_new(target, data, owner=self.owner), envelope)
+
+    def _enqueue(self, place: Callable[[Path], None], envelope: Envelope) -> str:
+        """msg/<id> first, then the envelope: the entry exists once waiting/<id> does."""
         try:
             self._ensure()
             entry = self.new_id()
-            write_new(self._dir("msg") / entry, data, owner=self.owner)
+            place(self._dir("msg") / entry)
             fsync_dir(self._dir("msg"))
             self._commit(entry, envelope)
             return entry
