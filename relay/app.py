@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from relay.delivery.health import Health
 from relay.directory import Directory
 from relay.errors import RelayError
 from relay.log import event
+from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp.inbound import InboundHandler, InboundSMTP
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
@@ -44,11 +46,19 @@ class Running:
 
     inbound: asyncio.Server
     handler: InboundHandler
+    replay: ReplayRunner
+    runners: asyncio.Task
 
     async def close(self) -> None:
-        """Stop accepting connections, then let the messages in hand finish (see drain)."""
+        """Stop accepting connections, let the messages in hand finish (see drain), then stop
+        the runners (an entry in flight goes back to waiting at the next start)."""
         self.inbound.close()
         await self.handler.drain()
+        self.runners.cancel()
+        try:
+            await self.runners
+        except asyncio.CancelledError:
+            pass  # what we asked for
 
 
 async def start(config: Config) -> Running:
@@ -61,7 +71,10 @@ async def start(config: Config) -> Running:
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
     directory = Directory(config)
-    handler = InboundHandler(config.domains, config.hostname, Health(config.storage.spool, owner),
+    health = Health(config.storage.spool, owner)
+    replay = _replay_runner(config, store, health)
+    health.listen(replay.kick)
+    handler = InboundHandler(config.domains, config.hostname, health,
                              directory.is_registered, store.keep, config.max_recipients)
     inbound = config.listen.inbound
     try:
@@ -74,7 +87,29 @@ async def start(config: Config) -> Running:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise RelayError(f"listen.inbound {inbound}: {reason}") from None
     event(log, "inbound.listening", address=str(inbound), domains=len(config.domains))
-    return Running(server, handler)
+    return Running(server, handler, replay, loop.create_task(replay.run(), name="replay"))
+
+
+def _replay_runner(config: Config, store: ContinuityStore, health: Health) -> ReplayRunner:
+    return ReplayRunner(config.domains, config.replay, health, store.replay_queue,
+                        lambda notice, rcpt: store.bounce(notice, rcpt, config.domains),
+                        config.hostname)
+
+
+async def replay_once(config: Config, domain: str, progress: Callable[[int], None]) -> Sweep:
+    """One sweep of one domain now, whatever its state (the `replay` command).
+
+    No queue recovery here: a running `serve` may hold entries in active/.
+    """
+    store = build_store(config)
+    health = Health(config.storage.spool, Owner.named(config.storage.owner))
+    result = await _replay_runner(config, store, health).sweep(config.domains[domain], progress)
+    if result.fault:
+        health.primary_failed(domain, result.fault)
+    elif result.total and not await asyncio.to_thread(store.replay_queue(domain).count):
+        health.primary_ok(domain)
+        health.replay_done(domain)
+    return result
 
 
 async def serve(config: Config) -> None:
@@ -84,6 +119,11 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([stopping, running.runners], return_when=asyncio.FIRST_COMPLETED)
+    if running.runners.done():  # a runner's own loop failed: end non-zero, systemd restarts
+        stopping.cancel()
+        running.inbound.close()
+        running.runners.result()
     await running.close()
     event(log, "app.stopped")

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from relay import __version__, app
 from relay.config import Config, load
 from relay.delivery.health import read_state
@@ -19,7 +21,7 @@ from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, RelayError, StorageError, UsageError
 from relay.log import setup
 from relay.storage.continuity import replay_queue_path
-from relay.storage.queue import Queue
+from relay.storage.queue import Queue, waiting_by_user
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -88,21 +90,62 @@ def cmd_users_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    print(f"{'domain':30} {'state':8} {'since':20} {'waiting':>8}  continuity")
+    print(f"{'domain':28} {'state':9} {'since':19} {'waiting':>7} {'active':>6} {'failed':>6} "
+          f"{'held':>5} {'oldest':>6}  continuity")
     for name, domain in sorted(config.domains.items()):
         state = read_state(config.storage.spool / "state", name)
         since = (dt.datetime.fromtimestamp(state.since).strftime("%Y-%m-%d %H:%M:%S")
                  if state.since else "-")
-        waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
+        queue = Queue(replay_queue_path(config.storage.spool, name))
+        counts = [queue.count(s) for s in ("waiting", "active", "failed", "hold")]
+        oldest = queue.oldest_age("waiting")
         sub = domain.continuity
         if sub is None:
             cover = "none"
         else:
             cover = f"{'active' if domain.continuity_active() else 'inactive'} {sub.since}..{sub.until}"
-        print(f"{name:30} {state.state:8} {since:20} {waiting:>8}  {cover}")
+        print(f"{name:28} {state.state:9} {since:19} {counts[0]:>7} {counts[1]:>6} {counts[2]:>6} "
+              f"{counts[3]:>5} {_age(oldest) if oldest is not None else '-':>6}  {cover}")
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.domain and args.domain not in config.domains:
+        raise UsageError(f"--domain {args.domain}: not a configured domain")
+    names = [args.domain] if args.domain else sorted(config.domains)
+    if args.dry_run:
+        for name in names:
+            queue = Queue(replay_queue_path(config.storage.spool, name))
+            oldest = queue.oldest_age("waiting")
+            print(f"{name}: {queue.count('waiting')} waiting for {len(waiting_by_user(queue))} user(s), "
+                  f"oldest {_age(oldest) if oldest is not None else '-'}; nothing sent (--dry-run)")
+        return 0
+    setup(config.log_level)
+    return asyncio.run(_replay(config, names))
+
+
+async def _replay(config: Config, names: list[str]) -> int:
+    status = 0
+    for name in names:
+        waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
+        with tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar:
+            result = await app.replay_once(config, name, bar.update)
+        left = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
+        stopped = f"; stopped by the primary: {result.fault}" if result.fault else ""
+        print(f"{name}: {result.delivered} delivered, {result.failed} refused (sender notified), "
+              f"{result.held} set aside, {left} still waiting{stopped}")
+        status = 1 if result.fault or left else status
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     command(commands, "serve", cmd_serve, "run the relay in the foreground")
     command(commands, "check", cmd_check, "validate the configuration file")
     command(commands, "status", cmd_status, "show each domain's state and replay queue")
+    rep = command(commands, "replay", cmd_replay, "replay waiting mail to the primary now, in the "
+                  "foreground, with a progress bar")
+    rep.add_argument("--domain", help="only this domain")
+    rep.add_argument("--dry-run", action="store_true", help="show what would be replayed")
     users = commands.add_parser("users", help="manage registered users").add_subparsers(
         dest="users_command", required=True)
     add = command(users, "add", cmd_users_add, "register a user")

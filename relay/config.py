@@ -47,7 +47,9 @@ class Storage:
 
 @dataclass(frozen=True)
 class Replay:
-    probe_interval: float
+    probe_interval: float = 30.0
+    concurrency: int = 4
+    rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a number above 0, got {value!r}")
+    return float(value)
+
+
 def _hostname(value: Any) -> str:
     text = str(value)
     if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", text):
@@ -300,7 +308,7 @@ def load(path: str | Path) -> Config:
     listen = r.section(top.get("listen"), "listen", {"inbound"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
                         {"maildirs", "spool"})
-    replay = r.section(top.get("replay"), "replay", {"probe_interval"})
+    replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
     config = Config(
         file=file,
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
@@ -314,7 +322,11 @@ def load(path: str | Path) -> Config:
         password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES), "BLF-CRYPT"),
         message_size_limit=r.value(top, "", "message_size_limit", parse_size, 50 * 1024**2),
         max_recipients=r.value(top, "", "max_recipients", _positive_int, 100),
-        replay=Replay(probe_interval=r.value(replay, "replay", "probe_interval", parse_duration, 30.0)),
+        replay=Replay(
+            probe_interval=r.value(replay, "replay", "probe_interval", parse_duration, 30.0),
+            concurrency=r.value(replay, "replay", "concurrency", _positive_int, 4),
+            rate=r.value(replay, "replay", "rate", _positive_number, None),
+        ),
         domains=_domains(r, top.get("domains")) if "domains" in top else {},
         log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO"),
     )

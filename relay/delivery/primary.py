@@ -149,3 +149,15 @@ class Upstream:
             self._smtp.close()
             self._smtp = None
         self._in_transaction = False
+
+
+async def probe(primary: Primary, helo: str) -> Reply:
+    """Is the primary taking mail? Connect, EHLO (and STARTTLS as configured), QUIT."""
+    upstream = Upstream(primary, helo)
+    try:
+        await upstream._connect()
+        return Reply(250, "probe ok")
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        return _translate(exc, "probe")
+    finally:
+        await upstream.quit()

@@ -16,9 +16,10 @@ Crash points (see maildir.py and queue.py for each store's own):
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 
-from relay.addresses import Mailbox
+from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.errors import StorageError
 from relay.storage.durable import Owner
 from relay.storage.maildir import MaildirStore
@@ -37,6 +38,7 @@ class ContinuityStore:
         self.spool = spool
         self.owner = owner
         self._queues: dict[str, Queue] = {}
+        self.outbound = Queue(spool / "outbound", owner)
 
     def replay_queue(self, domain: str) -> Queue:
         if domain not in self._queues:
@@ -57,3 +59,18 @@ class ContinuityStore:
         except OSError as exc:
             raise StorageError(f"cannot keep mail for {user}: {exc.strerror or exc}") from exc
         return ids[0]
+
+    def bounce(self, notice: bytes, rcpt: str, local_domains: Collection[str]) -> str:
+        """Queue a delivery status notification (envelope sender `<>`) for `rcpt`. Blocking.
+
+        Notices to a user of one of our domains go to that user's primary through the replay
+        queue; the rest wait in the outbound queue for the smarthost.
+        """
+        options = () if notice.isascii() else ("BODY=8BITMIME",)
+        envelope = Envelope(mail_from="", rcpt=rcpt, received_at=time.time(), mail_options=options)
+        try:
+            domain = parse_mailbox(rcpt).domain
+        except AddressError:
+            domain = ""
+        queue = self.replay_queue(domain) if domain in local_domains else self.outbound
+        return queue.enqueue_bytes(notice, envelope)

@@ -129,6 +129,16 @@ class Queue:
     def count(self, state: str = "waiting") -> int:
         return len(self.list(state))
 
+    def oldest_age(self, state: str = "waiting") -> float | None:
+        """Seconds since the oldest entry in `state` arrived (ids start with time_ns in hex)."""
+        entries = self.list(state)
+        if not entries:
+            return None
+        try:
+            return max(0.0, time.time() - int(entries[0].split(".")[0], 16) / 1e9)
+        except ValueError:
+            return None
+
     def read(self, entry: str, state: str = "waiting") -> tuple[Envelope, bytes]:
         """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
         try:
@@ -199,3 +209,15 @@ class Queue:
                 orphans += 1
         fsync_dir(self._dir("msg"))
         return {"requeued": requeued, "held": held, "orphans": orphans}
+
+
+def waiting_by_user(queue: Queue) -> dict[str, list[str]]:
+    """Waiting entries grouped by recipient, each group oldest first (blocking)."""
+    users: dict[str, list[str]] = {}
+    for entry in queue.list("waiting"):
+        try:
+            rcpt = queue.envelope(entry).rcpt
+        except CorruptEntryError:
+            rcpt = ""  # gone meanwhile, or unreadable: whoever claims it sets it aside
+        users.setdefault(rcpt, []).append(entry)
+    return users

@@ -7,6 +7,7 @@ import dataclasses
 import socket
 import textwrap
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +40,14 @@ class Script:
     data: str = "250 2.0.0 Ok: queued"
     drop_at: str | None = None       # "RCPT" or "DATA": close the connection instead
     hang_at: str | None = None       # "RCPT" or "DATA": never answer
+    data_for: Callable[[bytes], str] | None = None   # the DATA reply, decided per message
 
 
 class ScriptedHandler:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.received: list[Received] = []
+        self.sessions: list[object] = []   # one per connection that sent MAIL
 
     async def _act(self, server, verb: str) -> str | None:
         if self.script.hang_at == verb:
@@ -55,6 +58,8 @@ class ScriptedHandler:
         return None
 
     async def handle_MAIL(self, server, session, envelope, address, options):
+        if not any(known is session for known in self.sessions):
+            self.sessions.append(session)
         if self.script.mail.startswith("250"):
             envelope.mail_from = address
             envelope.mail_options.extend(options)
@@ -73,10 +78,11 @@ class ScriptedHandler:
         early = await self._act(server, "DATA")
         if early:
             return early
-        if self.script.data.startswith("250"):
+        reply = self.script.data_for(envelope.content) if self.script.data_for else self.script.data
+        if reply.startswith("250"):
             self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                           envelope.content))
-        return self.script.data
+        return reply
 
 
 class FakePrimary:
@@ -147,6 +153,8 @@ class InProcessRelay:
         return self.running.inbound.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         assert self.running is not None
         asyncio.run_coroutine_threadsafe(self.running.close(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -258,6 +259,8 @@ def test_oversized_message_552(primary, make_relay):
 
 
 def test_health_changes_logged_once(make_relay, caplog):
+    """outage on the first 4xx; replaying once the primary takes mail again (the kept
+    messages are then replayed); normal when nothing is left to replay."""
     caplog.set_level(logging.INFO, logger="relay")
     fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
     try:
@@ -267,10 +270,14 @@ def test_health_changes_logged_once(make_relay, caplog):
         fake.script.rcpt = "250 2.1.5 Ok"
         for _ in range(2):
             send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
-        state = read_state(relay.config.storage.spool / "state", "example.com")
-        assert state.state == "normal"
+        state_dir = relay.config.storage.spool / "state"
+        deadline = time.monotonic() + 10
+        while read_state(state_dir, "example.com").state != "normal" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_state(state_dir, "example.com").state == "normal"
+        assert len(fake.received) == 5
         messages = [r.getMessage() for r in caplog.records if r.name == "relay.health"]
-        assert [m.split()[0] for m in messages] == ["health.outage", "health.normal"]
+        assert [m.split()[0] for m in messages] == ["health.outage", "health.replaying", "health.normal"]
     finally:
         fake.stop()
 
@@ -329,8 +336,9 @@ def test_status_shows_state_since_and_waiting(make_relay, capsys):
     assert main(["status", "-c", str(relay.config.file)]) == 0
     header, line = capsys.readouterr().out.splitlines()
     fields = line.split()
-    assert fields[0] == "example.com" and fields[1] == "outage" and fields[4] == "3"
-    assert fields[5] == "active"
+    assert fields[0] == "example.com" and fields[1] == "outage"
+    assert fields[4:8] == ["3", "0", "0", "0"]  # waiting, active, failed, held
+    assert fields[8].endswith("s") and fields[9] == "active"
 
 
 def test_shutdown_lets_a_message_in_hand_finish_and_get_its_reply(make_relay):

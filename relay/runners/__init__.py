@@ -1,0 +1,1 @@
+"""Runners: loops that own a queue each (claim, deliver, retry, set aside, log)."""
