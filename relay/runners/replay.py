@@ -1,8 +1,9 @@
 """The replay runner: drains each domain's replay queue to its recovered primary server.
 
 Per domain, a loop (inside `serve`):
-  outage     probe the primary every `replay.probe_interval` (connect, EHLO, QUIT); a kick from
-             the inbound listener (a message the primary accepted) ends the wait early
+  outage     probe the primary every `replay.probe_interval` (connect, EHLO, QUIT); when it
+             greets, try a sweep: the first message it takes ends the outage. A kick from the
+             inbound listener (a message the primary accepted) ends the wait early
   replaying  sweep: every waiting entry goes to the primary, per user oldest first, several
              users at once (`replay.concurrency`), at most `replay.rate` messages a second,
              one reused SMTP connection per worker; an empty queue -> normal
@@ -118,10 +119,15 @@ class ReplayRunner:
                 self.health.primary_failed(domain.name, result.fault)
 
     async def _probe(self, domain: Domain, queue: Queue) -> None:
+        """A primary that greets may still refuse every message (a 451 for a broken mailbox
+        store): with mail waiting, only a delivery ends the outage, so a sweep is the test,
+        and a failed one leaves the outage as it is, unlogged."""
         reply = await probe(domain.primary, self.hostname)
-        if reply.ok:
-            waiting = await asyncio.to_thread(queue.count)
-            event(log, "replay.primary_up", domain=domain.name, waiting=waiting)
+        if not reply.ok:
+            return
+        if await asyncio.to_thread(queue.count):
+            await self.sweep(domain)
+        else:
             self.health.primary_ok(domain.name)
 
     # -- one sweep (also the `replay` command) -----------------------------------------------
@@ -137,7 +143,7 @@ class ReplayRunner:
                 break
             result.total += sum(len(ids) for ids in users.values())
             await self._sweep_once(domain, queue, deque(users.values()), result, progress)
-        if result.total:
+        if result.delivered or result.failed or result.held:
             event(log, "replay.swept", domain=domain.name, delivered=result.delivered,
                   failed=result.failed, held=result.held, seconds=round(time.monotonic() - started, 1),
                   stopped_by=result.fault or "-")
@@ -195,6 +201,7 @@ class ReplayRunner:
                       data: bytes, reply: Reply, result: Sweep) -> None:
         if reply.ok:
             await asyncio.to_thread(queue.finish, entry)
+            self.health.primary_ok(domain.name)  # the first delivery ends an outage
             result.delivered += 1
             return
         note = f"{reply.code} {reply.text}"

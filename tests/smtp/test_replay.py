@@ -52,7 +52,7 @@ def outage(make_relay):
         sent[n] = (user, message(n, user))
         _, reply = send(relay.port, "s@sender.test", [user], sent[n][1])
         assert reply[0] == 250
-    assert len(queue(relay)) == 30
+    assert len(queue(relay)) + len(queue(relay, "active")) == 30  # a probe may hold one
     yield fake, relay, sent
     fake.stop()
 
@@ -136,6 +136,21 @@ def test_refused_message_from_null_sender_and_local_sender(make_relay):
             not list((relay.config.storage.spool / "outbound" / "waiting").iterdir())
     finally:
         fake.stop()
+
+
+def test_primary_that_greets_but_refuses_stays_in_outage_quietly(outage, caplog):
+    import logging
+
+    fake, relay, _ = outage
+    caplog.set_level(logging.INFO, logger="relay")
+    time.sleep(3.5)  # three probes: each greets, each first delivery gets 451
+    assert read_state(relay.config.storage.spool / "state", "example.com").state == "outage"
+    assert [r for r in caplog.records if r.name == "relay.health"] == []
+    fake.script.rcpt = "250 2.1.5 Ok"
+    wait_for(lambda: not queue(relay) and len(fake.received) == 30)
+    wait_for(lambda: len([r for r in caplog.records if r.name == "relay.health"]) == 2)
+    changes = [r.getMessage().split()[0] for r in caplog.records if r.name == "relay.health"]
+    assert changes == ["health.replaying", "health.normal"]
 
 
 def test_inbound_success_starts_replay_without_waiting_for_a_probe(make_relay):
