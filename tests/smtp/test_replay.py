@@ -209,3 +209,66 @@ def test_a_few_thousand_messages_byte_for_byte(primary, make_relay):
     assert len(primary.received) == 2000
     for got in primary.received:
         assert got.content == originals[number(got.content)]
+
+
+def test_entry_that_crashes_the_runner_three_times_is_set_aside(outage, capsys):
+    fake, relay, _ = outage
+    runner = relay.running.replay
+    real_send = runner._send
+
+    async def send_or_crash(upstream, envelope, data):
+        if b"<m5@" in data:
+            raise RuntimeError("a bug met by this one message")
+        return await real_send(upstream, envelope, data)
+
+    runner._send = send_or_crash
+    fake.script.rcpt = "250 2.1.5 Ok"
+    wait_for(lambda: not queue(relay) and not queue(relay, "active") and len(fake.received) == 29)
+    (held,) = queue(relay, "hold")
+    assert b'"crashes": 3' in held.read_bytes()
+    capsys.readouterr()
+    assert main(["status", "-c", str(relay.config.file)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[4:8] == ["0", "0", "0", "1"]
+
+
+def test_new_inbound_mail_goes_straight_to_the_primary_during_replay(outage):
+    fake, relay, _ = outage
+    gate = threading.Event()
+
+    def slow(content: bytes) -> str:
+        gate.wait(0.2)
+        return "250 2.0.0 Ok"
+
+    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.data_for = slow
+    wait_for(lambda: read_state(relay.config.storage.spool / "state", "example.com").state == "replaying")
+    _, reply = send(relay.port, "s@sender.test", ["alice@example.com"], message(99, "alice"))
+    assert reply[1].startswith(b"2.0.0 OK: delivered as ")
+    assert len(queue(relay)) + len(queue(relay, "active")) < 30
+    gate.set()
+    wait_for(lambda: len(fake.received) == 31 and not queue(relay))
+
+
+def test_rate_limit_spaces_starts(monkeypatch):
+    import asyncio
+
+    from relay.runners.replay import RateLimit
+
+    clock = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr("relay.runners.replay.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("relay.runners.replay.asyncio.sleep", fake_sleep)
+    limit = RateLimit(4.0)
+
+    async def starts() -> None:
+        for _ in range(5):
+            await limit.wait()
+
+    asyncio.run(starts())
+    assert slept == [0.25, 0.25, 0.25, 0.25]
+    assert RateLimit(None).interval == 0
