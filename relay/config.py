@@ -36,6 +36,32 @@ class HostPort:
 @dataclass(frozen=True)
 class Listen:
     inbound: HostPort
+    submission: HostPort | None = None
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Smarthost:
+    address: HostPort
+    starttls: str = "opportunistic"
+    verify_cert: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Outbound:
+    smarthost: Smarthost | None = None
+    max_age: float = 5 * 86400.0
+    retry_delay: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +120,8 @@ class Config:
     replay: Replay
     domains: dict[str, Domain] = field(default_factory=dict)
     log_level: str = "INFO"
+    tls: TLS | None = None
+    outbound: Outbound = Outbound()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -252,6 +280,53 @@ def _primary(r: _Reader, raw: Any, key: str) -> Primary | None:
     )
 
 
+def _smarthost(r: _Reader, raw: Any, key: str) -> Smarthost | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"address": raw}
+    data = r.section(raw, key, {"address", "starttls", "verify_cert", "ca_file", "username",
+                                "password_file", "timeout", "connect_timeout"}, {"address"})
+    address = r.value(data, key, "address", parse_hostport)
+    if address is None:
+        return None
+    username = r.value(data, key, "username", str)
+    password_file = r.path(data, key, "password_file")
+    if (username is None) != (password_file is None):
+        r.problem(f"{key}.username", "username and password_file go together")
+    return Smarthost(
+        address=address,
+        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES), "opportunistic"),
+        verify_cert=r.value(data, key, "verify_cert", _boolean, True),
+        ca_file=r.path(data, key, "ca_file"),
+        username=username, password_file=password_file,
+        timeout=r.value(data, key, "timeout", parse_duration, 60.0),
+        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, 10.0),
+    )
+
+
+def _outbound(r: _Reader, raw: Any) -> Outbound:
+    data = r.section(raw, "outbound", {"smarthost", "max_age", "retry_delay"})
+    return Outbound(
+        smarthost=_smarthost(r, data.get("smarthost"), "outbound.smarthost"),
+        max_age=r.value(data, "outbound", "max_age", parse_duration, 5 * 86400.0),
+        retry_delay=r.value(data, "outbound", "retry_delay", parse_duration, 60.0),
+    )
+
+
+def _tls(r: _Reader, raw: Any, needed: bool) -> TLS | None:
+    if raw is None:
+        if needed:
+            r.problem("tls", "listen.submission needs tls.cert and tls.key (STARTTLS before AUTH)")
+        return None
+    data = r.section(raw, "tls", {"cert", "key"}, {"cert", "key"})
+    cert, key = r.path(data, "tls", "cert"), r.path(data, "tls", "key")
+    for name, path in (("cert", cert), ("key", key)):
+        if path is not None and not path.is_file():
+            r.problem(f"tls.{name}", f"no such file: {path}")
+    return TLS(cert, key) if cert and key else None
+
+
 def _continuity(r: _Reader, raw: Any, key: str) -> Continuity | None:
     if raw is None:
         return None
@@ -303,16 +378,17 @@ def load(path: str | Path) -> Config:
         raise ConfigErrors([ConfigError(str(file), "(file)", f"{line}not valid YAML")]) from None
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
-                              "log_level"},
+                              "log_level", "tls", "outbound"},
                     {"listen", "storage", "domains"})
-    listen = r.section(top.get("listen"), "listen", {"inbound"}, {"inbound"})
+    listen = r.section(top.get("listen"), "listen", {"inbound", "submission"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
                         {"maildirs", "spool"})
     replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
     config = Config(
         file=file,
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
-        listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport)),
+        listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport),
+                      submission=r.value(listen, "listen", "submission", parse_hostport)),
         storage=Storage(
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
@@ -329,6 +405,8 @@ def load(path: str | Path) -> Config:
         ),
         domains=_domains(r, top.get("domains")) if "domains" in top else {},
         log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO"),
+        tls=_tls(r, top.get("tls"), needed="submission" in listen),
+        outbound=_outbound(r, top.get("outbound")),
     )
     if r.problems:
         raise ConfigErrors(r.problems)
