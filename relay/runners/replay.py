@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from relay.config import Domain, Replay
+from relay.delivery.client import Reply, Upstream, probe
 from relay.delivery.dsn import build_dsn
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
-from relay.delivery.primary import Reply, Upstream, probe
 from relay.errors import CorruptEntryError
 from relay.log import event
 from relay.storage.queue import MAX_CRASHES, Envelope, Queue, waiting_by_user
@@ -190,12 +190,7 @@ class ReplayRunner:
 
     @staticmethod
     async def _send(upstream: Upstream, envelope: Envelope, data: bytes) -> Reply:
-        reply = await upstream.begin(envelope.mail_from, list(envelope.mail_options), size=len(data))
-        if reply.ok:
-            reply = await upstream.rcpt(envelope.rcpt)
-        if reply.ok:
-            reply = await upstream.data(data)
-        return reply
+        return await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data)
 
     async def _settle(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope,
                       data: bytes, reply: Reply, result: Sweep) -> None:

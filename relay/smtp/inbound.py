@@ -25,8 +25,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Primary
+from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
-from relay.delivery.primary import Reply, Upstream
 from relay.log import event
 from relay.smtp import replies
 

@@ -1,7 +1,8 @@
-"""One SMTP conversation with a domain's primary server, with aiosmtplib kept behind this line.
+"""SMTP conversations with other servers (a domain's primary, the smarthost), with aiosmtplib
+kept behind this line.
 
-Every outcome comes back as a `Reply`: the primary's own code and text, or, when the primary
-could not be reached (refused, timeout, dropped at any step), a synthetic 4xx with
+Every outcome comes back as a `Reply`: the server's own code and text, or, when it could not be
+reached (refused, timeout, dropped at any step, TLS or AUTH failure), a synthetic 4xx with
 `reached=False`. Nothing above this module imports aiosmtplib or sees its exceptions.
 """
 
@@ -11,12 +12,14 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import aiosmtplib
 
-from relay.config import Primary
+from relay.config import HostPort
 
-log = logging.getLogger("relay.primary")
+log = logging.getLogger("relay.client")
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,24 @@ def _translate(exc: BaseException, step: str) -> Reply:
     return Reply(451, reason, reached=False)
 
 
-class Upstream:
-    """A connection to one primary, reused for the transactions of one inbound session."""
+class Peer(Protocol):
+    """What a connection needs to know about the other server (config.Primary, Smarthost)."""
 
-    def __init__(self, primary: Primary, helo: str) -> None:
+    address: HostPort
+    starttls: str
+    verify_cert: bool
+    ca_file: Path | None
+    timeout: float
+    connect_timeout: float
+
+
+class Upstream:
+    """A connection to one server, reused for several transactions in a row."""
+
+    def __init__(self, primary: Peer, helo: str, credentials: tuple[str, str] | None = None) -> None:
         self.primary = primary
         self.helo = helo
+        self.credentials = credentials
         self._smtp: aiosmtplib.SMTP | None = None
         self._in_transaction = False
 
@@ -74,6 +89,8 @@ class Upstream:
             timeout=p.timeout, start_tls=start_tls, validate_certs=p.verify_cert,
             cert_bundle=str(p.ca_file) if p.ca_file else None)
         await self._smtp.connect(timeout=p.connect_timeout)
+        if self.credentials is not None:
+            await self._smtp.login(*self.credentials)
         self._in_transaction = False
 
     async def begin(self, sender: str, mail_options: list[str], size: int | None = None) -> Reply:
@@ -134,6 +151,15 @@ class Upstream:
         finally:
             self._in_transaction = False
 
+    async def send(self, sender: str, rcpt: str, mail_options: list[str], data: bytes) -> Reply:
+        """One whole transaction: MAIL, RCPT, DATA; the first reply that is not 2xx."""
+        reply = await self.begin(sender, mail_options, size=len(data))
+        if reply.ok:
+            reply = await self.rcpt(rcpt)
+        if reply.ok:
+            reply = await self.data(data)
+        return reply
+
     async def quit(self) -> None:
         """Say goodbye politely; a primary that does not answer is simply dropped."""
         if self.connected:
@@ -151,7 +177,7 @@ class Upstream:
         self._in_transaction = False
 
 
-async def probe(primary: Primary, helo: str) -> Reply:
+async def probe(primary: Peer, helo: str) -> Reply:
     """Is the primary taking mail? Connect, EHLO (and STARTTLS as configured), QUIT."""
     upstream = Upstream(primary, helo)
     try:
