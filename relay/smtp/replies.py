@@ -20,8 +20,19 @@ PRIMARY_UNREACHABLE = "451 4.4.1 Mail server for {domain} not reachable, try aga
 SPLIT_OUTCOME = "451 4.3.0 Recipients cannot all be accepted now, try again later"
 LOCAL_ERROR = "451 4.3.0 Temporary local problem, try again later"
 
+# Submission (relay/smtp/submission.py)
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_BLOCKED = "454 4.7.0 Too many failed logins, try again later"
+AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure, try again later"
+AUTH_MALFORMED = "501 5.5.2 Cannot decode the authentication data"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+SENDER_NOT_OWN = "553 5.7.1 Sender address rejected: you may send only as {address}"
+SENDING_DISABLED = "451 4.3.2 Sending is disabled on this relay: no smarthost configured"
+
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
-       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR)
+       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR,
+       AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
+       SENDING_DISABLED)
 
 
 def relayed(code: int, text: str) -> str:

@@ -1,0 +1,168 @@
+"""Logging in: password checks against the passwd-file, and a throttle for failed logins.
+
+Used by the submission port (and, later, the webmail). Both pieces hold no files:
+  - `check_password` reads the directory and verifies the hash in a worker thread, so a bcrypt
+    or argon2 check (100-200 ms) never blocks the event loop. Whoever asks, and whatever the
+    answer, it costs one hash check: an unknown login is checked against a fixed dummy hash of
+    the configured scheme, so the time taken does not tell who is registered.
+  - `LoginThrottle` remembers failures in memory only (a restart forgets them, which is fine:
+    a restart is rare and slow compared with the window). Failures are counted per client
+    address and per account in a sliding window; an account over its limit is locked for every
+    address, and an address over its limit is locked for every account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from relay.addresses import AddressError, Mailbox, parse_mailbox
+from relay.directory import Directory, User, verify_password
+
+# Hashes of random strings nobody knows, at the cost `hash_password` uses, checked when the login
+# names no usable account: the answer is always "no", after the same work as a real check.
+_DUMMY_HASHES = {
+    "BLF-CRYPT": "{BLF-CRYPT}$2b$12$2rOyGYXjiZCsGQ4AkeYB8.0w08kvNPmu3CUCgHkuLjPm4Mp32ej0q",
+    "ARGON2ID": "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$wKxWXiWHJt3Rr1cjQBUM7g$"
+                "PQbH33lfaCpwIfavJuClw/RFUHS4HY7FvRJlHvbiIGo",
+}
+
+MAX_KEY = 256   # longest account name the throttle remembers; longer logins are cut
+
+
+def login_address(login: str) -> Mailbox | None:
+    """The mailbox a login names (`Alice@Example.COM` -> alice@example.com), or None."""
+    try:
+        return parse_mailbox(login)
+    except AddressError:
+        return None
+
+
+def account_key(login: str) -> str:
+    """The name under which failures for `login` are counted: the normalised address when it is
+    one, else the lower-cased text (so junk logins are counted too, but bounded in size)."""
+    address = login_address(login)
+    return str(address) if address else login.strip().lower()[:MAX_KEY]
+
+
+async def check_password(directory: Directory, login: str, password: str) -> User | None:
+    """The user `login` names if `password` is theirs and they may log in, else None.
+
+    None for an unknown login, a user without a password, a deactivated user or a wrong
+    password. A passwd-file that cannot be read, or a hash that cannot be parsed, raises: that
+    is the relay's own fault, and callers answer it as temporary.
+    """
+    return await asyncio.to_thread(_check, directory, login, password)
+
+
+def _check(directory: Directory, login: str, password: str) -> User | None:
+    address = login_address(login)
+    user = directory.get(address) if address else None
+    stored = user.password_hash if user is not None and user.password_hash else None
+    if stored is None:
+        stored = _DUMMY_HASHES.get(directory.config.password_scheme, _DUMMY_HASHES["BLF-CRYPT"])
+    well_formed = _well_formed(password)
+    matches = verify_password(stored, password if well_formed else "")
+    if user is None or not user.can_log_in or not matches or not well_formed:
+        return None
+    return user
+
+
+def _well_formed(password: str) -> bool:
+    """A password `hash_password` could have stored: non-empty, one line, no NUL, valid UTF-8."""
+    if not password or any(c in password for c in "\x00\r\n"):
+        return False
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class LoginThrottle:
+    """Failed logins per client address and per account, in a sliding window of `window` seconds.
+
+    Use: if `blocked(address, account)`, refuse without checking the password; after a wrong
+    password call `failed(...)` and wait `delay(...)` seconds before answering; after a right
+    one call `succeeded(...)`, which forgets the account's failures (not the address's: one good
+    account must not launder an address that guesses at others).
+
+    `account_limit` failures lock an account for every address, `address_limit` failures lock an
+    address for every account, until the oldest of them leaves the window. The delay grows
+    0, base, 2*base, 4*base ... up to `max_delay` with the larger of the two counts.
+
+    Memory is bounded: each key keeps at most its limit of timestamps, keys whose failures all
+    left the window are dropped as failures come in, and beyond `max_keys` keys per table the
+    least recently failed are forgotten.
+    """
+
+    def __init__(self, window: float = 900.0, account_limit: int = 5, address_limit: int = 20,
+                 base_delay: float = 1.0, max_delay: float = 10.0, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if window <= 0 or account_limit < 1 or address_limit < 1 or max_keys < 1:
+            raise ValueError("window, limits and max_keys must be positive")
+        self.window = window
+        self.account_limit = account_limit
+        self.address_limit = address_limit
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        self.clock = clock
+        # key -> failure times, oldest first; dicts ordered by each key's latest failure
+        self._accounts: dict[str, deque[float]] = {}
+        self._addresses: dict[str, deque[float]] = {}
+
+    def blocked(self, address: str, account: str) -> bool:
+        accounts, addresses = self._counts(address, account)
+        return accounts >= self.account_limit or addresses >= self.address_limit
+
+    def delay(self, address: str, account: str) -> float:
+        failures = max(self._counts(address, account))
+        if failures <= 1:
+            return 0.0
+        return min(self.max_delay, self.base_delay * 2.0 ** min(failures - 2, 60))
+
+    def failed(self, address: str, account: str) -> None:
+        now = self.clock()
+        self._record(self._accounts, account_key(account), self.account_limit, now)
+        self._record(self._addresses, address, self.address_limit, now)
+
+    def succeeded(self, address: str, account: str) -> None:
+        self._accounts.pop(account_key(account), None)
+
+    @property
+    def tracked(self) -> int:
+        """How many accounts and addresses have failures remembered (for tests and status)."""
+        return len(self._accounts) + len(self._addresses)
+
+    def _counts(self, address: str, account: str) -> tuple[int, int]:
+        now = self.clock()
+        return (self._count(self._accounts, account_key(account), now),
+                self._count(self._addresses, address, now))
+
+    def _count(self, table: dict[str, deque[float]], key: str, now: float) -> int:
+        times = table.get(key)
+        if times is None:
+            return 0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del table[key]
+        return len(times)
+
+    def _record(self, table: dict[str, deque[float]], key: str, limit: int, now: float) -> None:
+        times = table.pop(key, None) or deque(maxlen=limit)
+        times.append(now)
+        table[key] = times              # re-inserted: the table stays ordered by latest failure
+        self._prune(table, now)
+
+    def _prune(self, table: dict[str, deque[float]], now: float) -> None:
+        """Drop keys whose latest failure left the window (they sit at the front), then the
+        least recently failed keys beyond `max_keys`."""
+        while table:
+            key, times = next(iter(table.items()))
+            if times[-1] > now - self.window and len(table) <= self.max_keys:
+                break
+            del table[key]

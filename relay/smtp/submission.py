@@ -1,0 +1,296 @@
+"""The submission listener: registered users send mail, from their own address, over TLS.
+
+Rule 4 (never an open relay) is enforced here in three layers:
+  - aiosmtpd answers 530 to everything but EHLO/NOOP/STARTTLS/QUIT until STARTTLS, shows AUTH
+    only after it, and answers 530 to MAIL/RCPT/DATA until AUTH succeeded;
+  - AUTH PLAIN and LOGIN are ours (not aiosmtpd's built-in ones, whose callback would run the
+    hash check on the event loop): the password is checked in a worker thread against the
+    passwd-file Dovecot uses, and failures are throttled per client address and per account;
+  - MAIL must name the authenticated user's own address (case-insensitively), else 553 5.7.1.
+Recipients may be anywhere. At DATA the message goes, as received, to the `submit` pipeline
+the app hands in; this module keeps nothing on disk itself, so a crash loses only what was
+never acknowledged. Without a smarthost (`submit is None`) MAIL answers 451 4.3.2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+from base64 import b64decode
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+
+from relay.addresses import AddressError, parse_mailbox, parse_sender
+from relay.auth import LoginThrottle, account_key, check_password
+from relay.directory import Directory, User
+from relay.errors import PermFail, RelayError
+from relay.log import event
+from relay.smtp import replies
+
+log = logging.getLogger("relay.submission")
+
+Submit = Callable[[User, str, list[str], bytes], Awaitable[str]]
+"""(authenticated user, envelope sender, recipients, message bytes) -> an id for the reply.
+May raise PermFail(code, text) to refuse the message for good with that reply; anything else
+it raises is answered 451 with a generic text."""
+
+USERNAME_CHALLENGE = b"Username:"
+PASSWORD_CHALLENGE = b"Password:"
+
+
+class SubmissionSession(Session):
+    """aiosmtpd's session, minus a warning logged on every successful AUTH: aiosmtpd 1.4 still
+    sets the deprecated `login_data` itself. The user is in `auth_data`."""
+
+    @property
+    def login_data(self) -> object:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: object) -> None:
+        self._login_data = value
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's server with our session type."""
+
+    def _create_session(self) -> Session:
+        return SubmissionSession(self.loop)
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks and AUTH mechanisms for the submission listener."""
+
+    def __init__(self, hostname: str, directory: Directory, submit: Submit | None,
+                 max_recipients: int, throttle: LoginThrottle) -> None:
+        self.hostname = hostname
+        self.directory = directory
+        self.submit = submit
+        self.max_recipients = max_recipients
+        self.throttle = throttle
+        self._in_flight: set[asyncio.Task] = set()
+
+    async def drain(self, timeout: float = 25) -> None:
+        """At shutdown: let messages already handed to `submit` finish, and their senders get
+        the reply. A sender cut off later retries; nothing acknowledged is lost either way."""
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=timeout)
+            await asyncio.sleep(0.1)  # the sessions push their replies
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # a client that cannot do our TLS: not our fault
+            event(log, "submission.tls_failed", detail=error.__cause__ or error)
+        else:
+            event(log, "submission.error", logging.ERROR, error=type(error).__name__, detail=error)
+        return replies.LOCAL_ERROR
+
+    # -- AUTH --------------------------------------------------------------------------------
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616: base64 of `authzid NUL authcid NUL password`, with the command or after
+        an empty challenge. An authzid other than the login itself is refused."""
+        if len(args) == 1:
+            blob = await server.challenge_auth(b"")
+            if blob is MISSING:
+                return AuthResult(success=False)   # aiosmtpd answered (501, or '*' abort)
+        else:
+            blob = _initial_response(args[1])
+            if blob is None:
+                return _refuse(replies.AUTH_MALFORMED)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            return _refuse(replies.AUTH_MALFORMED)
+        authzid, login, password = parts
+        if authzid and account_key(_shown(authzid)) != account_key(_shown(login)):
+            event(log, "submission.auth_failed", logging.WARNING, peer=_peer(server.session),
+                  user=_shown(login), mechanism="PLAIN", reason="authzid")
+            return _refuse(replies.AUTH_FAILED)
+        return await self._login(server, "PLAIN", login, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """The de-facto LOGIN mechanism: user name (with the command or on a challenge), then
+        the password on a second challenge, each base64."""
+        if len(args) == 1:
+            login = await server.challenge_auth(USERNAME_CHALLENGE)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            login = _initial_response(args[1])
+            if login is None:
+                return _refuse(replies.AUTH_MALFORMED)
+        password = await server.challenge_auth(PASSWORD_CHALLENGE)
+        if password is MISSING:
+            return AuthResult(success=False)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._login(server, "LOGIN", login, password)
+
+    async def _login(self, server: SMTP, mechanism: str, raw_login: bytes,
+                     raw_password: bytes) -> AuthResult:
+        peer = _peer(server.session)
+        shown = _shown(raw_login)
+        account = account_key(shown)
+        if self.throttle.blocked(peer, account):
+            event(log, "submission.auth_blocked", logging.WARNING, peer=peer, user=account)
+            return _refuse(replies.AUTH_BLOCKED)
+        login, password = _utf8(raw_login), _utf8(raw_password)
+        try:
+            user = await check_password(self.directory, login, password)
+        except Exception as exc:  # noqa: BLE001 - passwd-file or hash unreadable: our fault, 4xx
+            event(log, "submission.auth_error", logging.ERROR, peer=peer, user=account,
+                  error=type(exc).__name__, detail=exc)
+            return _refuse(replies.AUTH_UNAVAILABLE)
+        if user is None:
+            self.throttle.failed(peer, account)
+            delay = self.throttle.delay(peer, account)
+            event(log, "submission.auth_failed", logging.WARNING, peer=peer, user=account,
+                  mechanism=mechanism, delay=f"{delay:g}")
+            await asyncio.sleep(delay)
+            return _refuse(replies.AUTH_FAILED)
+        self.throttle.succeeded(peer, account)
+        event(log, "submission.auth_ok", peer=peer, user=user.email, mechanism=mechanism)
+        return AuthResult(success=True, auth_data=user)
+
+    # -- the transaction ---------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        user = session.auth_data
+        if not isinstance(user, User):   # aiosmtpd already requires AUTH; never rely on it alone
+            return replies.AUTH_REQUIRED
+        if self.submit is None:
+            return replies.SENDING_DISABLED
+        try:
+            sender = parse_sender(address)
+            own = parse_mailbox(sender) == user.address if sender else False
+        except AddressError as exc:
+            return replies.BAD_SENDER.format(reason=exc)
+        if not own:
+            event(log, "submission.sender_refused", logging.WARNING, peer=_peer(session),
+                  user=user.email, sender=_printable(sender))
+            return replies.SENDER_NOT_OWN.format(address=user.email)
+        envelope.mail_from = sender
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if not isinstance(session.auth_data, User):
+            return replies.AUTH_REQUIRED
+        try:
+            rcpt = parse_mailbox(address)
+        except AddressError as exc:
+            return replies.BAD_RECIPIENT.format(reason=exc)
+        if any(parse_mailbox(known) == rcpt for known in envelope.rcpt_tos):
+            return replies.RECIPIENT_OK      # the same recipient twice gets one copy
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        user = session.auth_data
+        if not isinstance(user, User):
+            return replies.AUTH_REQUIRED
+        if self.submit is None:
+            return replies.SENDING_DISABLED
+        content = envelope.content
+        assert isinstance(content, bytes) and envelope.mail_from is not None
+        # A client hanging up mid-way must not cut the hand-over to the pipeline in half.
+        task = asyncio.get_running_loop().create_task(
+            self._hand_over(self.submit, user, envelope.mail_from, list(envelope.rcpt_tos),
+                            content))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    @staticmethod
+    async def _hand_over(submit: Submit, user: User, sender: str, rcpts: list[str],
+                         message: bytes) -> str:
+        try:
+            queue_id = await submit(user, sender, rcpts, message)
+        except PermFail as exc:
+            if not 500 <= exc.code <= 599:
+                event(log, "submission.error", logging.ERROR, user=user.email, error="PermFail",
+                      detail=exc)
+                return replies.LOCAL_ERROR
+            event(log, "submission.refused", user=user.email, code=exc.code, detail=exc.text)
+            return replies.relayed(exc.code, exc.text)
+        except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
+            event(log, "submission.failed", logging.ERROR, user=user.email,
+                  error=type(exc).__name__, detail=exc)
+            return replies.LOCAL_ERROR
+        event(log, "submission.accepted", id=queue_id, user=user.email, size=len(message),
+              rcpts=len(rcpts))
+        return replies.QUEUED.format(id=queue_id)
+
+
+def _refuse(reply: str) -> AuthResult:
+    """A failed AUTH that aiosmtpd answers with `reply`."""
+    return AuthResult(success=False, handled=False, message=reply)
+
+
+def _initial_response(text: str) -> bytes | None:
+    """An initial response given with the AUTH command; `=` is the empty one (RFC 4954)."""
+    if text == "=":
+        return b""
+    try:
+        return b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+
+
+def _utf8(raw: bytes) -> str:
+    """The text of a login or password; one that is not UTF-8 can match nothing, so it
+    becomes '' (which check_password refuses after the same work as any other check)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+
+
+def _printable(text: str, limit: int = 100) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _shown(raw: bytes) -> str:
+    """A login as it may appear in a log line and a throttle key."""
+    return _printable(raw.decode("utf-8", "replace"), 256)
+
+
+def _peer(session: Session | None) -> str:
+    peer = session.peer if session is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server side of STARTTLS: TLS 1.2 or later, no client certificates."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RelayError(f"tls: cannot load certificate {cert} with key {key}: {exc}") from None
+    return context
+
+
+def make_server_factory(handler: SubmissionHandler, hostname: str, tls_context: ssl.SSLContext,
+                        data_size_limit: int) -> Callable[[], SMTP]:
+    """What `loop.create_server` needs for the submission port: STARTTLS before anything,
+    AUTH only over TLS, nothing sent without AUTH."""
+
+    def factory() -> SMTP:
+        return SubmissionSMTP(handler, hostname=hostname, ident="continuity-relay",
+                              tls_context=tls_context, require_starttls=True, auth_required=True,
+                              auth_require_tls=True, data_size_limit=data_size_limit,
+                              decode_data=False, enable_SMTPUTF8=True)
+
+    return factory
+

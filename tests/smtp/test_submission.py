@@ -1,0 +1,440 @@
+"""The submission port over loopback with a real client: STARTTLS, AUTH, own-address sending,
+throttling, and what the client hears when the pipeline refuses or fails."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import smtplib
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+import argon2
+import bcrypt
+import pytest
+import trustme
+
+from relay.addresses import parse_mailbox
+from relay.auth import LoginThrottle
+from relay.config import load
+from relay.directory import Directory, User
+from relay.errors import PermFail, RelayError, StorageError
+from relay.smtp import replies
+from relay.smtp.submission import SubmissionHandler, make_server_factory, tls_context
+from tests.smtp.fakes import free_port, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+PASSWORDS = {"alice@example.com": "alice pass", "bob@example.com": "bob pass",
+             "carol@example.com": "cärol pässwörd", "dave@example.com": "dave pass",
+             "erin@example.com": "erin pass", "gone@example.com": "gone pass"}
+MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: x@elsewhere.org\r\nSubject: hi\r\n\r\n"
+           b".a line that starts with a dot\r\n8-bit: \xc3\xa9t\xc3\xa9\r\n")
+
+
+# -- certificates, users, a fake pipeline --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca, tmp_path_factory):
+    """Made by our own tls_context() from files, as the app will."""
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(folder / "cert.pem", append=True)
+    cert.private_key_pem.write_to_path(folder / "key.pem")
+    return tls_context(folder / "cert.pem", folder / "key.pem")
+
+
+@pytest.fixture(scope="module")
+def client_tls(ca):
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def cheap_hash(email: str) -> str:
+    """Hashes verify_password accepts, made cheap (the cost is read from the hash)."""
+    password = PASSWORDS[email]
+    if email.startswith("bob"):
+        fast = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+        return "{ARGON2ID}" + fast.hash(password)
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+
+
+@pytest.fixture
+def directory(tmp_path):
+    directory = Directory(load(write_config(tmp_path, free_port())))
+    users = [User(parse_mailbox(e), "", cheap_hash(e), active=not e.startswith("gone"))
+             for e in PASSWORDS]
+    users.append(User(parse_mailbox("nopass@example.com")))
+    directory.file.write_text("".join(u.line() + "\n" for u in users))
+    return directory
+
+
+@dataclass
+class Pipeline:
+    """A fake `submit`: records each call, answers an id or raises `error`."""
+
+    error: Exception | None = None
+    calls: list[tuple[User, str, list[str], bytes]] = field(default_factory=list)
+
+    async def __call__(self, user: User, sender: str, rcpts: list[str], message: bytes) -> str:
+        self.calls.append((user, sender, rcpts, message))
+        if self.error is not None:
+            raise self.error
+        return f"Q{len(self.calls)}"
+
+
+# -- the server on a loop in a background thread ---------------------------------------------------
+
+class SubmissionServer:
+    def __init__(self, handler: SubmissionHandler, tls: ssl.SSLContext) -> None:
+        self.factory = make_server_factory(handler, "relay.test", tls, 1024 * 1024)
+        self.loop = asyncio.new_event_loop()
+        self.loop.slow_callback_duration = 0.15   # a hash check on the loop would show up
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    def start(self) -> SubmissionServer:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            self.loop.create_server(self.factory, "127.0.0.1", 0), self.loop).result(10)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        assert self.server is not None
+
+        async def close() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def fast_throttle(**options) -> LoginThrottle:
+    return LoginThrottle(**{"base_delay": 0.01, "max_delay": 0.05, **options})
+
+
+@pytest.fixture
+def make_server(directory, server_tls):
+    started = []
+
+    def make(submit=None, *, disabled=False, throttle=None, max_recipients=100):
+        handler = SubmissionHandler("relay.test", directory, None if disabled else submit or Pipeline(),
+                                    max_recipients, throttle or fast_throttle())
+        server = SubmissionServer(handler, server_tls).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def pipeline():
+    return Pipeline()
+
+
+@pytest.fixture
+def server(make_server, pipeline):
+    return make_server(pipeline)
+
+
+def plain_client(port: int, source: str = "127.0.0.1") -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10,
+                          source_address=(source, 0))
+    client.ehlo()
+    return client
+
+
+def tls_client(port: int, client_tls: ssl.SSLContext, source: str = "127.0.0.1") -> smtplib.SMTP:
+    client = plain_client(port, source)
+    code, _ = client.starttls(context=client_tls)
+    assert code == 220
+    client.ehlo()
+    return client
+
+
+def b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def auth_plain(client: smtplib.SMTP, login: str, password: str) -> tuple[int, bytes]:
+    return client.docmd("AUTH", "PLAIN " + b64(f"\0{login}\0{password}"))
+
+
+def logged_in(port: int, client_tls: ssl.SSLContext, login: str = "alice@example.com") -> smtplib.SMTP:
+    client = tls_client(port, client_tls)
+    assert auth_plain(client, login, PASSWORDS[login])[0] == 235
+    return client
+
+
+# -- before TLS, before AUTH -------------------------------------------------------------------------
+
+def test_before_starttls_only_starttls_is_offered_and_nothing_else_works(server):
+    with plain_client(server.port) as client:
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        assert auth_plain(client, "alice@example.com", PASSWORDS["alice@example.com"])[0] == 530
+        assert client.mail("alice@example.com")[0] == 530
+        assert client.rcpt("x@elsewhere.org")[0] == 530
+        assert client.docmd("DATA")[0] == 530
+
+
+def test_after_starttls_auth_is_offered_and_mail_needs_it(server, client_tls):
+    with tls_client(server.port, client_tls) as client:
+        assert client.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+        assert not client.has_extn("starttls")
+        assert client.mail("alice@example.com") == (530, b"5.7.0 Authentication required")
+        assert client.rcpt("x@elsewhere.org")[0] == 530
+
+
+# -- AUTH --------------------------------------------------------------------------------------------
+
+def login_with_smtplib(client, login, password):
+    client.login(login, password)   # picks PLAIN, the first of ours it knows
+    return 235
+
+
+def plain_after_challenge(client, login, password):
+    assert client.docmd("AUTH", "PLAIN") == (334, b"")
+    return client.docmd(b64(f"{login}\0{login}\0{password}"))[0]   # authzid = login is fine
+
+
+def login_with_initial_user(client, login, password):
+    assert client.docmd("AUTH", "LOGIN " + b64(login)) == (334, b64("Password:").encode())
+    return client.docmd(b64(password))[0]
+
+
+def login_after_challenges(client, login, password):
+    assert client.docmd("AUTH", "LOGIN") == (334, b64("Username:").encode())
+    assert client.docmd(b64(login))[0] == 334
+    return client.docmd(b64(password))[0]
+
+
+@pytest.mark.parametrize("how", [login_with_smtplib, plain_after_challenge, login_with_initial_user,
+                                 login_after_challenges])
+@pytest.mark.parametrize("login", ["alice@example.com", "BOB@Example.COM"])  # bcrypt, argon2
+def test_auth_plain_and_login_work(server, pipeline, client_tls, how, login):
+    with tls_client(server.port, client_tls) as client:
+        assert how(client, login, PASSWORDS[login.lower()]) == 235
+        assert client.docmd("AUTH", "PLAIN")[0] == 503       # already authenticated
+        client.sendmail(login.lower(), ["x@elsewhere.org"], MESSAGE)
+    ((user, *_),) = pipeline.calls
+    assert user.email == login.lower()
+
+
+def test_utf8_password(server, client_tls):
+    with tls_client(server.port, client_tls) as client:   # smtplib's login() is ASCII-only
+        assert login_after_challenges(client, "carol@example.com", "carol passwort") == 535
+        assert login_after_challenges(client, "carol@example.com", PASSWORDS["carol@example.com"]) == 235
+
+
+@pytest.mark.parametrize("login, password", [
+    ("alice@example.com", "wrong"),
+    ("nobody@example.com", "anything"),
+    ("nopass@example.com", ""),
+    ("nopass@example.com", "anything"),
+    ("gone@example.com", PASSWORDS["gone@example.com"]),    # deactivated: right password, refused
+    ("not an address", "x"),
+])
+def test_refused_logins(server, client_tls, login, password):
+    with tls_client(server.port, client_tls) as client:
+        assert auth_plain(client, login, password) == (535, b"5.7.8 Authentication credentials invalid")
+        assert client.mail(login)[0] == 530
+
+
+def test_malformed_auth_data(server, client_tls):
+    with tls_client(server.port, client_tls) as client:
+        assert client.docmd("AUTH", "PLAIN not!base64")[0] == 501
+        assert client.docmd("AUTH", "PLAIN " + b64("no NULs at all"))[0] == 501
+        assert client.docmd("AUTH", "PLAIN =")[0] == 501
+        assert client.docmd("AUTH", "LOGIN")[0] == 334
+        assert client.docmd("*")[0] == 501                    # the client gave up
+        assert client.docmd("AUTH", "CRAM-MD5")[0] == 504
+        # someone else's identity as authzid: refused even with a right password
+        blob = b64(f"bob@example.com\0alice@example.com\0{PASSWORDS['alice@example.com']}")
+        assert client.docmd("AUTH", "PLAIN " + blob)[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + b64(b"\0alice@example.com\0\xff\xfe"))[0] == 535
+        assert auth_plain(client, "alice@example.com", PASSWORDS["alice@example.com"])[0] == 235
+
+
+def test_account_lock_applies_from_every_address(make_server, client_tls):
+    """Decision: `account_limit` failures lock the account for every client address (a
+    distributed guesser gets no more tries), until the oldest failure leaves the window."""
+    server = make_server(throttle=fast_throttle(account_limit=3, address_limit=50))
+    alice = PASSWORDS["alice@example.com"]
+    with tls_client(server.port, client_tls) as client:
+        assert [auth_plain(client, "alice@example.com", "guess")[0] for _ in range(3)] == [535] * 3
+        assert auth_plain(client, "alice@example.com", alice) == (454, replies.AUTH_BLOCKED[4:].encode())
+        assert auth_plain(client, "ALICE@example.com", alice)[0] == 454
+    with tls_client(server.port, client_tls, source="127.0.0.2") as client:
+        assert auth_plain(client, "alice@example.com", alice)[0] == 454
+    for source in ("127.0.0.1", "127.0.0.2"):      # other accounts are not affected
+        with tls_client(server.port, client_tls, source=source) as client:
+            assert auth_plain(client, "bob@example.com", PASSWORDS["bob@example.com"])[0] == 235
+
+
+def test_address_lock_applies_to_every_account(make_server, client_tls):
+    """Decision: `address_limit` failures from one address lock it for every account, even
+    one it has never tried; the same accounts still work from elsewhere."""
+    server = make_server(throttle=fast_throttle(account_limit=10, address_limit=3))
+    with tls_client(server.port, client_tls, source="127.0.0.3") as client:
+        for login in ("alice@example.com", "bob@example.com", "carol@example.com"):
+            assert auth_plain(client, login, "guess")[0] == 535
+        assert auth_plain(client, "erin@example.com", PASSWORDS["erin@example.com"])[0] == 454
+    with tls_client(server.port, client_tls, source="127.0.0.4") as client:
+        assert auth_plain(client, "erin@example.com", PASSWORDS["erin@example.com"])[0] == 235
+
+
+def test_success_clears_the_account_count(make_server, client_tls):
+    server = make_server(throttle=fast_throttle(account_limit=3, address_limit=50))
+    alice = PASSWORDS["alice@example.com"]
+    for _ in range(3):
+        with tls_client(server.port, client_tls) as client:
+            assert [auth_plain(client, "alice@example.com", "typo")[0] for _ in range(2)] == [535, 535]
+            assert auth_plain(client, "alice@example.com", alice)[0] == 235
+
+
+def test_failures_are_answered_after_a_growing_delay(make_server, client_tls):
+    server = make_server(throttle=LoginThrottle(base_delay=0.3, max_delay=0.3))
+    with tls_client(server.port, client_tls) as client:
+        auth_plain(client, "alice@example.com", "guess")           # the first: no delay
+        started = time.monotonic()
+        assert auth_plain(client, "alice@example.com", "guess")[0] == 535
+        assert time.monotonic() - started >= 0.3
+
+
+def test_unreadable_passwd_file_is_temporary(server, directory, client_tls):
+    directory.file.write_text("this line is not a passwd-file line\n")
+    with tls_client(server.port, client_tls) as client:
+        reply = auth_plain(client, "alice@example.com", PASSWORDS["alice@example.com"])
+        assert reply == (454, replies.AUTH_UNAVAILABLE[4:].encode())
+
+
+def test_password_never_logged_and_hash_checks_leave_the_loop_free(server, client_tls, caplog):
+    caplog.set_level(logging.DEBUG)          # every logger, aiosmtpd's and asyncio's included
+    alice = PASSWORDS["alice@example.com"]
+    with tls_client(server.port, client_tls) as client:
+        assert auth_plain(client, "alice@example.com", "secret guess 1")[0] == 535
+        assert login_after_challenges(client, "nobody@example.com", "secret guess 2") == 535
+        assert login_with_initial_user(client, "alice@example.com", alice) == 235
+    text = caplog.text
+    for secret in ("secret guess 1", "secret guess 2", alice):
+        assert secret not in text
+        assert b64(secret) not in text
+        assert b64(f"\0alice@example.com\0{secret}") not in text
+    ours = [r.getMessage() for r in caplog.records if r.name == "relay.submission"]
+    assert ours[0].startswith("submission.auth_failed peer=127.0.0.1 user=alice@example.com ")
+    assert ours[1].startswith("submission.auth_failed peer=127.0.0.1 user=nobody@example.com ")
+    assert ours[2] == "submission.auth_ok peer=127.0.0.1 user=alice@example.com mechanism=LOGIN"
+    # nobody@ cost a cost-12 bcrypt check (about 180 ms): in a thread, so asyncio's debug mode
+    # (-X dev) saw no slow callback
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "mail.log" and r.levelno >= logging.WARNING]
+
+
+# -- the transaction ---------------------------------------------------------------------------------
+
+def test_message_reaches_submit_with_exact_envelope_and_bytes(server, pipeline, client_tls):
+    with logged_in(server.port, client_tls) as client:
+        assert client.mail("Alice@Example.COM", ["BODY=8BITMIME"]) == (250, b"2.1.0 Sender OK")
+        assert client.rcpt("x@elsewhere.org") == (250, b"2.1.5 Recipient OK")
+        assert client.rcpt("y@example.com")[0] == 250
+        assert client.data(MESSAGE) == (250, b"2.0.0 OK: queued as Q1")
+        # a second transaction in the same session
+        client.sendmail("alice@example.com", ["z@example.net"], b"Subject: 2\r\n\r\nsecond\r\n")
+    (user, sender, rcpts, message), second = pipeline.calls
+    assert (user.email, sender, rcpts, message) == (
+        "alice@example.com", "Alice@Example.COM", ["x@elsewhere.org", "y@example.com"], MESSAGE)
+    assert second[1:] == ("alice@example.com", ["z@example.net"], b"Subject: 2\r\n\r\nsecond\r\n")
+
+
+@pytest.mark.parametrize("sender", ["bob@example.com", "alice@example.org", "alice+tag@example.com",
+                                    "<>", "mallory@elsewhere.org"])
+def test_foreign_envelope_sender_refused(server, pipeline, client_tls, sender):
+    with logged_in(server.port, client_tls) as client:
+        code, text = client.mail(sender)
+        assert (code, text) == (553, b"5.7.1 Sender address rejected: you may send only as "
+                                     b"alice@example.com")
+        assert client.rcpt("x@elsewhere.org")[0] == 503      # no transaction was opened
+    assert pipeline.calls == []
+
+
+def test_recipients_anywhere_up_to_the_limit(make_server, pipeline, client_tls):
+    server = make_server(pipeline, max_recipients=3)
+    with logged_in(server.port, client_tls) as client:
+        client.mail("alice@example.com")
+        assert client.rcpt("someone@elsewhere.org")[0] == 250
+        assert client.rcpt("b@xn--bcher-kva.example")[0] == 250
+        assert client.rcpt("alice@example.com")[0] == 250
+        assert client.rcpt("fourth@example.net") == (452, b"4.5.3 Too many recipients")
+        assert client.rcpt("SomeOne@Elsewhere.org")[0] == 250   # already there: one copy
+        assert client.rcpt("a/b@elsewhere.org")[0] == 553
+        assert client.data(MESSAGE)[0] == 250
+    ((_, _, rcpts, _),) = pipeline.calls
+    assert rcpts == ["someone@elsewhere.org", "b@xn--bcher-kva.example", "alice@example.com"]
+
+
+def test_permanent_refusal_from_the_pipeline_is_passed_on(make_server, client_tls):
+    pipeline = Pipeline(PermFail(553, "5.7.1 From: header must be your own address"))
+    server = make_server(pipeline)
+    with logged_in(server.port, client_tls) as client:
+        client.mail("alice@example.com")
+        client.rcpt("x@elsewhere.org")
+        assert client.data(MESSAGE) == (553, b"5.7.1 From: header must be your own address")
+
+
+@pytest.mark.parametrize("error", [StorageError("/var/spool/relay/outbound: No space left on device"),
+                                   RuntimeError("internal detail"),
+                                   PermFail(451, "not really permanent")])
+def test_local_fault_is_451_without_internals(make_server, client_tls, caplog, error):
+    server = make_server(Pipeline(error))
+    with logged_in(server.port, client_tls) as client:
+        client.mail("alice@example.com")
+        client.rcpt("x@elsewhere.org")
+        code, text = client.data(MESSAGE)
+        assert (code, text.decode()) == (451, replies.LOCAL_ERROR[4:])
+        assert client.noop()[0] == 250                       # the session goes on
+    assert str(error) in caplog.text                          # the administrator sees it
+
+
+def test_sending_disabled_without_smarthost(make_server, client_tls):
+    server = make_server(disabled=True)
+    with logged_in(server.port, client_tls) as client:
+        assert client.mail("alice@example.com") == (
+            451, b"4.3.2 Sending is disabled on this relay: no smarthost configured")
+
+
+def test_oversized_message_552(server, pipeline, client_tls):
+    with logged_in(server.port, client_tls) as client:
+        client.mail("alice@example.com")
+        client.rcpt("x@elsewhere.org")
+        assert client.data(b"x" * 990 + b"\r\n" * 1 + (b"y" * 998 + b"\r\n") * 1100)[0] == 552
+    assert pipeline.calls == []
+
+
+# -- TLS context -------------------------------------------------------------------------------------
+
+def test_tls_context_is_tls12_or_later_and_says_which_file_is_bad(server_tls, tmp_path):
+    assert server_tls.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert server_tls.verify_mode == ssl.CERT_NONE          # no client certificates asked for
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(RelayError, match="cert.pem"):
+        tls_context(tmp_path / "cert.pem", tmp_path / "key.pem")
