@@ -6,17 +6,23 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from relay.config import Config
+from relay.auth import LoginThrottle
+from relay.config import Config, HostPort
 from relay.delivery.health import Health
-from relay.directory import Directory
+from relay.delivery.outbound import Sender
+from relay.directory import Directory, User
 from relay.errors import RelayError
 from relay.log import event
+from relay.runners.outbound import OutboundRunner
+from relay.runners.outbox import OutboxRunner
 from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp.inbound import InboundHandler, InboundSMTP
+from relay.smtp.submission import SubmissionHandler, Submit, make_server_factory, tls_context
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
@@ -34,10 +40,11 @@ def build_store(config: Config) -> ContinuityStore:
 
 def recover(config: Config, store: ContinuityStore) -> None:
     """Start-up rescan of every queue: the directories are the truth."""
-    for domain in config.domains:
-        result = store.replay_queue(domain).recover()
+    queues = [(domain, store.replay_queue(domain)) for domain in config.domains]
+    for name, queue in [*queues, ("(outbound)", store.outbound)]:
+        result = queue.recover()
         if any(result.values()):
-            event(log, "queue.recovered", domain=domain, **result)
+            event(log, "queue.recovered", queue=name, **result)
 
 
 @dataclass
@@ -48,11 +55,15 @@ class Running:
     handler: InboundHandler
     replay: ReplayRunner
     runners: asyncio.Task
+    submission: tuple[asyncio.Server, SubmissionHandler] | None = None
 
     async def close(self) -> None:
         """Stop accepting connections, let the messages in hand finish (see drain), then stop
         the runners (an entry in flight goes back to waiting at the next start)."""
         self.inbound.close()
+        if self.submission is not None:
+            self.submission[0].close()
+            await self.submission[1].drain()
         await self.handler.drain()
         self.runners.cancel()
         try:
@@ -61,10 +72,36 @@ class Running:
             pass  # what we asked for
 
 
+async def _listen(name: str, factory: Callable[[], asyncio.Protocol], address: HostPort) -> asyncio.Server:
+    try:
+        server = await asyncio.get_running_loop().create_server(factory, address.host, address.port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RelayError(f"listen.{name} {address}: {reason}") from None
+    event(log, f"{name}.listening", address=str(address))
+    return server
+
+
+def _credentials(config: Config) -> tuple[str, str] | None:
+    smarthost = config.outbound.smarthost
+    if smarthost is None or smarthost.username is None or smarthost.password_file is None:
+        return None
+    try:
+        return smarthost.username, smarthost.password_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise RelayError(f"outbound.smarthost.password_file: {exc.strerror or exc}") from None
+
+
+async def _run_all(*runners: Coroutine[Any, Any, None]) -> None:
+    async with asyncio.TaskGroup() as group:
+        for runner in runners:
+            group.create_task(runner)
+
+
 async def start(config: Config) -> Running:
-    """Prepare storage, recover the queues and open the inbound listener."""
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="storage"))
+    """Prepare storage, recover the queues, open the listeners and start the runners."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="storage"))
     owner = Owner.named(config.storage.owner)
     for root in (config.storage.maildirs, config.storage.spool):
         make_dirs(root, owner)
@@ -76,18 +113,44 @@ async def start(config: Config) -> Running:
     health.listen(replay.kick)
     handler = InboundHandler(config.domains, config.hostname, health,
                              directory.is_registered, store.keep, config.max_recipients)
-    inbound = config.listen.inbound
-    try:
-        server = await loop.create_server(
-            lambda: InboundSMTP(handler, hostname=config.hostname, ident="continuity-relay",
-                                data_size_limit=config.message_size_limit, enable_SMTPUTF8=True,
-                                decode_data=False),
-            inbound.host, inbound.port)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise RelayError(f"listen.inbound {inbound}: {reason}") from None
-    event(log, "inbound.listening", address=str(inbound), domains=len(config.domains))
-    return Running(server, handler, replay, loop.create_task(replay.run(), name="replay"))
+    inbound = await _listen("inbound", lambda: InboundSMTP(
+        handler, hostname=config.hostname, ident="continuity-relay",
+        data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
+        config.listen.inbound)
+    runners = [replay.run()]
+    submit = None
+    if config.outbound.smarthost is not None:
+        outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
+                                  lambda user, notice: store.keep(user, "", notice), _credentials(config))
+        sender = Sender(store)
+        submit = _submit_pipeline(sender, outbound)
+        runners += [outbound.run(), OutboxRunner(
+            store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
+            outbound.kick, config.hostname).run()]
+    else:
+        event(log, "outbound.disabled", reason="outbound.smarthost is not set")
+    submission = await _submission(config, directory, submit)
+    return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
+                   submission)
+
+
+def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
+    async def submit(user: User, mail_from: str, rcpts: list[str], data: bytes) -> str:
+        entry = await asyncio.to_thread(sender.submit, user.address, mail_from, rcpts, data)
+        outbound.kick()
+        return entry
+    return submit
+
+
+async def _submission(config: Config, directory: Directory,
+                      submit: Submit | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
+    if config.listen.submission is None:
+        return None
+    assert config.tls is not None  # config validation demands it with listen.submission
+    handler = SubmissionHandler(config.hostname, directory, submit, config.max_recipients, LoginThrottle())
+    factory = make_server_factory(handler, config.hostname, tls_context(config.tls.cert, config.tls.key),
+                                  config.message_size_limit)
+    return await _listen("submission", factory, config.listen.submission), handler
 
 
 def _replay_runner(config: Config, store: ContinuityStore, health: Health) -> ReplayRunner:

@@ -47,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"{config.file}: OK, {len(config.domains)} domain(s)")
+    if config.outbound.smarthost is None:
+        print(f"{config.file}: outbound.smarthost: not set, so sending is disabled (submission "
+              f"answers 451, Outbox messages wait, notices to other domains wait in the spool)")
     return 0
 
 

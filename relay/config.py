@@ -206,7 +206,8 @@ class _Reader:
 
 def _choice(options: tuple[str, ...]):
     def parse(value: Any) -> str:
-        text = str(value)
+        # YAML 1.1 reads a bare `off` as false: take it as the word the user wrote.
+        text = "off" if value is False and "off" in options else str(value)
         for option in options:
             if text.lower() == option.lower():
                 return option

@@ -85,11 +85,11 @@ class MaildirStore:
         return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
 
     def deliver(self, user: Mailbox, data: bytes, folder: str | None = None,
-                before_publish: Callable[[Path], None] | None = None) -> Path:
+                before_publish: Callable[[Path], None] | None = None, seen: bool = False) -> Path:
         """Write `data` into the user's folder (INBOX by default); return the new file's path.
 
         Returns only once the file and new/ are fsync'd. `before_publish` sees the fsync'd
-        temp file before it appears in new/.
+        temp file before it appears in new/. `seen` files it in cur/ already read (a Sent copy).
         """
         box = self.ensure(user)
         if folder:
@@ -100,9 +100,21 @@ class MaildirStore:
         try:
             if before_publish is not None:
                 before_publish(tmp)
-            final = box / "new" / name
+            final = box / "cur" / f"{name}:2,S" if seen else box / "new" / name
             os.link(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        fsync_dir(box / "new")
+        fsync_dir(final.parent)
         return final
+
+    def move(self, path: Path, user: Mailbox, folder: str) -> Path:
+        """Move a message file into another folder of the same user (cur/, flags kept)."""
+        box = self.ensure(user)
+        if folder != "INBOX" and not (box / f".{folder}").is_dir():
+            self._complete(box / f".{folder}", marker=True)
+        name = path.name if ":2," in path.name else f"{path.name}:2,"
+        target = (box if folder == "INBOX" else box / f".{folder}") / "cur" / name
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        fsync_dir(path.parent)
+        return target

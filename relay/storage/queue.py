@@ -101,6 +101,18 @@ class Queue:
         """Queue a message given as bytes."""
         return self._enqueue(lambda target: write_new(target, data, owner=self.owner), envelope)
 
+    def enqueue_many(self, data: bytes, envelopes: list[Envelope]) -> list[str]:
+        """Queue one message for several envelopes, its bytes written once and hard-linked."""
+        self._ensure()
+        source = self._dir("tmp") / f"{self.new_id()}.msg"
+        try:
+            write_new(source, data, owner=self.owner)
+            return [self.enqueue_link(source, envelope) for envelope in envelopes]
+        except OSError as exc:
+            raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
+        finally:
+            source.unlink(missing_ok=True)
+
     def _enqueue(self, place: Callable[[Path], None], envelope: Envelope) -> str:
         """msg/<id> first, then the envelope: the entry exists once waiting/<id> does."""
         try:

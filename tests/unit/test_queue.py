@@ -76,3 +76,14 @@ def test_envelope_round_trip():
     env = Envelope("s@x.example", "r@y.example", 5.0, 10, ("BODY=8BITMIME",), note="451 later")
     assert Envelope.from_bytes(env.to_bytes()) == env
     assert json.loads(env.to_bytes())["mail_options"] == ["BODY=8BITMIME"]
+
+
+def test_enqueue_many_writes_once_and_links(tmp_path):
+    queue = Queue(tmp_path / "q")
+    ids = queue.enqueue_many(b"shared bytes", [envelope(f"r{n}@example.org") for n in range(3)])
+    inodes = {(tmp_path / "q" / "msg" / i).stat().st_ino for i in ids}
+    assert len(ids) == 3 and len(inodes) == 1
+    assert os.listdir(tmp_path / "q" / "tmp") == []
+    queue.claim(ids[0])
+    queue.finish(ids[0])  # one delivered: the others keep their bytes
+    assert queue.read(ids[1])[1] == b"shared bytes"[3:]

@@ -1,0 +1,160 @@
+"""Sending during an outage: outbound queue to the smarthost, Sent copy, "(CS-SENT)" replay,
+the Outbox folder, and what the user is told when sending fails (issue 4)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import time
+
+import pytest
+
+from relay.addresses import parse_mailbox
+from relay.cli import main
+from relay.delivery.outbound import Sender
+from relay.storage.continuity import ContinuityStore
+from tests.smtp.fakes import FakePrimary, Script, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
+           b"Cc: carol@example.net\r\nBcc: secret@example.net\r\n"
+           b"Subject: =?UTF-8?B?w6l0w6k=?=\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
+
+
+def wait_for(condition, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def outbound_config(smarthost_port: int, **extra: str) -> str:
+    settings = ", ".join(f"{k}: {v}" for k, v in {"retry_delay": "1s", **extra}.items())
+    return (f"outbound: {{smarthost: {{address: 127.0.0.1:{smarthost_port}, starttls: off}}, {settings}}}\n"
+            "replay: {probe_interval: 1s}\n")
+
+
+@pytest.fixture
+def smarthost():
+    server = FakePrimary().start()
+    yield server
+    server.stop()
+
+
+def sender_of(relay) -> Sender:
+    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    return Sender(store)
+
+
+def files(path) -> list:
+    return sorted(p for p in path.glob("*") if p.is_file()) if path.exists() else []
+
+
+def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarthost, make_relay):
+    primary = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    try:
+        relay = make_relay(primary.port, extra=outbound_config(smarthost.port))
+        alice = parse_mailbox("alice@example.com")
+        sender_of(relay).submit(alice, "alice@example.com",
+                                ["bob@example.org", "carol@example.net", "secret@example.net"], MESSAGE)
+        wait_for(lambda: len(smarthost.received) == 3)
+        rcpts = sorted(r.rcpt_tos[0] for r in smarthost.received)
+        assert rcpts == ["bob@example.org", "carol@example.net", "secret@example.net"]
+        for got in smarthost.received:
+            assert got.mail_from == "alice@example.com"
+            assert got.content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
+        (sent,) = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
+        assert sent.name.endswith(":2,S") and sent.read_bytes() == MESSAGE
+        primary.script.rcpt = "250 2.1.5 Ok"
+        wait_for(lambda: len(primary.received) == 1)
+        (copy,) = primary.received
+        assert copy.mail_from == "alice@example.com" and copy.rcpt_tos == ["alice@example.com"]
+        subject = email.message_from_bytes(copy.content, policy=email.policy.default)["subject"]
+        assert subject == "été (CS-SENT)"
+        assert copy.content.endswith(b"\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
+    finally:
+        primary.stop()
+
+
+def test_smarthost_down_then_up_sends_after_a_retry(make_relay):
+    port = free_port()
+    relay = make_relay(free_port(), extra=outbound_config(port))
+    sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                            ["bob@example.org"], MESSAGE)
+    waiting = relay.config.storage.spool / "outbound" / "waiting"
+    wait_for(lambda: any(b'"attempts": 1' in p.read_bytes() for p in files(waiting)))
+    smarthost = FakePrimary()
+    smarthost.port = port
+    smarthost.controller.port = port
+    smarthost.start()
+    try:
+        wait_for(lambda: len(smarthost.received) == 1)
+        wait_for(lambda: not files(waiting))
+    finally:
+        smarthost.stop()
+
+
+@pytest.mark.parametrize("extra,script", [
+    ({}, Script(rcpt="550 5.1.1 <bob@example.org>: no such user")),
+    ({"max_age": "1s"}, Script(rcpt="451 4.3.0 busy")),
+], ids=["refused", "expired"])
+def test_failure_puts_a_notice_in_the_users_inbox(make_relay, extra, script):
+    smarthost = FakePrimary(script).start()
+    try:
+        relay = make_relay(free_port(), extra=outbound_config(smarthost.port, **extra))
+        if extra:
+            time.sleep(1.1)  # older than max_age by the first attempt
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["bob@example.org"], MESSAGE)
+        inbox = relay.config.storage.maildirs / "example.com" / "alice" / "new"
+        wait_for(lambda: files(inbox))
+        (notice,) = files(inbox)
+        report = email.message_from_bytes(notice.read_bytes())
+        assert report.get_content_type() == "multipart/report"
+        assert b"Final-Recipient: rfc822; bob@example.org" in notice.read_bytes()
+        assert files(relay.config.storage.spool / "outbound" / "failed")
+    finally:
+        smarthost.stop()
+
+
+def drop_in_outbox(relay, user: str, data: bytes, sub: str = "new", flags: str = "") -> None:
+    """What Dovecot does for an IMAP APPEND: write in tmp/, rename into new/ or cur/."""
+    outbox = relay.config.storage.maildirs / "example.com" / user / ".Outbox"
+    tmp = outbox / "tmp" / "1700000000.M1P1Q1.test"
+    tmp.write_bytes(data)
+    os.rename(tmp, outbox / sub / (tmp.name + flags))
+
+
+def test_outbox_message_is_sent_to_to_cc_bcc_and_removed(smarthost, make_relay):
+    relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+    sender_of(relay).store.maildirs.ensure(parse_mailbox("alice@example.com"))
+    time.sleep(0.3)
+    drop_in_outbox(relay, "alice", MESSAGE, "cur", ":2,S")
+    wait_for(lambda: len(smarthost.received) == 3)
+    assert all(b"secret@" not in r.content for r in smarthost.received)
+    outbox = relay.config.storage.maildirs / "example.com" / "alice" / ".Outbox"
+    wait_for(lambda: not files(outbox / "cur") and not files(outbox / "new"))
+    assert files(outbox.parent / ".Sent" / "cur")
+
+
+def test_outbox_message_with_foreign_from_is_not_sent(smarthost, make_relay):
+    relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+    sender_of(relay).store.maildirs.ensure(parse_mailbox("alice@example.com"))
+    forged = MESSAGE.replace(b"From: Alice <alice@example.com>", b"From: Boss <ceo@example.com>")
+    drop_in_outbox(relay, "alice", forged)
+    home = relay.config.storage.maildirs / "example.com" / "alice"
+    wait_for(lambda: files(home / "new"))
+    (notice,) = files(home / "new")
+    assert b"Subject: Not sent: a message in your Outbox" in notice.read_bytes()
+    assert b"own address <alice@example.com>" in notice.read_bytes()
+    (draft,) = files(home / ".Drafts" / "cur")
+    assert draft.read_bytes() == forged
+    assert not files(home / ".Outbox" / "new") and smarthost.received == []
+
+
+def test_check_says_sending_is_disabled_without_smarthost(make_relay, capsys):
+    relay = make_relay(free_port())
+    assert main(["check", "-c", str(relay.config.file)]) == 0
+    assert "outbound.smarthost: not set, so sending is disabled" in capsys.readouterr().out
