@@ -158,3 +158,43 @@ def test_check_says_sending_is_disabled_without_smarthost(make_relay, capsys):
     relay = make_relay(free_port())
     assert main(["check", "-c", str(relay.config.file)]) == 0
     assert "outbound.smarthost: not set, so sending is disabled" in capsys.readouterr().out
+
+
+def test_submission_port_through_the_whole_relay(smarthost, tmp_path, monkeypatch):
+    """The wiring in app.py: STARTTLS + AUTH on listen.submission, then the same sending path."""
+    import io
+    import re
+    import smtplib
+    import ssl
+
+    import trustme
+
+    from tests.smtp.fakes import InProcessRelay, write_config
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    path = write_config(tmp_path, free_port(), extra=outbound_config(smarthost.port) + (
+        f"tls: {{cert: {tmp_path / 'server.pem'}, key: {tmp_path / 'server.pem'}}}\n"))
+    port = free_port()
+    path.write_text(re.sub(r"listen: \{inbound: ([0-9.:]+)\}",
+                           rf"listen: {{inbound: \1, submission: 127.0.0.1:{port}}}", path.read_text()))
+    monkeypatch.setattr("sys.stdin", io.StringIO("alice-pw\n"))
+    assert main(["users", "add", "alice@example.com", "--password-stdin", "-c", str(path)]) == 0
+    relay = InProcessRelay.from_file(path).start()
+    try:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.starttls(context=context)
+            client.login("alice@example.com", "alice-pw")
+            client.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
+            forged = MESSAGE.replace(b"Alice <alice@example.com>", b"<ceo@example.com>")
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("alice@example.com", ["bob@example.org"], forged)
+            assert refused.value.smtp_code == 553
+        wait_for(lambda: len(smarthost.received) == 1)
+        assert smarthost.received[0].content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
+        assert files(tmp_path / "maildirs" / "example.com" / "alice" / ".Sent" / "cur")
+    finally:
+        relay.stop()
