@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from relay import __version__, app
 from relay.config import Config, load
@@ -141,7 +143,8 @@ async def _replay(config: Config, names: list[str]) -> int:
     status = 0
     for name in names:
         waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
-        with tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar:
+        with (tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar,
+              logging_redirect_tqdm(loggers=[logging.getLogger("relay")])):  # logs above the bar
             result = await app.replay_once(config, name, bar.update)
         left = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
         stopped = f"; stopped by the primary: {result.fault}" if result.fault else ""

@@ -82,8 +82,11 @@ class ReplayRunner:
     # -- the loop inside serve ---------------------------------------------------------------
 
     def kick(self, domain: str, state: State | None = None) -> None:
-        """Wake the domain's loop early (from the event loop thread)."""
-        if domain in self._kicks:
+        """Wake the domain's loop early (from the event loop thread): the primary took mail.
+
+        A health listener: only the change to `replaying` wakes the loop; the change to
+        `outage` must not, or a sweep stopped by a 4xx would probe again at once."""
+        if domain in self._kicks and (state is None or state.state == REPLAYING):
             self._kicks[domain].set()
 
     async def _wait(self, domain: str) -> None:
@@ -102,12 +105,14 @@ class ReplayRunner:
 
     async def _domain_loop(self, domain: Domain) -> None:
         queue = self.queue_for(domain.name)
+        kick = self._kicks[domain.name]
         while True:
             state = self.health.get(domain.name).state
             if state == OUTAGE:
                 await self._wait(domain.name)
                 if self.health.get(domain.name).state == OUTAGE:
                     await self._probe(domain, queue)
+                    kick.clear()  # our own trial sweep's kicks are not news
                 continue
             if await asyncio.to_thread(queue.count) == 0:
                 if state == REPLAYING:
@@ -115,6 +120,7 @@ class ReplayRunner:
                 await self._wait(domain.name)
                 continue
             result = await self.sweep(domain)
+            kick.clear()
             if result.fault:
                 self.health.primary_failed(domain.name, result.fault)
 
@@ -126,7 +132,9 @@ class ReplayRunner:
         if not reply.ok:
             return
         if await asyncio.to_thread(queue.count):
-            await self.sweep(domain)
+            result = await self.sweep(domain)
+            if result.fault:  # it took some, then refused: back to outage (no-op if still there)
+                self.health.primary_failed(domain.name, result.fault)
         else:
             self.health.primary_ok(domain.name)
 
