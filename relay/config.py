@@ -37,6 +37,14 @@ class HostPort:
 class Listen:
     inbound: HostPort
     submission: HostPort | None = None
+    web: HostPort | None = None
+
+
+@dataclass(frozen=True)
+class Web:
+    tls: bool = False                  # serve HTTPS with tls.cert / tls.key (cookies Secure)
+    secret_file: Path | None = None    # cookie signing key; made on first start when missing
+    session_lifetime: float = 8 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -98,10 +106,32 @@ class Continuity:
 
 
 @dataclass(frozen=True)
+class LDAP:
+    """How to check a password against the domain's directory (Active Directory, OpenLDAP).
+
+    Either `bind_dn` (a template: {user} the whole address, {local}, {domain}) to bind as the
+    user directly, or `search_base` + `search_filter` (same placeholders, escaped) to find the
+    user's DN first, binding as `service_dn` with the password in `service_password_file`.
+    """
+
+    url: str
+    bind_dn: str | None = None
+    search_base: str | None = None
+    search_filter: str = "(mail={user})"
+    service_dn: str | None = None
+    service_password_file: Path | None = None
+    starttls: bool = False
+    verify_cert: bool = True
+    ca_file: Path | None = None
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     primary: Primary
     continuity: Continuity | None
+    ldap: LDAP | None = None
 
     def continuity_active(self, day: dt.date | None = None) -> bool:
         return self.continuity is not None and self.continuity.active_on(day or dt.date.today())
@@ -122,6 +152,9 @@ class Config:
     log_level: str = "INFO"
     tls: TLS | None = None
     outbound: Outbound = Outbound()
+    web: Web = Web()
+    admins_file: Path | None = None
+    audit_log: Path | None = None
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -328,6 +361,46 @@ def _tls(r: _Reader, raw: Any, needed: bool) -> TLS | None:
     return TLS(cert, key) if cert and key else None
 
 
+def _ldap(r: _Reader, raw: Any, key: str) -> LDAP | None:
+    if raw is None:
+        return None
+    data = r.section(raw, key, {"url", "bind_dn", "search_base", "search_filter", "service_dn",
+                                "service_password_file", "starttls", "verify_cert", "ca_file",
+                                "timeout"}, {"url"})
+    url = r.value(data, key, "url", _ldap_url)
+    bind_dn, search_base = data.get("bind_dn"), data.get("search_base")
+    if (bind_dn is None) == (search_base is None):
+        r.problem(f"{key}.bind_dn", "give either bind_dn or search_base (with search_filter)")
+    service_dn, service_password = data.get("service_dn"), r.path(data, key, "service_password_file")
+    if (service_dn is None) != (service_password is None):
+        r.problem(f"{key}.service_dn", "service_dn and service_password_file go together")
+    if url is None:
+        return None
+    return LDAP(url=url, bind_dn=bind_dn, search_base=search_base,
+                search_filter=str(data.get("search_filter", "(mail={user})")), service_dn=service_dn,
+                service_password_file=service_password,
+                starttls=r.value(data, key, "starttls", _boolean, False),
+                verify_cert=r.value(data, key, "verify_cert", _boolean, True),
+                ca_file=r.path(data, key, "ca_file"),
+                timeout=r.value(data, key, "timeout", parse_duration, 5.0))
+
+
+def _ldap_url(value: Any) -> str:
+    text = str(value)
+    if not re.match(r"^ldaps?://[^\s/]+(:\d+)?/?$", text):
+        raise ValueError(f"expected ldap://host[:port] or ldaps://host[:port], got {value!r}")
+    return text
+
+
+def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
+    data = r.section(raw, "web", {"tls", "secret_file", "session_lifetime"})
+    use_tls = r.value(data, "web", "tls", _boolean, False)
+    if use_tls and tls is None:
+        r.problem("web.tls", "needs tls.cert and tls.key")
+    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", "web.secret"),
+               session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
+
+
 def _continuity(r: _Reader, raw: Any, key: str) -> Continuity | None:
     if raw is None:
         return None
@@ -355,13 +428,14 @@ def _domains(r: _Reader, raw: Any) -> dict[str, Domain]:
         except AddressError as exc:
             r.problem(key, f"not a valid domain: {exc}")
             continue
-        data = r.section(body, key, {"primary", "continuity"}, {"primary"})
+        data = r.section(body, key, {"primary", "continuity", "ldap"}, {"primary"})
         primary = _primary(r, data["primary"], f"{key}.primary") if "primary" in data else None
         continuity = _continuity(r, data.get("continuity"), f"{key}.continuity")
+        ldap = _ldap(r, data.get("ldap"), f"{key}.ldap")
         if domain in domains:
             r.problem(key, "domain listed twice")
         elif primary is not None:
-            domains[domain] = Domain(domain, primary, continuity)
+            domains[domain] = Domain(domain, primary, continuity, ldap)
     return domains
 
 
@@ -379,9 +453,9 @@ def load(path: str | Path) -> Config:
         raise ConfigErrors([ConfigError(str(file), "(file)", f"{line}not valid YAML")]) from None
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
-                              "log_level", "tls", "outbound"},
+                              "log_level", "tls", "outbound", "web", "admins_file", "audit_log"},
                     {"listen", "storage", "domains"})
-    listen = r.section(top.get("listen"), "listen", {"inbound", "submission"}, {"inbound"})
+    listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
                         {"maildirs", "spool"})
     replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
@@ -389,7 +463,8 @@ def load(path: str | Path) -> Config:
         file=file,
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
         listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport),
-                      submission=r.value(listen, "listen", "submission", parse_hostport)),
+                      submission=r.value(listen, "listen", "submission", parse_hostport),
+                      web=r.value(listen, "listen", "web", parse_hostport)),
         storage=Storage(
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
@@ -406,8 +481,11 @@ def load(path: str | Path) -> Config:
         ),
         domains=_domains(r, top.get("domains")) if "domains" in top else {},
         log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO"),
-        tls=_tls(r, top.get("tls"), needed="submission" in listen),
+        tls=(tls := _tls(r, top.get("tls"), needed="submission" in listen)),
         outbound=_outbound(r, top.get("outbound")),
+        web=_web(r, top.get("web"), tls),
+        admins_file=r.path(top, "", "admins_file", "admins.passwd"),
+        audit_log=r.path(top, "", "audit_log", "audit.log"),
     )
     if r.problems:
         raise ConfigErrors(r.problems)

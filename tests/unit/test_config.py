@@ -136,3 +136,24 @@ def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path, capsys):
         assert main(["serve", "-c", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"continuity-relay: listen.inbound 127.0.0.1:{port}: Address already in use"
+
+
+def test_ldap_and_web_settings(tmp_path):
+    text = GOOD.replace("    primary: mail.example.org:2525\n", """    primary: mail.example.org:2525
+    ldap: {url: "ldaps://dc1.example.org:636", bind_dn: "{local}@EXAMPLE", timeout: 3s}
+""") + "web: {session_lifetime: 1h}\n"
+    text = text.replace('listen: {inbound: "127.0.0.1:2525"}',
+                        'listen: {inbound: "127.0.0.1:2525", web: "127.0.0.1:8080"}')
+    config = load(write(tmp_path, text))
+    ldap = config.domains["example.org"].ldap
+    assert ldap.url == "ldaps://dc1.example.org:636" and ldap.bind_dn == "{local}@EXAMPLE"
+    assert ldap.timeout == 3 and config.domains["example.com"].ldap is None
+    assert config.listen.web.port == 8080 and config.web.session_lifetime == 3600
+    assert config.web.secret_file == tmp_path / "web.secret"
+    assert config.admins_file == tmp_path / "admins.passwd"
+    bad = (text.replace('bind_dn: "{local}@EXAMPLE", ', "")
+           .replace("web: {session_lifetime: 1h}", "web: {tls: true}"))
+    with pytest.raises(ConfigErrors) as info:
+        load(write(tmp_path, bad))
+    keys = sorted(line.split(": ")[1] for line in str(info.value).splitlines())
+    assert keys == ["domains.example.org.ldap.bind_dn", "web.tls"]
