@@ -1,10 +1,20 @@
-"""Logging in: password checks against the passwd-file, and a throttle for failed logins.
+"""Logging in: password checks against the passwd-file or the domain's LDAP directory, and a
+throttle for failed logins.
 
-Used by the submission port (and, later, the webmail). Both pieces hold no files:
-  - `check_password` reads the directory and verifies the hash in a worker thread, so a bcrypt
-    or argon2 check (100-200 ms) never blocks the event loop. Whoever asks, and whatever the
-    answer, it costs one hash check: an unknown login is checked against a fixed dummy hash of
-    the configured scheme, so the time taken does not tell who is registered.
+Used by the submission port (and, later, the control panel and the webmail):
+  - `authenticate` (and `check_password`, which gives only its user) reads the directory and
+    verifies the hash in a worker thread, so a bcrypt or argon2 check (100-200 ms) never blocks
+    the event loop. Without LDAP, whoever asks and whatever the answer, it costs one hash check:
+    an unknown login is checked against a fixed dummy hash of the configured scheme, so the
+    time taken does not tell who is registered.
+  - A domain with `ldap` settings asks its directory first (`relay.ldap`), for registered,
+    active users only. While the directory answers it is the truth: its yes stores a fresh
+    hash of the password in the passwd-file (only when the stored one does not already verify
+    it), its no is final. When it cannot be reached, the passwd-file answers with the last
+    password synced, so the same password keeps working everywhere through an outage. The
+    passwd-file is written by `Directory.set_password` (temp file, fsync, rename): a crash
+    leaves the old hash or the new one, and the next login writes it again.
+    Whether each domain's directory answers is remembered in memory, only to log the change.
   - `LoginThrottle` remembers failures in memory only (a restart forgets them, which is fine:
     a restart is rare and slow compared with the window). Failures are counted per client
     address and per account in a sliding window; an account over its limit is locked for every
@@ -14,12 +24,20 @@ Used by the submission port (and, later, the webmail). Both pieces hold no files
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
+from relay.config import Domain
 from relay.directory import Directory, User, verify_password
+from relay.errors import DirectoryError, StorageError
+from relay.ldap import Outcome, ldap_bind
+from relay.log import event
+
+log = logging.getLogger("relay.auth")
 
 # Hashes of random strings nobody knows, at the cost `hash_password` uses, checked when the login
 # names no usable account: the answer is always "no", after the same work as a real check.
@@ -30,6 +48,21 @@ _DUMMY_HASHES = {
 }
 
 MAX_KEY = 256   # longest account name the throttle remembers; longer logins are cut
+
+NOT_SYNCED = ("You have not logged in before the directory became unreachable, so no password is "
+              "stored here yet; ask your administrator to allocate one.")
+
+# domain -> whether its LDAP directory answered the last time it was asked (for the log only)
+_ldap_answers: dict[str, bool] = {}
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """The user if the login succeeded; else `problem`, when there is more to say than "wrong
+    login or password": a sentence to show as it is (`NOT_SYNCED`), or None."""
+
+    user: User | None = None
+    problem: str | None = None
 
 
 def login_address(login: str) -> Mailbox | None:
@@ -52,9 +85,67 @@ async def check_password(directory: Directory, login: str, password: str) -> Use
 
     None for an unknown login, a user without a password, a deactivated user or a wrong
     password. A passwd-file that cannot be read, or a hash that cannot be parsed, raises: that
-    is the relay's own fault, and callers answer it as temporary.
+    is the relay's own fault, and callers answer it as temporary. See `authenticate`.
     """
-    return await asyncio.to_thread(_check, directory, login, password)
+    return (await authenticate(directory, login, password)).user
+
+
+async def authenticate(directory: Directory, login: str, password: str) -> LoginResult:
+    """`check_password`, with the reason a login page should show when there is one.
+
+    Only registered users log in. In a domain with `ldap` settings, a registered, active user's
+    password is the directory's while it answers (REFUSED is final, never checked against the
+    passwd-file), and the last one synced while it does not. A user without a stored password
+    then gets `problem=NOT_SYNCED`, whatever the password typed.
+    """
+    address = login_address(login)
+    domain = directory.config.domains.get(address.domain) if address else None
+    if address is None or domain is None or domain.ldap is None:
+        return LoginResult(await asyncio.to_thread(_check, directory, login, password))
+    user = await asyncio.to_thread(directory.get, address)
+    if user is None or not user.active or not _well_formed(password):
+        await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
+        return LoginResult()
+    outcome, detail = await asyncio.to_thread(ldap_bind, domain.ldap, address, password)
+    _note_ldap(domain, outcome, detail)
+    if outcome is Outcome.ACCEPTED:
+        return LoginResult(await asyncio.to_thread(_keep_password, directory, user, password))
+    if outcome is Outcome.REFUSED:
+        event(log, "auth.ldap_refused", user=user.email, detail=detail)
+        return LoginResult()
+    if not user.password_hash:
+        return LoginResult(problem=NOT_SYNCED)
+    return LoginResult(await asyncio.to_thread(_check, directory, login, password))
+
+
+def _note_ldap(domain: Domain, outcome: Outcome, detail: str) -> None:
+    """Log when a domain's directory starts or stops answering, not at every login."""
+    answers = outcome is not Outcome.UNREACHABLE
+    if _ldap_answers.get(domain.name) == answers:
+        return
+    _ldap_answers[domain.name] = answers
+    assert domain.ldap is not None
+    if answers:
+        event(log, "auth.ldap_ok", domain=domain.name, url=domain.ldap.url)
+    else:
+        event(log, "auth.ldap_unreachable", logging.WARNING, domain=domain.name,
+              url=domain.ldap.url, detail=detail)
+
+
+def _keep_password(directory: Directory, user: User, password: str) -> User | None:
+    """After the directory's yes: store a fresh hash of `password` unless the stored one already
+    verifies it. A write that fails is logged and the login still succeeds: the directory said
+    yes; the next login tries the write again."""
+    if user.password_hash and _still_verifies(user.password_hash, password):
+        return user
+    try:
+        fresh = directory.set_password(user.email, password)
+    except (DirectoryError, StorageError, OSError) as exc:
+        event(log, "auth.password_sync_failed", logging.ERROR, user=user.email,
+              error=type(exc).__name__, detail=exc)
+        return user
+    event(log, "auth.password_synced", user=user.email)
+    return fresh if fresh.active else None
 
 
 def _check(directory: Directory, login: str, password: str) -> User | None:
@@ -68,6 +159,13 @@ def _check(directory: Directory, login: str, password: str) -> User | None:
     if user is None or not user.can_log_in or not matches or not well_formed:
         return None
     return user
+
+
+def _still_verifies(password_hash: str, password: str) -> bool:
+    try:
+        return verify_password(password_hash, password)
+    except ValueError:              # an unreadable stored hash: the caller replaces it
+        return False
 
 
 def _well_formed(password: str) -> bool:
