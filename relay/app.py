@@ -11,6 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp.web import AppRunner
+
+from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
 from relay.delivery.health import Health
@@ -26,6 +29,7 @@ from relay.smtp.submission import SubmissionHandler, Submit, make_server_factory
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
+from relay.web import start_web
 
 log = logging.getLogger("relay.app")
 
@@ -56,10 +60,13 @@ class Running:
     replay: ReplayRunner
     runners: asyncio.Task
     submission: tuple[asyncio.Server, SubmissionHandler] | None = None
+    web: AppRunner | None = None
 
     async def close(self) -> None:
         """Stop accepting connections, let the messages in hand finish (see drain), then stop
         the runners (an entry in flight goes back to waiting at the next start)."""
+        if self.web is not None:
+            await self.web.cleanup()    # stops listening; requests in hand get a few seconds
         self.inbound.close()
         if self.submission is not None:
             self.submission[0].close()
@@ -117,6 +124,7 @@ async def start(config: Config) -> Running:
         handler, hostname=config.hostname, ident="continuity-relay",
         data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
         config.listen.inbound)
+    web = await _web(config, directory)
     runners = [replay.run()]
     submit = None
     if config.outbound.smarthost is not None:
@@ -131,7 +139,7 @@ async def start(config: Config) -> Running:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
     submission = await _submission(config, directory, submit)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission)
+                   submission, web)
 
 
 def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
@@ -151,6 +159,14 @@ async def _submission(config: Config, directory: Directory,
     factory = make_server_factory(handler, config.hostname, tls_context(config.tls.cert, config.tls.key),
                                   config.message_size_limit)
     return await _listen("submission", factory, config.listen.submission), handler
+
+
+async def _web(config: Config, directory: Directory) -> AppRunner | None:
+    """The control panel, self-service and webmail on listen.web (HTTPS when web.tls)."""
+    if config.listen.web is None:
+        return None
+    context = tls_context(config.tls.cert, config.tls.key) if config.web.tls and config.tls else None
+    return await start_web(config, directory, Admins(config), LoginThrottle(), ssl_context=context)
 
 
 def _replay_runner(config: Config, store: ContinuityStore, health: Health) -> ReplayRunner:

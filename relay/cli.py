@@ -17,6 +17,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from relay import __version__, app
+from relay.admins import Admins
 from relay.config import Config, load
 from relay.delivery.health import read_state
 from relay.directory import Directory
@@ -92,6 +93,29 @@ def cmd_users_list(args: argparse.Namespace) -> int:
         state = "active" if user.active else "inactive"
         password = "password" if user.password_hash else "no-password"
         print(f"{user.email}\t{state}\t{password}\t{user.name}")
+    return 0
+
+
+def cmd_admins_add(args: argparse.Namespace) -> int:
+    password = _password(args)
+    if password is None:
+        raise UsageError("admins add reads the password with --password-stdin")
+    print(f"added administrator {Admins(_config(args)).add(args.email, password).email}")
+    return 0
+
+
+def cmd_admins_passwd(args: argparse.Namespace) -> int:
+    password = _password(args)
+    if password is None:
+        raise UsageError("admins passwd reads the new password with --password-stdin")
+    admin = Admins(_config(args)).set_password(args.email, password)
+    print(f"password changed for administrator {admin.email}")
+    return 0
+
+
+def cmd_admins_list(args: argparse.Namespace) -> int:
+    for admin in Admins(_config(args)).list():
+        print(f"{admin.email}\t{'active' if admin.can_log_in else 'inactive'}")
     return 0
 
 
@@ -191,6 +215,15 @@ def _parser() -> argparse.ArgumentParser:
         command(users, name, func, f"{name} a user").add_argument("email")
     lst = command(users, "list", cmd_users_list, "list registered users")
     lst.add_argument("--domain")
+    admins = commands.add_parser("admins", help="manage administrators of the web control panel"
+                                 ).add_subparsers(dest="admins_command", required=True)
+    for name, func, help_text in (("add", cmd_admins_add, "add an administrator (any domain)"),
+                                  ("passwd", cmd_admins_passwd, "set an administrator's password")):
+        sub = command(admins, name, func, help_text)
+        sub.add_argument("email")
+        sub.add_argument("--password-stdin", action="store_true", required=True,
+                         help="read the password from the first line of standard input")
+    command(admins, "list", cmd_admins_list, "list administrators")
     return parser
 
 

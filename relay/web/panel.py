@@ -1,0 +1,286 @@
+"""The control panel for administrators: domains -> a domain -> its users -> a user.
+
+    GET  /panel                                    every domain: subscription, health, queue
+    GET  /panel/domains/{domain}                   one domain: the same in full, and its users
+    GET  /panel/domains/{domain}/add               form: register a user
+    POST /panel/domains/{domain}/add
+    GET  /panel/domains/{domain}/users/{local}     one user: allocate a password, (de)activate
+    POST /panel/domains/{domain}/users/{local}     save
+    POST /panel/domains/{domain}/users/{local}/generate    allocate a generated password
+    GET  /panel/import                             form: import users from a CSV file
+    POST /panel/import                             the import, with a report per refused line
+
+Every change goes through `Directory` (the passwd-file is rewritten at once, so Dovecot, the
+submission port and the webmail take the new password) and then into the audit log. Refused
+input shows the form again with what was typed (passwords excepted) and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from aiohttp import web
+
+from relay.addresses import AddressError, parse_mailbox
+from relay.config import Config, Domain
+from relay.delivery.health import State, read_state
+from relay.directory import Directory, User
+from relay.errors import DirectoryError
+from relay.log import event
+from relay.storage.continuity import replay_queue_path
+from relay.storage.queue import STATES, Queue
+from relay.web import password
+from relay.web.login import account_of, admin_only
+from relay.web.page import redirect, render
+from relay.web.site import site_of
+
+log = logging.getLogger("relay.web")
+
+DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User registered."}
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """What the panel shows about one domain."""
+
+    domain: Domain
+    subscribed: bool            # the continuity subscription covers today
+    health: State
+    queue: dict[str, int]       # replay queue entries per state (waiting, active, failed, hold)
+    oldest: float | None        # age in seconds of the oldest waiting entry
+
+    @property
+    def name(self) -> str:
+        return self.domain.name
+
+
+def domain_view(config: Config, name: str) -> DomainView:
+    """Read one domain's health state and replay queue (blocking: a few directory listings)."""
+    domain = config.domains[name]
+    queue = Queue(replay_queue_path(config.storage.spool, name))
+    return DomainView(domain, domain.continuity_active(), read_state(config.storage.spool / "state", name),
+                      {state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+
+
+def user_url(user: User) -> str:
+    return f"/panel/domains/{user.address.domain}/users/{quote(user.address.local, safe='')}"
+
+
+def _domain(request: web.Request) -> str:
+    name = request.match_info["domain"]
+    if name not in site_of(request).config.domains:
+        raise web.HTTPNotFound()
+    return name
+
+
+async def _user(request: web.Request) -> User:
+    domain = _domain(request)
+    try:
+        address = parse_mailbox(f"{request.match_info['local']}@{domain}")
+    except AddressError:
+        raise web.HTTPNotFound() from None
+    user = await asyncio.to_thread(site_of(request).directory.get, address)
+    if user is None:
+        raise web.HTTPNotFound()
+    return user
+
+
+def _text(form, name: str) -> str:
+    value = form.get(name, "")
+    return value if isinstance(value, str) else ""
+
+
+async def _record(request: web.Request, action: str, **fields: object) -> None:
+    admin = account_of(request).email
+    event(log, "web.admin_action", admin=admin, action=action, **fields)
+    await site_of(request).record("admin", admin, action, **fields)
+
+
+# -- domains -------------------------------------------------------------------------------------
+
+@admin_only
+async def domains(request: web.Request) -> web.StreamResponse:
+    config = site_of(request).config
+    views = await asyncio.to_thread(lambda: [domain_view(config, name) for name in sorted(config.domains)])
+    return render(request, "panel/domains.html", domains=views)
+
+
+@admin_only
+async def domain_page(request: web.Request) -> web.StreamResponse:
+    site, name = site_of(request), _domain(request)
+    view, users = await asyncio.to_thread(
+        lambda: (domain_view(site.config, name), site.directory.list(name)))
+    return render(request, "panel/domain.html", view=view, users=users, user_url=user_url,
+                  done=DONE.get(request.query.get("done", "")))
+
+
+# -- one user ------------------------------------------------------------------------------------
+
+def _user_form(request: web.Request, user: User, status: int = 200, error: str | None = None,
+               generated: str | None = None) -> web.Response:
+    domain = site_of(request).config.domains[user.address.domain]
+    return render(request, "panel/user.html", status, user=user, url=user_url(user), error=error,
+                  generated=generated, ldap=domain.ldap is not None,
+                  done=DONE.get(request.query.get("done", "")))
+
+
+@admin_only
+async def user_page(request: web.Request) -> web.StreamResponse:
+    return _user_form(request, await _user(request))
+
+
+@admin_only
+async def save_user(request: web.Request) -> web.StreamResponse:
+    """Allocate the password typed twice (if any) and set the state (if it changed)."""
+    site, user = site_of(request), await _user(request)
+    form = await request.post()
+    new, repeat, state = _text(form, "password"), _text(form, "repeat"), _text(form, "state")
+    if (new or repeat) and (problem := password.problem(new, repeat)):
+        return _user_form(request, user, 400, error=problem)
+    if state not in ("", "active", "inactive"):
+        return _user_form(request, user, 400, error="Choose active or inactive.")
+    changed = False
+    try:
+        if new:
+            user = await asyncio.to_thread(site.directory.set_password, user.email, new)
+            await _record(request, "set_password", user=user.email)
+            changed = True
+        if state and (state == "active") != user.active:
+            user = await asyncio.to_thread(site.directory.set_active, user.email, state == "active")
+            await _record(request, "activate" if user.active else "deactivate", user=user.email)
+            changed = True
+    except DirectoryError as exc:
+        return _user_form(request, user, 400, error=str(exc))
+    return redirect(f"{user_url(user)}?done={'saved' if changed else 'unchanged'}")
+
+
+@admin_only
+async def generate_password(request: web.Request) -> web.StreamResponse:
+    """Allocate a generated password and show it once (pages are never cached)."""
+    site, user = site_of(request), await _user(request)
+    new = password.generate()
+    try:
+        user = await asyncio.to_thread(site.directory.set_password, user.email, new)
+    except DirectoryError as exc:
+        return _user_form(request, user, 400, error=str(exc))
+    await _record(request, "set_password", user=user.email, generated="yes")
+    return _user_form(request, user, generated=new)
+
+
+# -- adding users --------------------------------------------------------------------------------
+
+def _add_form(request: web.Request, domain: str, status: int = 200, error: str | None = None,
+              **values: str) -> web.Response:
+    values = {"email": "", "name": "", "state": "active", **values}
+    return render(request, "panel/add_user.html", status, domain=domain, error=error, values=values)
+
+
+@admin_only
+async def add_user_form(request: web.Request) -> web.StreamResponse:
+    return _add_form(request, _domain(request))
+
+
+@admin_only
+async def add_user(request: web.Request) -> web.StreamResponse:
+    site, domain = site_of(request), _domain(request)
+    form = await request.post()
+    values = {"email": _text(form, "email").strip(), "name": _text(form, "name").strip(),
+              "state": _text(form, "state") or "active"}
+    new, repeat = _text(form, "password"), _text(form, "repeat")
+    if not values["email"]:
+        return _add_form(request, domain, 400, "Give the user's address.", **values)
+    try:
+        address = parse_mailbox(values["email"] if "@" in values["email"] else f"{values['email']}@{domain}")
+    except AddressError as exc:
+        return _add_form(request, domain, 400, f"Not a usable address: {exc}.", **values)
+    if address.domain != domain:
+        return _add_form(request, domain, 400, f"The address must be in {domain}.", **values)
+    if (new or repeat) and (problem := password.problem(new, repeat)):
+        return _add_form(request, domain, 400, problem, **values)
+    try:
+        user = await asyncio.to_thread(site.directory.add, str(address), values["name"], new or None)
+    except DirectoryError as exc:
+        return _add_form(request, domain, 400, str(exc), **values)
+    await _record(request, "add_user", user=user.email, can_log_in="yes" if new else "no")
+    if values["state"] == "inactive":
+        user = await asyncio.to_thread(site.directory.set_active, user.email, False)
+        await _record(request, "deactivate", user=user.email)
+    return redirect(f"{user_url(user)}?done=added")
+
+
+# -- importing users -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImportReport:
+    added: list[User]
+    refused: list[tuple[int, str]]      # (line number, why)
+
+
+def _strip_path(message: str, path: Path) -> tuple[int, str]:
+    """`/tmp/x/upload.csv:3: why` -> (3, "why")."""
+    rest = message.removeprefix(f"{path}:")
+    number, _, why = rest.partition(": ")
+    return (int(number), why) if number.isdigit() else (0, rest)
+
+
+def _import(directory: Directory, upload: web.FileField) -> ImportReport:
+    """Copy the upload to a private temporary file and import it (blocking)."""
+    with tempfile.TemporaryDirectory(prefix="relay-import-") as folder:
+        path = Path(folder) / "upload.csv"
+        with open(path, "wb") as target:
+            shutil.copyfileobj(upload.file, target)
+        try:
+            added, problems = directory.import_csv(path)
+        except DirectoryError as exc:
+            number, why = _strip_path(str(exc), path)
+            raise DirectoryError(f"line {number}: {why}" if number else why) from None
+        return ImportReport(added, [_strip_path(p, path) for p in problems])
+
+
+def _import_form(request: web.Request, status: int = 200, error: str | None = None,
+                 report: ImportReport | None = None) -> web.Response:
+    return render(request, "panel/import.html", status, error=error, report=report, user_url=user_url,
+                  domains=sorted(site_of(request).config.domains))
+
+
+@admin_only
+async def import_form(request: web.Request) -> web.StreamResponse:
+    return _import_form(request)
+
+
+@admin_only
+async def import_users(request: web.Request) -> web.StreamResponse:
+    site = site_of(request)
+    upload = (await request.post()).get("file")
+    if not isinstance(upload, web.FileField) or not upload.filename:
+        return _import_form(request, 400, "Choose a CSV file to import.")
+    try:
+        report = await asyncio.to_thread(_import, site.directory, upload)
+    except DirectoryError as exc:
+        return _import_form(request, 400, f"Nothing was imported: {exc}")
+    admin = account_of(request).email
+    event(log, "web.admin_action", admin=admin, action="import", added=len(report.added),
+          refused=len(report.refused))
+    await site.record_many("admin", admin, [
+        ("import", {"file": upload.filename, "added": len(report.added), "refused": len(report.refused)}),
+        *(("add_user", {"user": user.email, "source": "import"}) for user in report.added)])
+    return _import_form(request, report=report)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/panel", domains, name="panel")
+    r.add_get("/panel/domains/{domain}", domain_page, name="panel_domain")
+    r.add_get("/panel/domains/{domain}/add", add_user_form, name="panel_add_user")
+    r.add_post("/panel/domains/{domain}/add", add_user)
+    r.add_get("/panel/domains/{domain}/users/{local}", user_page, name="panel_user")
+    r.add_post("/panel/domains/{domain}/users/{local}", save_user)
+    r.add_post("/panel/domains/{domain}/users/{local}/generate", generate_password, name="panel_generate")
+    r.add_get("/panel/import", import_form, name="panel_import")
+    r.add_post("/panel/import", import_users)

@@ -1,0 +1,144 @@
+"""The web server: the aiohttp application, its middlewares, and starting it on `listen.web`.
+
+    make_app(config, directory, admins, throttle, ...) -> web.Application
+    start_web(config, directory, admins, throttle, ssl_context=...) -> web.AppRunner (listening)
+
+Each request passes, outermost first: `error_middleware` (friendly pages, never a traceback),
+`session_middleware` (login.py: who is logged in), `csrf_middleware` (csrf.py: every POST must
+carry the session's token), then the handler. Every response gets the security headers
+(`_security_headers`, on response prepare, so error pages and files get them too).
+
+Routes come from the modules that hold them: login.py (`/`, `/login`, `/panel/login`,
+`/logout`), panel.py (`/panel...`), account.py (`/account...`), mail.py (`/mail...`), and the
+style sheet under `/static/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from relay.admins import Admins
+from relay.auth import LoginThrottle
+from relay.config import Config
+from relay.directory import Directory
+from relay.errors import DirectoryError, RelayError
+from relay.log import event
+from relay.web import account, login, mail, panel
+from relay.web.audit import AuditLog
+from relay.web.csrf import csrf_middleware
+from relay.web.page import STATIC, environment, error_page
+from relay.web.session import Sessions, load_secret
+from relay.web.site import SITE, Site
+
+log = logging.getLogger("relay.web")
+
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                           "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SHUTDOWN_TIMEOUT = 5.0      # seconds a request in hand may take to finish when the relay stops
+# After answering a request whose body it did not read (413), aiohttp reads and drops the rest for
+# this long so the client sees the answer; it does not stop when the client goes away (aiohttp
+# 3.14), and a stopping relay waits for it: keep it short (default 10 s).
+LINGERING_TIME = 2.0
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_page(request, exc.status)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception as exc:  # noqa: BLE001 - any fault of ours is a 500 page, never a traceback
+        log.error("web.error path=%s error=%s", request.path, type(exc).__name__, exc_info=exc)
+        return error_page(request, 500)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    headers["Server"] = "continuity-relay"          # not aiohttp's name and version
+    headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    if not request.path.startswith("/static/"):
+        headers.setdefault("Cache-Control", "no-store")     # pages may show a generated password
+    if request.secure:
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+
+
+def make_app(config: Config, directory: Directory, admins: Admins, throttle: LoginThrottle | None = None,
+             *, secret: bytes | None = None, clock: Callable[[], float] = time.time,
+             client_max_size: int = 2 * 1024 * 1024) -> web.Application:
+    """The whole web site as an aiohttp application (not yet listening).
+
+    `secret` signs the session cookies (default: read or made from `web.secret_file`, which
+    blocks: pass it in from async code). `clock` serves the session lifetime and the audit log.
+    `client_max_size` bounds a request body (the CSV upload; the webmail may want more).
+    """
+    if secret is None:
+        secret = load_secret(config.web.secret_file)
+    app = web.Application(middlewares=[error_middleware, login.session_middleware, csrf_middleware],
+                          client_max_size=client_max_size)
+    app[SITE] = Site(
+        config=config, directory=directory, admins=admins,
+        throttle=throttle or LoginThrottle(),
+        sessions=Sessions(secret, config.web.session_lifetime, config.web.tls, clock),
+        audit=AuditLog(config.audit_log or config.file.parent / "audit.log", clock),
+        templates=environment(), clock=clock)
+    app.on_response_prepare.append(_security_headers)
+    for module in (login, panel, account, mail):
+        module.add_routes(app)
+    app.router.add_static("/static/", STATIC, name="static")
+    return app
+
+
+def _compile_templates(templates) -> None:
+    """Compile every template before the first request (blocking: tens of milliseconds), so a
+    broken one shows at start-up and the first page does not hold the loop."""
+    for name in templates.list_templates(extensions=["html"]):
+        templates.get_template(name)
+
+
+async def start_web(config: Config, directory: Directory, admins: Admins,
+                    throttle: LoginThrottle | None = None, *, ssl_context: ssl.SSLContext | None = None,
+                    clock: Callable[[], float] = time.time) -> web.AppRunner:
+    """Serve the site on `config.listen.web` (HTTPS with `ssl_context`); stop it with
+    `await runner.cleanup()`. A port that cannot be bound raises RelayError naming the key."""
+    address = config.listen.web
+    if address is None:
+        raise RelayError("listen.web is not set")
+    secret = await asyncio.to_thread(load_secret, config.web.secret_file)
+    app = make_app(config, directory, admins, throttle, secret=secret, clock=clock)
+    await asyncio.to_thread(_compile_templates, app[SITE].templates)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                           lingering_time=LINGERING_TIME)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address.host, address.port, ssl_context=ssl_context).start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise RelayError(f"listen.web {address}: {reason}") from None
+    host, port = runner.addresses[0][:2]
+    event(log, "web.listening", address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+          tls="yes" if ssl_context else "no")
+    try:
+        if not await asyncio.to_thread(admins.list):
+            event(log, "web.no_admins", logging.WARNING,
+                  hint="continuity-relay admins add EMAIL --password-stdin")
+    except DirectoryError as exc:   # mail goes on; the panel answers 500 until the file is fixed
+        event(log, "web.admins_unreadable", logging.ERROR, error=str(exc))
+    return runner

@@ -1,0 +1,300 @@
+"""The web server on a loop in a background thread, on a free port, and a small HTTP client that
+keeps cookies and fills in the CSRF token the way a browser submitting the page's form would."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import html
+import http.client
+import logging
+import re
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from pathlib import Path
+from urllib.parse import urlencode
+
+import bcrypt
+import pytest
+import trustme
+
+from relay.addresses import parse_mailbox
+from relay.admins import Admins
+from relay.auth import LoginThrottle
+from relay.config import Config, HostPort, load
+from relay.directory import Directory, User
+from relay.smtp.submission import tls_context
+from relay.web import start_web
+from tests.smtp.fakes import free_port, write_config
+
+ADMIN, ADMIN_PASSWORD = "root@admins.example.net", "admin pass 1"
+USERS = {"alice@example.com": "alice pass 1", "bob@example.com": "bob pass 1"}
+WEB_CONFIG = """\
+web: {secret_file: etc/web.secret, session_lifetime: 1h}
+admins_file: etc/admins.passwd
+audit_log: log/audit.log
+"""
+
+
+def cheap_hash(password: str) -> str:
+    """A hash verify_password accepts, made cheap (bcrypt reads the cost from the hash)."""
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+
+
+class Clock:
+    """A settable time.time for session lifetimes."""
+
+    def __init__(self) -> None:
+        import time
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowCallbacks(logging.Handler):
+    """Collects asyncio debug mode's reports of a callback that held the loop too long."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Executing") and "took" in message:
+            self.seen.append(message)
+
+
+class WebServer:
+    """`start_web` on its own loop in a thread (asyncio debug mode: a blocking call shows up)."""
+
+    def __init__(self, config: Config, throttle: LoginThrottle, clock: Clock,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        self.directory = Directory(config)
+        self.admins = Admins(config)
+        self.throttle = throttle
+        self.clock = clock
+        self.ssl_context = ssl_context
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
+        self.loop.slow_callback_duration = 0.15     # a hash check on the loop would show up
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner = None
+
+    def start(self) -> WebServer:
+        self.thread.start()
+        self.runner = asyncio.run_coroutine_threadsafe(start_web(
+            self.config, self.directory, self.admins, self.throttle, ssl_context=self.ssl_context,
+            clock=self.clock), self.loop).result(10)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.runner.addresses[0][1]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def audit_lines(self) -> list[str]:
+        path = self.config.audit_log
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: str
+    set_cookies: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    @property
+    def location(self) -> str | None:
+        return self.headers.get("Location")
+
+    @property
+    def text(self) -> str:
+        """The body without tags, entities decoded, spaces collapsed: what a reader sees."""
+        return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", self.body)).split())
+
+
+class Client:
+    """One browser: a cookie jar and the CSRF token of the last page it saw."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None, peer: str = "127.0.0.1") -> None:
+        self.port, self.tls, self.peer = port, tls, peer
+        self.cookies: dict[str, str] = {}
+        self.csrf: str | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.tls is not None:
+            return http.client.HTTPSConnection("localhost", self.port, context=self.tls, timeout=30,
+                                               source_address=(self.peer, 0))
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(self.peer, 0))
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        headers = {"Connection": "close", **(headers or {})}     # one request per connection
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            reply = Reply(response.status, response.headers, response.read().decode("utf-8"),
+                          response.headers.get_all("Set-Cookie") or [])
+        finally:
+            conn.close()
+        for line in reply.set_cookies:
+            for name, morsel in SimpleCookie(line).items():
+                if morsel["max-age"] == "0":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        token = re.search(r'name="csrf" value="([^"]+)"', reply.body)
+        if token:
+            self.csrf = token.group(1)
+        return reply
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def post(self, path: str, fields: dict[str, str] | None = None, *, csrf: bool | str = True) -> Reply:
+        fields = dict(fields or {})
+        if csrf is True:
+            fields["csrf"] = self.csrf or ""
+        elif isinstance(csrf, str):
+            fields["csrf"] = csrf
+        return self.request("POST", path, urlencode(fields).encode(),
+                            {"Content-Type": "application/x-www-form-urlencoded"})
+
+    def upload(self, path: str, fields: dict[str, str], name: str, filename: str, data: bytes) -> Reply:
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in {"csrf": self.csrf or "", **fields}.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"'
+                     f'\r\nContent-Type: text/csv\r\n\r\n'.encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def login_admin(self, email: str = ADMIN, password: str = ADMIN_PASSWORD) -> Reply:
+        self.get("/panel/login")
+        return self.post("/panel/login", {"email": email, "password": password})
+
+    def login_user(self, email: str = "alice@example.com", password: str | None = None) -> Reply:
+        self.get("/login")
+        return self.post("/login", {"email": email, "password": password or USERS[email]})
+
+
+# -- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def config_path(tmp_path) -> Path:
+    return write_config(tmp_path, free_port(), extra=f"  example.org:\n    primary: 127.0.0.1:{free_port()}\n"
+                        + WEB_CONFIG)
+
+
+def prepare(config: Config) -> None:
+    """Users and one administrator, with cheap hashes, written as the real code would."""
+    users = [User(parse_mailbox(email), email.split("@")[0].title(), cheap_hash(password))
+             for email, password in USERS.items()]
+    users.append(User(parse_mailbox("carol@example.com"), "Carol"))
+    config.users_file.write_text("".join(u.line() + "\n" for u in users))
+    config.admins_file.parent.mkdir(parents=True, exist_ok=True)
+    config.admins_file.write_text(User(parse_mailbox(ADMIN), "", cheap_hash(ADMIN_PASSWORD)).line() + "\n")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_server(config_path, clock):
+    """make_server(throttle=..., ssl_context=..., keep_files=..., adjust=..., **web settings) -> a
+    started WebServer on 127.0.0.1, port 0, with fresh users and administrator unless `keep_files`;
+    `adjust(config)` may change the loaded configuration first."""
+    started: list[WebServer] = []
+
+    def make(throttle: LoginThrottle | None = None, ssl_context: ssl.SSLContext | None = None,
+             keep_files: bool = False, adjust: Callable[[Config], Config] | None = None,
+             **web_options) -> WebServer:
+        config = load(config_path)
+        if adjust is not None:
+            config = adjust(config)
+        config = dataclasses.replace(config, listen=dataclasses.replace(config.listen,
+                                                                        web=HostPort("127.0.0.1", 0)))
+        if web_options:
+            config = dataclasses.replace(config, web=dataclasses.replace(config.web, **web_options))
+        if not keep_files:
+            prepare(config)
+        server = WebServer(config, throttle or LoginThrottle(base_delay=0.0, max_delay=0.0), clock,
+                           ssl_context).start()
+        started.append(server)
+        return server
+
+    slow = SlowCallbacks()
+    logging.getLogger("asyncio").addHandler(slow)
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
+        logging.getLogger("asyncio").removeHandler(slow)
+    assert slow.seen == [], "the event loop was blocked"
+
+
+@pytest.fixture
+def server(make_server) -> WebServer:
+    return make_server()
+
+
+@pytest.fixture
+def client(server) -> Client:
+    return Client(server.port)
+
+
+@pytest.fixture
+def admin(server) -> Client:
+    browser = Client(server.port)
+    assert browser.login_admin().status == 303
+    assert browser.get("/panel").status == 200      # a page of the new session: its CSRF token
+    return browser
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca, tmp_path_factory) -> tuple[Path, Path]:
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(folder / "cert.pem", append=True)
+    cert.private_key_pem.write_to_path(folder / "key.pem")
+    return folder / "cert.pem", folder / "key.pem"
+
+
+@pytest.fixture
+def server_tls(tls_files) -> ssl.SSLContext:
+    return tls_context(*tls_files)
+
+
+@pytest.fixture
+def client_tls(ca) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
