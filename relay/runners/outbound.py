@@ -23,6 +23,7 @@ from relay.delivery.client import Reply, Upstream
 from relay.delivery.dsn import build_dsn
 from relay.errors import CorruptEntryError
 from relay.log import event
+from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import MAX_CRASHES, Envelope, Queue
 
 log = logging.getLogger("relay.outbound")
@@ -56,11 +57,7 @@ class OutboundRunner:
     async def run(self) -> None:
         while True:
             await self.sweep()
-            try:
-                await asyncio.wait_for(self._kick.wait(), min(self.settings.retry_delay, 60.0))
-            except TimeoutError:
-                pass  # the timer: look for entries that came due
-            self._kick.clear()
+            await sleep_until_kick(self._kick, min(self.settings.retry_delay, 60.0))
 
     async def sweep(self) -> int:
         """Send every due entry; returns how many were delivered."""

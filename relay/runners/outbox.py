@@ -29,6 +29,7 @@ from relay.delivery.outbound import Sender
 from relay.errors import PermFail, StorageError
 from relay.headers import addresses
 from relay.log import event
+from relay.runners.wake import sleep_until_kick
 from relay.storage.durable import fsync_dir
 from relay.storage.maildir import MaildirStore
 
@@ -81,11 +82,7 @@ class OutboxRunner:
                 sent = await asyncio.to_thread(self.scan, observer, hint)
                 if sent:
                     self.on_sent()
-                try:
-                    await asyncio.wait_for(self._kick.wait(), self.rescan)
-                except TimeoutError:
-                    pass  # the timer
-                self._kick.clear()
+                await sleep_until_kick(self._kick, self.rescan)
         finally:
             observer.stop()
             await asyncio.to_thread(observer.join, 5)

@@ -31,6 +31,7 @@ from relay.delivery.dsn import build_dsn
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
 from relay.errors import CorruptEntryError
 from relay.log import event
+from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import MAX_CRASHES, Envelope, Queue, waiting_by_user
 
 log = logging.getLogger("relay.replay")
@@ -90,12 +91,7 @@ class ReplayRunner:
             self._kicks[domain].set()
 
     async def _wait(self, domain: str) -> None:
-        kick = self._kicks[domain]
-        try:
-            await asyncio.wait_for(kick.wait(), self.settings.probe_interval)
-        except TimeoutError:
-            pass  # the timer: rescan anyway
-        kick.clear()
+        await sleep_until_kick(self._kicks[domain], self.settings.probe_interval)
 
     async def run(self) -> None:
         """Run every domain's loop until cancelled; an error in the loop itself ends serve."""
