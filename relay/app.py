@@ -72,11 +72,13 @@ class Running:
             self.submission[0].close()
             await self.submission[1].drain()
         await self.handler.drain()
-        self.runners.cancel()
-        try:
-            await self.runners
-        except asyncio.CancelledError:
-            pass  # what we asked for
+        # Python 3.11's wait_for can swallow a cancellation (see runners/wake.py): ask again
+        # until the runners have stopped.
+        while not self.runners.done():
+            self.runners.cancel()
+            await asyncio.wait([self.runners], timeout=2)
+        if not self.runners.cancelled() and self.runners.exception() is not None:
+            raise self.runners.exception()
 
 
 async def _listen(name: str, factory: Callable[[], asyncio.Protocol], address: HostPort) -> asyncio.Server:
@@ -124,7 +126,6 @@ async def start(config: Config) -> Running:
         handler, hostname=config.hostname, ident="continuity-relay",
         data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
         config.listen.inbound)
-    web = await _web(config, directory)
     runners = [replay.run()]
     submit = None
     if config.outbound.smarthost is not None:
@@ -137,6 +138,7 @@ async def start(config: Config) -> Running:
             outbound.kick, config.hostname).run()]
     else:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
+    web = await _web(config, directory, store.maildirs, submit)
     submission = await _submission(config, directory, submit)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web)
@@ -161,12 +163,16 @@ async def _submission(config: Config, directory: Directory,
     return await _listen("submission", factory, config.listen.submission), handler
 
 
-async def _web(config: Config, directory: Directory) -> AppRunner | None:
-    """The control panel, self-service and webmail on listen.web (HTTPS when web.tls)."""
+async def _web(config: Config, directory: Directory, maildirs: MaildirStore,
+               submit: Submit | None) -> AppRunner | None:
+    """The control panel, self-service and webmail on listen.web (HTTPS when web.tls). The
+    webmail reads the same Maildirs and sends through the same pipeline as submission (None:
+    sending is disabled, and the compose page says so)."""
     if config.listen.web is None:
         return None
     context = tls_context(config.tls.cert, config.tls.key) if config.web.tls and config.tls else None
-    return await start_web(config, directory, Admins(config), LoginThrottle(), ssl_context=context)
+    return await start_web(config, directory, Admins(config), LoginThrottle(), ssl_context=context,
+                           maildirs=maildirs, submit=submit)
 
 
 def _replay_runner(config: Config, store: ContinuityStore, health: Health) -> ReplayRunner:
