@@ -1,4 +1,4 @@
-"""The web site: the control panel for administrators, self-service for users, and (later) the
+"""The web site: the control panel for administrators, self-service for users, and the
 webmail, served by aiohttp on `listen.web` inside `continuity-relay serve`.
 
     server.py    make_app / start_web: the application, its middlewares, security headers

@@ -1,7 +1,11 @@
 """The web server: the aiohttp application, its middlewares, and starting it on `listen.web`.
 
-    make_app(config, directory, admins, throttle, ...) -> web.Application
-    start_web(config, directory, admins, throttle, ssl_context=...) -> web.AppRunner (listening)
+    make_app(config, directory, admins, throttle, ..., maildirs=..., submit=...) -> web.Application
+    start_web(config, directory, admins, throttle, ssl_context=..., maildirs=..., submit=...)
+        -> web.AppRunner (listening)
+
+`maildirs` (the relay's MaildirStore) turns the webmail on; `submit` (app.py's submit pipeline)
+lets it send, and without it the compose page says sending is off (see mail.py).
 
 Each request passes, outermost first: `error_middleware` (friendly pages, never a traceback),
 `session_middleware` (login.py: who is logged in), `csrf_middleware` (csrf.py: every POST must
@@ -30,6 +34,7 @@ from relay.config import Config
 from relay.directory import Directory
 from relay.errors import DirectoryError, RelayError
 from relay.log import event
+from relay.storage.maildir import MaildirStore
 from relay.web import account, login, mail, panel
 from relay.web.audit import AuditLog
 from relay.web.csrf import csrf_middleware
@@ -46,6 +51,14 @@ SHUTDOWN_TIMEOUT = 5.0      # seconds a request in hand may take to finish when 
 # this long so the client sees the answer; it does not stop when the client goes away (aiohttp
 # 3.14), and a stopping relay waits for it: keep it short (default 10 s).
 LINGERING_TIME = 2.0
+FORM_MAX_SIZE = 2 * 1024 * 1024     # bytes of a request body (the CSV upload) without the webmail
+FORM_MARGIN = 1024 * 1024           # with it: a message of message_size_limit plus the other fields
+
+
+def body_limit(config: Config, webmail: bool) -> int:
+    """The largest request body taken: with the webmail, enough for a compose form whose
+    attachments make a message of `message_size_limit` (larger ones get 413 before any handler)."""
+    return max(FORM_MAX_SIZE, config.message_size_limit + FORM_MARGIN) if webmail else FORM_MAX_SIZE
 
 
 @web.middleware
@@ -81,17 +94,23 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 def make_app(config: Config, directory: Directory, admins: Admins, throttle: LoginThrottle | None = None,
              *, secret: bytes | None = None, clock: Callable[[], float] = time.time,
-             client_max_size: int = 2 * 1024 * 1024) -> web.Application:
+             client_max_size: int | None = None, maildirs: MaildirStore | None = None,
+             submit: mail.Submit | None = None) -> web.Application:
     """The whole web site as an aiohttp application (not yet listening).
 
     `secret` signs the session cookies (default: read or made from `web.secret_file`, which
     blocks: pass it in from async code). `clock` serves the session lifetime and the audit log.
-    `client_max_size` bounds a request body (the CSV upload; the webmail may want more).
+    `client_max_size` bounds a request body (default `body_limit`). `maildirs` and `submit` are
+    the webmail's (see mail.py): without `maildirs` there is no webmail, without `submit` it
+    cannot send.
     """
     if secret is None:
         secret = load_secret(config.web.secret_file)
+    if client_max_size is None:
+        client_max_size = body_limit(config, maildirs is not None)
     app = web.Application(middlewares=[error_middleware, login.session_middleware, csrf_middleware],
                           client_max_size=client_max_size)
+    app[mail.WEBMAIL] = mail.Webmail(maildirs, submit)
     app[SITE] = Site(
         config=config, directory=directory, admins=admins,
         throttle=throttle or LoginThrottle(),
@@ -114,14 +133,17 @@ def _compile_templates(templates) -> None:
 
 async def start_web(config: Config, directory: Directory, admins: Admins,
                     throttle: LoginThrottle | None = None, *, ssl_context: ssl.SSLContext | None = None,
-                    clock: Callable[[], float] = time.time) -> web.AppRunner:
+                    clock: Callable[[], float] = time.time, maildirs: MaildirStore | None = None,
+                    submit: mail.Submit | None = None) -> web.AppRunner:
     """Serve the site on `config.listen.web` (HTTPS with `ssl_context`); stop it with
-    `await runner.cleanup()`. A port that cannot be bound raises RelayError naming the key."""
+    `await runner.cleanup()`. A port that cannot be bound raises RelayError naming the key.
+    `maildirs` and `submit` are the webmail's, as for `make_app`."""
     address = config.listen.web
     if address is None:
         raise RelayError("listen.web is not set")
     secret = await asyncio.to_thread(load_secret, config.web.secret_file)
-    app = make_app(config, directory, admins, throttle, secret=secret, clock=clock)
+    app = make_app(config, directory, admins, throttle, secret=secret, clock=clock, maildirs=maildirs,
+                   submit=submit)
     await asyncio.to_thread(_compile_templates, app[SITE].templates)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
                            lingering_time=LINGERING_TIME)
