@@ -438,13 +438,14 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
-    tmp.chmod(0o755)  # Postfix's daemons run as postfix and must reach their queue
+def bench_main(args: argparse.Namespace, prefix: str, check: Callable[[argparse.Namespace], None],
+               run: Callable[[argparse.Namespace, Path], dict[str, Result]]) -> int:
+    """Shared by the benchmarks: a temp dir, the runs, the ratio line, exit status."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o755)  # Postfix's daemons (and smtp-sink) run as postfix and must reach it
     try:
-        preflight(args)
-        results = run_benches(args, tmp)
+        check(args)
+        results = run(args, tmp)
     except BenchError as exc:
         print(f"FAILED: {exc}\nkept {tmp} for inspection", file=sys.stderr)
         return 1
@@ -455,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         print(f"ratio relay/postfix = {results['relay'].rate / results['postfix'].rate:.2f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(parse_args(argv), "bench-inbound-", preflight, run_benches)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -59,6 +58,7 @@ from inbound import (
     SENDER,
     BenchError,
     alive,
+    bench_main,
     children,
     cpu_ticks,
     expect,
@@ -554,22 +554,7 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-replay-"))
-    tmp.chmod(0o755)  # Postfix's daemons and smtp-sink run as postfix and must reach their dirs
-    try:
-        preflight(args)
-        results = run_benches(args, tmp)
-    except BenchError as exc:
-        print(f"FAILED: {exc}\nkept {tmp} for inspection", file=sys.stderr)
-        return 1
-    if args.keep:
-        print(f"kept {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if len(results) == 2:
-        print(f"ratio relay/postfix = {results['relay'].rate / results['postfix'].rate:.2f}")
-    return 0
+    return bench_main(parse_args(argv), "bench-replay-", preflight, run_benches)
 
 
 if __name__ == "__main__":
