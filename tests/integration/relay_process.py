@@ -27,10 +27,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -289,3 +290,13 @@ class RelayProcess:
 
     def __repr__(self) -> str:
         return f"RelayProcess({self.config}, pid={self.pid}, port={self.port})"
+
+
+def wait_for(condition: Callable[[], object], seconds: float, what: str,
+             explain: Callable[[], str] = lambda: "") -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
+        time.sleep(0.01)

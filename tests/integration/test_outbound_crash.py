@@ -34,7 +34,6 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,6 +50,8 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
+wait_for = rp.wait_for
+
 USER = f"alice@{rp.DOMAIN}"
 MESSAGES = 300
 KILL_BETWEEN = (MESSAGES // 4, MESSAGES // 2)   # SIGKILL around the n-th message at the smarthost
@@ -63,14 +64,6 @@ OK_250 = "250 2.0.0 Ok: queued"
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(condition: Callable[[], object], seconds: float, what: str,
-             explain: Callable[[], str] = lambda: "") -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
-        time.sleep(0.01)
 
 
 def msgid_of(data: bytes) -> str | None:

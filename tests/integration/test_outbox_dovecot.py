@@ -27,7 +27,6 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,8 @@ try:  # tests/integration as a package ...
     from . import relay_process as rp
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
+
+wait_for = rp.wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,15 +93,6 @@ def subject_of(data: bytes) -> str:
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str,
-             explain: Callable[[], str] = lambda: "") -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
-        time.sleep(0.05)
 
 
 def ok(result: tuple[str, list]) -> list:

@@ -42,6 +42,8 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
+wait_for = rp.wait_for
+
 CONCURRENCY = 4
 MSGID_RE = re.compile(rb"\r\nMessage-ID: <([^>\r\n]+)>\r\n")
 QUEUE_STATES = ("tmp", "waiting", "active", "failed", "hold", "msg")
@@ -51,14 +53,6 @@ RECEIVED_RE = re.compile(rb"\AReceived: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(condition: Callable[[], object], seconds: float, what: str,
-             explain: Callable[[], str] = lambda: "") -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
-        time.sleep(0.01)
 
 
 def make_config(workdir: Path, primary_port: int) -> Path:

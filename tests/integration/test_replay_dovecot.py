@@ -13,8 +13,6 @@ from __future__ import annotations
 import imaplib
 import json
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,8 @@ try:  # tests/integration as a package ...
     from . import relay_process as rp
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
+
+wait_for = rp.wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,14 +55,6 @@ def msgid_of(data: bytes) -> str | None:
     match = MSGID_RE.search(data)
     return match.group(1).decode() if match else None
 
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str,
-             explain: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
-        time.sleep(0.02)
 
 
 def user_files(maildirs: Path) -> dict[str, list[Path]]:
