@@ -198,3 +198,36 @@ def test_submission_port_through_the_whole_relay(smarthost, tmp_path, monkeypatc
         assert files(tmp_path / "maildirs" / "example.com" / "alice" / ".Sent" / "cur")
     finally:
         relay.stop()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the fake, on loopback
+def test_smarthost_auth_with_password_file(make_relay, tmp_path):
+    """outbound.smarthost.username + password_file: the relay logs in before sending."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    from tests.smtp.fakes import ScriptedHandler
+
+    seen: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server, session, envelope, mechanism, data):
+        assert isinstance(data, LoginPassword)
+        seen.append((data.login, data.password))
+        return AuthResult(success=data.login == b"relay" and data.password == b"s3cret pass")
+
+    handler = ScriptedHandler(Script())
+    port = free_port()
+    smarthost = Controller(handler, hostname="127.0.0.1", port=port, auth_required=True,
+                           auth_require_tls=False, authenticator=authenticator)
+    smarthost.start()
+    try:
+        (tmp_path / "smarthost.password").write_text("s3cret pass\n")
+        extra = (f"outbound: {{smarthost: {{address: 127.0.0.1:{port}, starttls: off, username: relay, "
+                 f"password_file: smarthost.password}}, retry_delay: 1s}}\n")
+        relay = make_relay(free_port(), extra=extra)
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["bob@example.org"], MESSAGE)
+        wait_for(lambda: len(handler.received) == 1)
+        assert seen == [(b"relay", b"s3cret pass")]
+    finally:
+        smarthost.stop()
