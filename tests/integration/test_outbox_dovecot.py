@@ -285,7 +285,10 @@ def test_outbox_append_reaches_smarthost_sent_and_primary_as_cs_sent(world: Worl
     wait_for(lambda: health(world.relay.spool).get("state") == "outage", 10,
              "the replay runner to meet the primary's 451 (state outage)", world.explain)
     assert "451" in health(world.relay.spool).get("reason", ""), world.explain()
-    assert len(listing(replay)["waiting"]) == 2 and not world.primary.received, world.explain()
+    # A probe's trial sweep may hold one entry in active/ at this instant.
+    held = listing(replay)
+    assert len(held["waiting"]) + len(held["active"]) == 2 and not world.primary.received, \
+        world.explain()
 
     # 5. The primary recovers: the "(CS-SENT)" copies reach alice's mailbox there.
     world.primary.script.rcpt = "250 2.1.5 Ok"
