@@ -18,7 +18,6 @@ server calls it through `asyncio.to_thread`.
 from __future__ import annotations
 
 import functools
-import os
 import secrets
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from filelock import FileLock
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.config import Config
-from relay.directory import User, hash_password, parse_line, verify_password
+from relay.directory import PasswdCache, User, hash_password, password_is_usable, read_passwd, verify_password
 from relay.errors import DirectoryError
 from relay.storage.durable import replace_file
 
@@ -39,17 +38,6 @@ def _dummy_hash(scheme: str) -> str:
     return hash_password(secrets.token_urlsafe(24), scheme)
 
 
-def _usable(password: str) -> bool:
-    """A password `hash_password` could have stored: non-empty, one line, no NUL, valid UTF-8."""
-    if not password or any(c in password for c in "\x00\r\n"):
-        return False
-    try:
-        password.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 class Admins:
     """The administrators in `config.admins_file`."""
 
@@ -59,38 +47,16 @@ class Admins:
         self.file: Path = config.admins_file
         self.scheme = config.password_scheme
         self._lock = FileLock(str(self.file) + ".lock")
-        self._cache: tuple[tuple[int, int, int], dict[str, User]] | None = None
+        self._cache = PasswdCache(self.file)
 
     # -- reading -----------------------------------------------------------------------------
 
     def _read(self) -> dict[str, User]:
-        try:
-            text = self.file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise DirectoryError(f"{self.file}: {exc.strerror or exc}") from None
-        admins: dict[str, User] = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            try:
-                admin = parse_line(line)
-            except (ValueError, AddressError) as exc:
-                raise DirectoryError(f"{self.file}:{number}: {exc}") from None
-            admins[admin.email] = admin
-        return admins
+        return read_passwd(self.file)
 
     def admins(self) -> dict[str, User]:
         """All administrators, re-read only when the file changed (checked on every call)."""
-        try:
-            st = os.stat(self.file)
-        except FileNotFoundError:
-            return {}
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._cache is None or self._cache[0] != stamp:
-            self._cache = (stamp, self._read())
-        return self._cache[1]
+        return self._cache.get()
 
     def get(self, login: str) -> User | None:
         """The administrator `login` names (`Root@Example.NET` finds root@example.net), or None."""
@@ -110,7 +76,7 @@ class Admins:
         admin = self.get(login)
         stored = admin.password_hash if admin is not None else ""
         stored = stored or _dummy_hash(self.scheme)
-        usable = _usable(password)
+        usable = password_is_usable(password)
         matches = verify_password(stored, password if usable else "")
         if admin is None or not admin.can_log_in or not matches or not usable:
             return None
@@ -134,7 +100,7 @@ class Admins:
             body = "".join(a.line() + "\n" for a in sorted(admins.values(), key=lambda a: a.email))
             self.file.parent.mkdir(parents=True, exist_ok=True)
             replace_file(self.file, body.encode("utf-8"), 0o600)
-            self._cache = None
+            self._cache.forget()
         return admin
 
     def add(self, email: str, password: str) -> User:

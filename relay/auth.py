@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.config import Domain
-from relay.directory import Directory, User, verify_password
+from relay.directory import Directory, User, password_is_usable, verify_password
 from relay.errors import DirectoryError, StorageError
 from relay.ldap import Outcome, ldap_bind
 from relay.log import event
@@ -103,7 +103,7 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
     if address is None or domain is None or domain.ldap is None:
         return LoginResult(await asyncio.to_thread(_check, directory, login, password))
     user = await asyncio.to_thread(directory.get, address)
-    if user is None or not user.active or not _well_formed(password):
+    if user is None or not user.active or not password_is_usable(password):
         await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
         return LoginResult()
     outcome, detail = await asyncio.to_thread(ldap_bind, domain.ldap, address, password)
@@ -154,7 +154,7 @@ def _check(directory: Directory, login: str, password: str) -> User | None:
     stored = user.password_hash if user is not None and user.password_hash else None
     if stored is None:
         stored = _DUMMY_HASHES.get(directory.config.password_scheme, _DUMMY_HASHES["BLF-CRYPT"])
-    well_formed = _well_formed(password)
+    well_formed = password_is_usable(password)
     matches = verify_password(stored, password if well_formed else "")
     if user is None or not user.can_log_in or not matches or not well_formed:
         return None
@@ -166,17 +166,6 @@ def _still_verifies(password_hash: str, password: str) -> bool:
         return verify_password(password_hash, password)
     except ValueError:              # an unreadable stored hash: the caller replaces it
         return False
-
-
-def _well_formed(password: str) -> bool:
-    """A password `hash_password` could have stored: non-empty, one line, no NUL, valid UTF-8."""
-    if not password or any(c in password for c in "\x00\r\n"):
-        return False
-    try:
-        password.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class LoginThrottle:

@@ -93,6 +93,58 @@ def parse_line(line: str) -> User:
     return User(parse_mailbox(fields[0]), fields[4], fields[1], DEACTIVATED not in fields[7])
 
 
+def password_is_usable(password: str) -> bool:
+    """A password `hash_password` could have stored: non-empty, one line, no NUL, valid UTF-8."""
+    if not password or any(c in password for c in "\x00\r\n"):
+        return False
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_passwd(file: Path) -> dict[str, User]:
+    """Every account in a passwd-file (users, or administrators); a bad line is an error."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise DirectoryError(f"{file}: {exc.strerror or exc}") from None
+    accounts: dict[str, User] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            account = parse_line(line)
+        except (ValueError, AddressError) as exc:
+            raise DirectoryError(f"{file}:{number}: {exc}") from None
+        accounts[account.email] = account
+    return accounts
+
+
+class PasswdCache:
+    """A passwd-file's accounts, re-read only when the file changed (one stat per call)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._cached: tuple[tuple[int, int, int], dict[str, User]] | None = None
+
+    def get(self) -> dict[str, User]:
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._cached is None or self._cached[0] != stamp:
+            self._cached = (stamp, read_passwd(self.file))
+        return self._cached[1]
+
+    def forget(self) -> None:
+        self._cached = None
+
+
 class Directory:
     """Users of the configured domains, backed by the passwd-file at `config.users_file`."""
 
@@ -100,36 +152,16 @@ class Directory:
         self.config = config
         self.file = config.users_file
         self._lock = FileLock(str(self.file) + ".lock")
-        self._cache: tuple[tuple[int, int, int], dict[str, User]] | None = None
+        self._cache = PasswdCache(self.file)
 
     # -- reading -----------------------------------------------------------------------------
 
     def _read(self) -> dict[str, User]:
-        try:
-            text = self.file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        users: dict[str, User] = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            try:
-                user = parse_line(line)
-            except (ValueError, AddressError) as exc:
-                raise DirectoryError(f"{self.file}:{number}: {exc}") from None
-            users[user.email] = user
-        return users
+        return read_passwd(self.file)
 
     def users(self) -> dict[str, User]:
         """All users, re-read only when the file changed (it is checked on every call)."""
-        try:
-            st = os.stat(self.file)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            return {}
-        if self._cache is None or self._cache[0] != stamp:
-            self._cache = (stamp, self._read())
-        return self._cache[1]
+        return self._cache.get()
 
     def get(self, address: Mailbox) -> User | None:
         return self.users().get(str(address))
@@ -157,7 +189,7 @@ class Directory:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         replace_file(self.file, body.encode("utf-8"), 0o640, Owner.named(self.config.storage.owner),
                      bump_mtime=True)
-        self._cache = None
+        self._cache.forget()
 
     def _change(self, email: str, change) -> User:
         address = self._address(email)
