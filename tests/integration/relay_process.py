@@ -300,3 +300,21 @@ def wait_for(condition: Callable[[], object], seconds: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
         time.sleep(0.01)
+
+
+def stop_or_dump(relay: RelayProcess, timeout: float = STOP_TIMEOUT) -> tuple[int | None, str]:
+    """SIGTERM, as `RelayProcess.stop` does; when the relay has not exited after `timeout`,
+    SIGABRT, so that faulthandler (PYTHONFAULTHANDLER, set by the caller) writes every thread's
+    stack to the log: the exit status, and the log of this run."""
+    if not relay.running or relay.proc is None:
+        return relay.returncode, relay.log_text()
+    relay.proc.send_signal(signal.SIGTERM)
+    try:
+        return relay.proc.wait(timeout), relay.log_text()
+    except subprocess.TimeoutExpired:
+        relay.proc.send_signal(signal.SIGABRT)
+        try:
+            relay.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+        return None, relay.log_text()

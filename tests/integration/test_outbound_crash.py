@@ -30,7 +30,6 @@ import random
 import re
 import secrets
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -51,6 +50,7 @@ except ImportError:  # ... or as a rootdir-less test directory (pytest prepends 
     import relay_process as rp
 
 wait_for = rp.wait_for
+stop_or_dump = rp.stop_or_dump
 
 USER = f"alice@{rp.DOMAIN}"
 MESSAGES = 300
@@ -124,22 +124,6 @@ class SlowSmarthost:
         return OK_250
 
 
-def stop_or_dump(relay: rp.RelayProcess, timeout: float = rp.STOP_TIMEOUT) -> tuple[int | None, str]:
-    """SIGTERM, as `RelayProcess.stop` does; when the relay has not exited after `timeout`,
-    SIGABRT, so that faulthandler (PYTHONFAULTHANDLER, set by the test) writes every thread's
-    stack to the log: the exit status, and the log of this run."""
-    if not relay.running or relay.proc is None:
-        return relay.returncode, relay.log_text()
-    relay.proc.send_signal(signal.SIGTERM)
-    try:
-        return relay.proc.wait(timeout), relay.log_text()
-    except subprocess.TimeoutExpired:
-        relay.proc.send_signal(signal.SIGABRT)
-        try:
-            relay.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-        return None, relay.log_text()
 
 
 # --------------------------------------------------------------------------- the test

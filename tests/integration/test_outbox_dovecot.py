@@ -24,8 +24,6 @@ import imaplib
 import json
 import re
 import secrets
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ except ImportError:  # ... or as a rootdir-less test directory (pytest prepends 
     import relay_process as rp
 
 wait_for = rp.wait_for
+stop_or_dump = rp.stop_or_dump
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,22 +134,6 @@ def log_findings(text: str) -> list[str]:
             if " ERROR " in line or "Traceback" in line or " CRITICAL " in line]
 
 
-def stop_or_dump(relay: rp.RelayProcess, timeout: float = rp.STOP_TIMEOUT) -> tuple[int | None, str]:
-    """SIGTERM, as `RelayProcess.stop` does; when the relay has not exited after `timeout`,
-    SIGABRT, so that faulthandler (PYTHONFAULTHANDLER, set by the fixture) writes every thread's
-    stack to the log: the exit status, and the log of this run."""
-    if not relay.running or relay.proc is None:
-        return relay.returncode, relay.log_text()
-    relay.proc.send_signal(signal.SIGTERM)
-    try:
-        return relay.proc.wait(timeout), relay.log_text()
-    except subprocess.TimeoutExpired:
-        relay.proc.send_signal(signal.SIGABRT)
-        try:
-            relay.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-        return None, relay.log_text()
 
 
 def listing(root: Path) -> dict[str, list[str]]:
