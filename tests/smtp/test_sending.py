@@ -114,7 +114,9 @@ def test_failure_puts_a_notice_in_the_users_inbox(make_relay, extra, script):
         report = email.message_from_bytes(notice.read_bytes())
         assert report.get_content_type() == "multipart/report"
         assert b"Final-Recipient: rfc822; bob@example.org" in notice.read_bytes()
-        assert files(relay.config.storage.spool / "outbound" / "failed")
+        # The notice is written first, then the entry filed under failed/ (a crash between
+        # tells the user twice, never zero times): wait for the second step too.
+        wait_for(lambda: files(relay.config.storage.spool / "outbound" / "failed"))
     finally:
         smarthost.stop()
 
