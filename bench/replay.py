@@ -57,6 +57,7 @@ from inbound import (
     RELAY,
     SENDER,
     BenchError,
+    Result,
     alive,
     bench_main,
     children,
@@ -110,23 +111,6 @@ class Load:
             lines[-1] += "x"
         body = "".join(line + "\r\n" for line in lines) or "\r\n"
         return head + body.encode()
-
-
-@dataclass(frozen=True)
-class Result:
-    name: str
-    messages: int
-    seconds: float
-    cpu_percent: float
-    memory: str
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    def line(self) -> str:
-        return (f"{self.name:8} msgs={self.messages} seconds={self.seconds:.2f} "
-                f"msg/s={self.rate:.0f} cpu={self.cpu_percent:.0f}% memory={self.memory}")
 
 
 class CpuMeter:
