@@ -4,6 +4,7 @@ keeps cookies and fills in the CSRF token the way a browser submitting the page'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import html
 import http.client
@@ -12,7 +13,7 @@ import re
 import ssl
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -67,6 +68,20 @@ class SlowCallbacks(logging.Handler):
         message = record.getMessage()
         if message.startswith("Executing") and "took" in message:
             self.seen.append(message)
+
+
+@contextlib.contextmanager
+def watching_the_loop(started: list) -> Iterator[None]:
+    """Stop every server started inside, then fail if asyncio debug mode saw the loop blocked."""
+    slow = SlowCallbacks()
+    logging.getLogger("asyncio").addHandler(slow)
+    try:
+        yield
+    finally:
+        for server in started:
+            server.stop()
+        logging.getLogger("asyncio").removeHandler(slow)
+    assert slow.seen == [], "the event loop was blocked"
 
 
 class WebServer:
@@ -243,15 +258,8 @@ def make_server(config_path, clock):
         started.append(server)
         return server
 
-    slow = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(slow)
-    try:
+    with watching_the_loop(started):
         yield make
-    finally:
-        for server in started:
-            server.stop()
-        logging.getLogger("asyncio").removeHandler(slow)
-    assert slow.seen == [], "the event loop was blocked"
 
 
 @pytest.fixture

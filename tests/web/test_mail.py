@@ -9,7 +9,6 @@ import dataclasses
 import email
 import email.policy
 import html
-import logging
 import re
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from relay.storage.maildir import MaildirStore
 from relay.web import start_web
 from relay.web.mail import FRAME_POLICY, SENDING_DISABLED
 from tests.smtp.fakes import FakePrimary, InProcessRelay
-from tests.web.conftest import Client, Reply, SlowCallbacks, WebServer, prepare
+from tests.web.conftest import Client, Reply, WebServer, prepare, watching_the_loop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,15 +103,8 @@ def make_mail(config_path, clock):
         started.append(server)
         return server
 
-    slow = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(slow)
-    try:
+    with watching_the_loop(started):
         yield make
-    finally:
-        for server in started:
-            server.stop()
-        logging.getLogger("asyncio").removeHandler(slow)
-    assert slow.seen == [], "the event loop was blocked"
 
 
 @pytest.fixture
