@@ -145,8 +145,11 @@ async def start(config: Config) -> Running:
 
 
 def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
-    async def submit(user: User, mail_from: str, rcpts: list[str], data: bytes) -> str:
-        entry = await asyncio.to_thread(sender.submit, user.address, mail_from, rcpts, data)
+    async def submit(user: User, mail_from: str, rcpts: list[str], data: bytes,
+                     mail_options: tuple[str, ...] = (),
+                     rcpt_options: dict[str, tuple[str, ...]] | None = None) -> str:
+        entry = await asyncio.to_thread(sender.submit, user.address, mail_from, rcpts, data,
+                                        mail_options, rcpt_options)
         outbound.kick()
         return entry
     return submit
@@ -188,7 +191,8 @@ async def replay_once(config: Config, domain: str, progress: Callable[[int], Non
     """
     store = build_store(config)
     health = Health(config.storage.spool, Owner.named(config.storage.owner))
-    result = await _replay_runner(config, store, health).sweep(config.domains[domain], progress)
+    result = await _replay_runner(config, store, health).sweep(config.domains[domain], progress,
+                                                               force=True)
     if result.fault:
         health.primary_failed(domain, result.fault)
     elif result.total and not await asyncio.to_thread(store.replay_queue(domain).count):

@@ -3,7 +3,18 @@ kept behind this line.
 
 Every outcome comes back as a `Reply`: the server's own code and text, or, when it could not be
 reached (refused, timeout, dropped at any step, TLS or AUTH failure), a synthetic 4xx with
-`reached=False`. Nothing above this module imports aiosmtplib or sees its exceptions.
+`reached=False`. Each reply says at which `stage` it came, so callers can tell a server in
+trouble (`Reply.server_trouble`: no connection, 421, or a 4xx to the greeting, EHLO or MAIL)
+from one mailbox or one message that must wait (a 4xx to RCPT or DATA). Nothing above this
+module imports aiosmtplib or sees its exceptions.
+
+Every connection says EHLO before its first MAIL, and again after STARTTLS (aiosmtplib's
+`connect()` does not, and STARTTLS forgets what the server offered), so MAIL FROM options are
+chosen from what this server said: BODY=8BITMIME, SMTPUTF8, SIZE, and RFC 3461's RET and ENVID
+(NOTIFY and ORCPT on RCPT) only where offered. A message whose addresses need SMTPUTF8, sent to
+a server that does not offer it, fails for good (553 5.6.7, RFC 6531 3.4) without a word sent:
+it can never be delivered there, and must not look like a server that is down. Credentials are
+never sent over a connection without TLS.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,12 +33,20 @@ from relay.config import HostPort
 
 log = logging.getLogger("relay.client")
 
+# The stages of a conversation, as `Reply.stage` names them.
+CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"
+_SERVER_STAGES = (CONNECT, EHLO, MAIL)
+
+NEEDS_SMTPUTF8 = "5.6.7 The address needs SMTPUTF8, which {host} does not offer"
+NO_TLS_FOR_AUTH = "4.7.0 {host} offered no TLS: credentials are never sent in clear"
+
 
 @dataclass(frozen=True)
 class Reply:
     code: int
     text: str
     reached: bool = True
+    stage: str = ""
 
     @property
     def ok(self) -> bool:
@@ -40,20 +60,40 @@ class Reply:
     def temporary(self) -> bool:
         return not self.ok and not self.permanent
 
+    @property
+    def server_trouble(self) -> bool:
+        """The server itself is down or refusing work, rather than one mailbox or one message:
+        no connection, a 421, or a 4xx to the greeting, EHLO or MAIL."""
+        return self.temporary and (not self.reached or self.code == 421
+                                   or self.stage in _SERVER_STAGES)
+
+    @property
+    def enhanced(self) -> str:
+        """The enhanced status code at the start of the text (RFC 3463), or ''."""
+        word = self.text.split(" ", 1)[0]
+        parts = word.split(".")
+        ok = len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(self.code)[0]
+        return word if ok else ""
+
 
 def _translate(exc: BaseException, step: str) -> Reply:
     """aiosmtplib's exceptions -> Reply; anything without a code counts as not reached."""
     if isinstance(exc, aiosmtplib.SMTPResponseException) and 400 <= exc.code < 600:
         if exc.code == 421:  # the server is closing the connection: it is going away
-            return Reply(exc.code, exc.message, reached=False)
-        return Reply(exc.code, exc.message)
+            return Reply(exc.code, exc.message, reached=False, stage=step)
+        return Reply(exc.code, exc.message, stage=step)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         reason = f"timeout during {step}"
     elif isinstance(exc, ssl.SSLError):
         reason = f"TLS failure during {step}"
     else:
         reason = f"connection failed during {step}"
-    return Reply(451, reason, reached=False)
+    return Reply(451, reason, reached=False, stage=step)
+
+
+def needs_smtputf8(*addresses: str) -> bool:
+    """RFC 6531: a transaction needs SMTPUTF8 when an envelope address is not ASCII."""
+    return not all(address.isascii() for address in addresses)
 
 
 class Peer(Protocol):
@@ -76,86 +116,151 @@ class Upstream:
         self.credentials = credentials
         self._smtp: aiosmtplib.SMTP | None = None
         self._in_transaction = False
+        self._utf8 = False          # this transaction's MAIL FROM carried SMTPUTF8
+        self.server_name = primary.address.host   # what the server calls itself, once it said
 
     @property
     def connected(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
 
     async def _connect(self) -> None:
+        """Connect, STARTTLS as configured, EHLO (again after STARTTLS), AUTH if configured."""
         p = self.primary
         start_tls = {"off": False, "opportunistic": None, "required": True}[p.starttls]
         self._smtp = aiosmtplib.SMTP(
             hostname=p.address.host, port=p.address.port, local_hostname=self.helo,
             timeout=p.timeout, start_tls=start_tls, validate_certs=p.verify_cert,
             cert_bundle=str(p.ca_file) if p.ca_file else None)
-        await self._smtp.connect(timeout=p.connect_timeout)
-        if self.credentials is not None:
-            await self._smtp.login(*self.credentials)
         self._in_transaction = False
+        await self._smtp.connect(timeout=p.connect_timeout)
+        if self._smtp.is_ehlo_or_helo_needed:
+            try:
+                await self._smtp.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not self._smtp.is_connected:
+                    raise
+                await self._smtp.helo()
+        self._note_name()
+        if self.credentials is not None:
+            if self._smtp.get_transport_info("sslcontext") is None:
+                raise _NoTLS(NO_TLS_FOR_AUTH.format(host=p.address.host))
+            await self._smtp.login(*self.credentials)
 
-    async def begin(self, sender: str, mail_options: list[str], size: int | None = None) -> Reply:
-        """Connect if needed and send MAIL FROM; a failure closes the connection."""
-        step = "connect"
+    async def _open(self) -> Reply | None:
+        """Connect unless connected; a Reply when that failed."""
+        if self.connected:
+            return None
         try:
-            if not self.connected:
-                await self._connect()
-            assert self._smtp is not None
+            await self._connect()
+        except _NoTLS as exc:
+            self.close()
+            return Reply(451, str(exc), reached=False, stage=CONNECT)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.close()
+            return _translate(exc, CONNECT)
+        return None
+
+    async def begin(self, sender: str, mail_options: list[str], size: int | None = None,
+                    rcpts: Iterable[str] = ()) -> Reply:
+        """Connect if needed and send MAIL FROM with the options this server offers.
+
+        `rcpts` are the recipients known in advance (replay, the smarthost), so SMTPUTF8 is
+        asked for when one of them needs it. A failure that loses the connection closes it."""
+        failed = await self._open()
+        if failed is not None:
+            return failed
+        assert self._smtp is not None
+        rcpts = list(rcpts)
+        utf8 = needs_smtputf8(sender, *rcpts) or any(o.upper() == "SMTPUTF8" for o in mail_options)
+        if needs_smtputf8(sender, *rcpts) and not self._smtp.supports_extension("smtputf8"):
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL)
+        step = MAIL
+        try:
             if self._in_transaction:
                 step = "RSET"
                 await self._smtp.rset()
-            step = "MAIL FROM"
+            step = MAIL
             options = [o for o in mail_options if self._supported(o)]
+            if utf8 and self._smtp.supports_extension("smtputf8") and "SMTPUTF8" not in options:
+                options.append("SMTPUTF8")
             if size and self._smtp.supports_extension("size"):
                 options.append(f"SIZE={size}")
-            utf8 = "SMTPUTF8" in options
+            self._utf8 = "SMTPUTF8" in options
             response = await self._smtp.mail(sender, options=options,
-                                             encoding="utf-8" if utf8 else "ascii")
+                                             encoding="utf-8" if self._utf8 else "ascii")
             self._in_transaction = True
-            return Reply(response.code, response.message)
-        except (aiosmtplib.SMTPException, OSError, UnicodeError) as exc:
+            return Reply(response.code, response.message, stage=MAIL)
+        except UnicodeError:
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL)
+        except (aiosmtplib.SMTPException, OSError) as exc:
             reply = _translate(exc, step)
             if not reply.reached:
                 self.close()
             return reply
 
     def _supported(self, option: str) -> bool:
+        """Whether to pass on a MAIL FROM option our client gave us (SIZE is recomputed)."""
         assert self._smtp is not None
+        name = option.split("=", 1)[0].upper()
         if option.upper() == "BODY=8BITMIME":
             return self._smtp.supports_extension("8bitmime")
-        if option.upper() == "SMTPUTF8":
+        if name == "SMTPUTF8":
             return self._smtp.supports_extension("smtputf8")
-        return False  # SIZE is recomputed; anything else was refused by our own listener
+        if name in ("RET", "ENVID"):
+            return self._smtp.supports_extension("dsn")
+        return False  # anything else was refused by our own listener
 
-    async def rcpt(self, recipient: str) -> Reply:
+    async def rcpt(self, recipient: str, options: Iterable[str] = ()) -> Reply:
+        """RCPT TO, with RFC 3461's NOTIFY and ORCPT when the server offers DSN."""
         assert self._smtp is not None
+        if needs_smtputf8(recipient) and not self._utf8:
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=RCPT)
+        wanted = [o for o in options if o.split("=", 1)[0].upper() in ("NOTIFY", "ORCPT")]
+        passed = wanted if self._smtp.supports_extension("dsn") else []
         try:
-            response = await self._smtp.rcpt(recipient, encoding="utf-8")
-            return Reply(response.code, response.message)
-        except (aiosmtplib.SMTPException, OSError, UnicodeError) as exc:
-            reply = _translate(exc, "RCPT TO")
+            response = await self._smtp.rcpt(recipient, options=passed, encoding="utf-8")
+            return Reply(response.code, response.message, stage=RCPT)
+        except UnicodeError:
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=RCPT)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            reply = _translate(exc, RCPT)
             if not reply.reached:
                 self.close()
             return reply
+
+    def _note_name(self) -> None:
+        """The host name the server gave in its EHLO (or HELO) reply, for DSNs' Remote-MTA."""
+        assert self._smtp is not None
+        response = self._smtp.last_ehlo_response or self._smtp.last_helo_response
+        words = response.message.split() if response is not None else []
+        name = words[0] if words else ""
+        if name and len(name) <= 255 and all(c.isalnum() or c in ".-" for c in name):
+            self.server_name = name
+
+    def offers(self, extension: str) -> bool:
+        """Whether the connected server offered `extension` in its EHLO reply."""
+        return self._smtp is not None and self._smtp.supports_extension(extension)
 
     async def data(self, message: bytes) -> Reply:
         """Send the message; the transaction is over whatever the answer."""
         assert self._smtp is not None
         try:
             response = await self._smtp.data(message)
-            return Reply(response.code, response.message)
+            return Reply(response.code, response.message, stage=DATA)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = _translate(exc, "DATA")
+            reply = _translate(exc, DATA)
             if not reply.reached:
                 self.close()
             return reply
         finally:
             self._in_transaction = False
 
-    async def send(self, sender: str, rcpt: str, mail_options: list[str], data: bytes) -> Reply:
+    async def send(self, sender: str, rcpt: str, mail_options: list[str], data: bytes,
+                   rcpt_options: Iterable[str] = ()) -> Reply:
         """One whole transaction: MAIL, RCPT, DATA; the first reply that is not 2xx."""
-        reply = await self.begin(sender, mail_options, size=len(data))
+        reply = await self.begin(sender, mail_options, size=len(data), rcpts=[rcpt])
         if reply.ok:
-            reply = await self.rcpt(rcpt)
+            reply = await self.rcpt(rcpt, rcpt_options)
         if reply.ok:
             reply = await self.data(data)
         return reply
@@ -181,9 +286,10 @@ async def probe(primary: Peer, helo: str) -> Reply:
     """Is the primary taking mail? Connect, EHLO (and STARTTLS as configured), QUIT."""
     upstream = Upstream(primary, helo)
     try:
-        await upstream._connect()
-        return Reply(250, "probe ok")
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        return _translate(exc, "probe")
+        return await upstream._open() or Reply(250, "probe ok", stage=CONNECT)
     finally:
         await upstream.quit()
+
+
+class _NoTLS(Exception):
+    """Credentials would have gone out in clear: the connection is dropped instead."""

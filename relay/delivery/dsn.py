@@ -11,6 +11,9 @@ bytes; the only changes are bare LF -> CRLF and splitting any line longer than 9
 Whatever comes from outside is treated as hostile: the remote server's text is reduced to one line
 of printable ASCII and folded; addresses with line breaks or control characters raise ValueError.
 
+`notify_says` and `dsn_field` read the sender's RFC 3461 wishes (NOTIFY=, ENVID=, ORCPT=) from
+the options kept with a queue entry.
+
 Sending the result: if it holds 8-bit bytes (`not dsn.isascii()`), send with BODY=8BITMIME; if
 `mail_from` or `rcpt` is non-ASCII, the report follows RFC 6533 (message/global-delivery-status,
 `utf-8` address type) and needs SMTPUTF8.
@@ -46,12 +49,15 @@ _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]")
 
 def build_dsn(*, reporting_mta: str, original: bytes, mail_from: str, rcpt: str,
               code: int, text: str, remote_mta: str, arrival: float,
-              now: float | None = None, action: str = "failed") -> bytes:
+              now: float | None = None, action: str = "failed", envid: str | None = None,
+              orcpt: str | None = None) -> bytes:
     """The bytes of a DSN telling `mail_from` what happened to its message for `rcpt`.
 
     `code` and `text` are the remote server's reply (text without the code, as aiosmtplib gives
-    it); `arrival` and `now` are Unix times. `action` is "failed" or "delayed". Raises ValueError
-    for an unusable address, host name, code or action.
+    it); `arrival` and `now` are Unix times. `action` is "failed" or "delayed". `envid` and
+    `orcpt` are the sender's RFC 3461 ENVID and ORCPT (`rfc822;addr`), reported as given when they
+    are well-formed xtext and left out otherwise. Raises ValueError for an unusable address, host
+    name, code or action.
     """
     _check_host(reporting_mta)
     _check_address("mail_from", mail_from)
@@ -65,7 +71,8 @@ def build_dsn(*, reporting_mta: str, original: bytes, mail_from: str, rcpt: str,
     utf8 = not (mail_from + rcpt).isascii()
     parts = [
         _notice_part(reporting_mta, rcpt, code, text, remote_mta, action, utf8),
-        _status_part(reporting_mta, rcpt, code, text, remote_mta, action, arrival, utf8),
+        _status_part(reporting_mta, rcpt, code, text, remote_mta, action, arrival, utf8,
+                     _xtext(envid), _xtext(orcpt)),
         _headers_part(original),
     ]
     boundary = _pick_boundary(original, *parts)
@@ -74,6 +81,25 @@ def build_dsn(*, reporting_mta: str, original: bytes, mail_from: str, rcpt: str,
     body = b"".join(b"--" + boundary.encode() + b"\r\n" + part for part in parts)
     preamble = b"This is a MIME-encapsulated message.\r\n\r\n"
     return head + b"\r\n" + preamble + body + b"--" + boundary.encode() + b"--\r\n"
+
+
+def notify_says(rcpt_options: tuple[str, ...] | list[str], what: str) -> bool:
+    """Whether the sender wants a notice of `what` (FAILURE, DELAY, SUCCESS) for a recipient
+    with these RCPT options: without NOTIFY, failures and delays yes, success no (RFC 3461 4.1)."""
+    for option in rcpt_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "NOTIFY":
+            return what.upper() in value.upper().split(",")
+    return what.upper() in ("FAILURE", "DELAY")
+
+
+def dsn_field(options: tuple[str, ...] | list[str], name: str) -> str | None:
+    """The value of option `name` (ENVID, ORCPT...) among `options`, or None."""
+    for option in options:
+        key, eq, value = option.partition("=")
+        if eq and key.upper() == name:
+            return value
+    return None
 
 
 def _check_address(name: str, address: str) -> None:
@@ -159,10 +185,14 @@ def _notice_part(reporting_mta: str, rcpt: str, code: int, text: str, remote_mta
 
 
 def _status_part(reporting_mta: str, rcpt: str, code: int, text: str, remote_mta: str,
-                 action: str, arrival: float, utf8: bool) -> bytes:
+                 action: str, arrival: float, utf8: bool, envid: str | None = None,
+                 orcpt: str | None = None) -> bytes:
     """The message/delivery-status part: per-message fields, blank line, per-recipient fields."""
-    per_message = [f"Reporting-MTA: dns; {reporting_mta}", f"Arrival-Date: {_date(arrival)}"]
+    per_message = [f"Reporting-MTA: dns; {reporting_mta}",
+                   *([f"Original-Envelope-Id: {envid}"] if envid else []),
+                   f"Arrival-Date: {_date(arrival)}"]
     per_recipient = [
+        *([f"Original-Recipient: {orcpt}"] if orcpt else []),
         f"Final-Recipient: {'utf-8' if utf8 else 'rfc822'}; {rcpt}",
         f"Action: {action}",
         f"Status: {_enhanced_status(code, text)}",
@@ -220,6 +250,13 @@ def _pick_boundary(*texts: bytes) -> str:
         boundary = f"----=_DSN_{_token()}"
         if not any(boundary.lower().encode() in t for t in lowered):
             return boundary
+
+
+def _xtext(value: str | None) -> str | None:
+    """`value` when it is printable ASCII without blanks and short enough for a line, else None."""
+    if value and len(value) <= 500 and all("!" <= c <= "~" for c in value):
+        return value
+    return None
 
 
 def _token() -> str:

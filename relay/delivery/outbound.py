@@ -18,6 +18,7 @@ import time
 
 from relay import headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
+from relay.delivery.client import needs_smtputf8
 from relay.errors import PermFail
 from relay.storage.continuity import ContinuityStore
 from relay.storage.queue import Envelope
@@ -36,8 +37,18 @@ def own_from(user: Mailbox, data: bytes) -> None:
         raise PermFail(553, f"5.7.1 The From: header must be your own address <{user}>")
 
 
-def options_for(data: bytes) -> tuple[str, ...]:
-    return () if data.isascii() else ("BODY=8BITMIME",)
+def options_for(data: bytes, sender: str, rcpt: str, requested: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """MAIL FROM options for one copy: BODY=8BITMIME for 8-bit data; SMTPUTF8 when an address
+    needs it (then a smarthost without it refuses the copy for good, RFC 6531), or when the
+    client asked for it or the header block is UTF-8 (then it is passed on where offered, as
+    Postfix does); RET= and ENVID= as the client gave them."""
+    options = [] if data.isascii() else ["BODY=8BITMIME"]
+    head = headers.split(data)[0]
+    asked = any(o.upper() == "SMTPUTF8" for o in requested)
+    if needs_smtputf8(sender, rcpt) or asked or not head.isascii():
+        options.append("SMTPUTF8")
+    options += [o for o in requested if o.split("=", 1)[0].upper() in ("RET", "ENVID")]
+    return tuple(options)
 
 
 class Sender:
@@ -46,19 +57,27 @@ class Sender:
     def __init__(self, store: ContinuityStore) -> None:
         self.store = store
 
-    def submit(self, user: Mailbox, sender: str, rcpts: list[str], data: bytes) -> str:
-        """Check and queue a message from `user`; returns the first outbound queue id."""
+    def submit(self, user: Mailbox, sender: str, rcpts: list[str], data: bytes,
+               mail_options: tuple[str, ...] = (),
+               rcpt_options: dict[str, tuple[str, ...]] | None = None) -> str:
+        """Check and queue a message from `user`; returns the first outbound queue id.
+
+        `mail_options` and `rcpt_options` (per recipient) are what an SMTP client gave: SMTPUTF8,
+        RFC 3461's RET, ENVID, NOTIFY and ORCPT; they travel with each copy to the smarthost."""
         own_from(user, data)
         if not rcpts:
             raise PermFail(554, "5.5.1 No recipients")
         outgoing = headers.remove(data, "Bcc")
         now = time.time()
+        per_rcpt = rcpt_options or {}
         ids = self.store.outbound.enqueue_many(outgoing, [
-            Envelope(mail_from=sender, rcpt=rcpt, received_at=now, mail_options=options_for(outgoing),
-                     extra={"user": str(user)})
+            Envelope(mail_from=sender, rcpt=rcpt, received_at=now,
+                     mail_options=options_for(outgoing, sender, rcpt, mail_options),
+                     rcpt_options=tuple(per_rcpt.get(rcpt, ())), extra={"user": str(user)})
             for rcpt in rcpts])
         self.store.maildirs.deliver(user, data, folder="Sent", seen=True)
         copy = headers.append_to_subject(data, CS_SENT)
         self.store.replay_queue(user.domain).enqueue_bytes(copy, Envelope(
-            mail_from=str(user), rcpt=str(user), received_at=now, mail_options=options_for(copy)))
+            mail_from=str(user), rcpt=str(user), received_at=now,
+            mail_options=options_for(copy, str(user), str(user))))
         return ids[0]

@@ -20,21 +20,15 @@ from dataclasses import replace
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.config import Outbound
 from relay.delivery.client import Reply, Upstream
-from relay.delivery.dsn import build_dsn
+from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.errors import CorruptEntryError
 from relay.log import event
-from relay.runners.wake import sleep_until_kick
+from relay.runners.wake import retry_delay, sleep_until_kick
 from relay.storage.queue import MAX_CRASHES, Envelope, Queue
 
 log = logging.getLogger("relay.outbound")
 
 Notify = Callable[[Mailbox, bytes], None]   # put a notice into a user's INBOX, blocking
-MAX_DELAY = 3600.0
-
-
-def retry_delay(first: float, attempts: int) -> float:
-    """first, 2*first, 4*first ... capped at an hour (or at `first` when that is longer)."""
-    return min(first * 2 ** max(attempts - 1, 0), max(first, MAX_DELAY))
 
 
 class OutboundRunner:
@@ -100,8 +94,8 @@ class OutboundRunner:
             return None
         try:
             reply = await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options),
-                                        data)
-            await asyncio.to_thread(self._settle, entry, envelope, data, reply)
+                                        data, envelope.rcpt_options)
+            await asyncio.to_thread(self._settle, entry, envelope, data, reply, upstream.server_name)
             return reply
         except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
             crashed = replace(envelope, crashes=envelope.crashes + 1, note=f"error: {type(exc).__name__}")
@@ -111,7 +105,7 @@ class OutboundRunner:
                   detail=exc, now_in=target)
             return None
 
-    def _settle(self, entry: str, envelope: Envelope, data: bytes, reply: Reply) -> None:
+    def _settle(self, entry: str, envelope: Envelope, data: bytes, reply: Reply, server: str) -> None:
         """Blocking: finish, fail (with a notice to the user) or defer the entry."""
         if reply.ok:
             self.queue.finish(entry)
@@ -121,7 +115,7 @@ class OutboundRunner:
         attempts = envelope.attempts + 1
         expired = time.time() - envelope.received_at >= self.settings.max_age
         if reply.permanent or expired:
-            self._tell_user(envelope, data, reply)
+            self._tell_user(envelope, data, reply, server)
             self.queue.move(entry, "active", "failed", replace(envelope, attempts=attempts, note=note))
             event(log, "outbound.failed", logging.WARNING, id=entry, rcpt=envelope.rcpt, reply=note,
                   expired=expired)
@@ -132,13 +126,17 @@ class OutboundRunner:
                         replace(envelope, attempts=attempts, note=note, extra=extra))
         event(log, "outbound.deferred", id=entry, rcpt=envelope.rcpt, reply=note, attempts=attempts)
 
-    def _tell_user(self, envelope: Envelope, data: bytes, reply: Reply) -> None:
+    def _tell_user(self, envelope: Envelope, data: bytes, reply: Reply, server: str) -> None:
+        """A notice into the sending user's INBOX, unless their RCPT said NOTIFY without FAILURE."""
+        if not notify_says(envelope.rcpt_options, "FAILURE"):
+            return
         try:
             user = parse_mailbox(envelope.extra.get("user") or envelope.mail_from)
         except AddressError:
             return  # a notice of our own (sender <>) that could not be delivered: nobody to tell
         notice = build_dsn(reporting_mta=self.hostname, original=data, mail_from=str(user),
                            rcpt=envelope.rcpt, code=reply.code if reply.code >= 400 else 451,
-                           text=reply.text, remote_mta=self.smarthost.address.host,
-                           arrival=envelope.received_at)
+                           text=reply.text, remote_mta=server, arrival=envelope.received_at,
+                           envid=dsn_field(envelope.mail_options, "ENVID"),
+                           orcpt=dsn_field(envelope.rcpt_options, "ORCPT"))
         self.notify(user, notice)

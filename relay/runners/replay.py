@@ -10,10 +10,15 @@ Per domain, a loop (inside `serve`):
   normal     rescan the queue on the same timer (the directory is the truth, a kick a hint)
 
 A message counts as replayed only after the primary's 250 (then its queue files go; the
-user's Maildir copy stays). A 4xx or a lost connection stops the domain's sweep and puts it
-back in outage; the entry goes back to waiting with its place in line. A 5xx sends a delivery
-status notification to the sender (none for `<>`) and moves the entry to failed/. An entry
-that cannot be read, or whose handling raised, is set aside after `MAX_CRASHES` tries.
+user's Maildir copy stays). What a 4xx means depends on where it came (`Reply.server_trouble`):
+  - no connection, 421, or a 4xx to the greeting, EHLO or MAIL: the primary is in trouble; the
+    domain's sweep stops and the domain goes back to outage
+  - a 4xx to RCPT or DATA (450 mailbox busy, 452 over quota): that mailbox waits, with a
+    growing delay (`retry_delay` from `probe_interval`, at most an hour), and the others go on
+Either way the entry goes back to waiting with its place in line. A 5xx sends a delivery status
+notification to the sender (none for `<>`, nor when its RCPT said NOTIFY without FAILURE) and
+moves the entry to failed/. An entry that cannot be read, or whose handling raised, is set
+aside after `MAX_CRASHES` tries.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from relay.config import Domain, Replay
 from relay.delivery.client import Reply, Upstream, probe
-from relay.delivery.dsn import build_dsn
+from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
 from relay.errors import CorruptEntryError
 from relay.log import event
-from relay.runners.wake import sleep_until_kick
-from relay.storage.queue import MAX_CRASHES, Envelope, Queue, waiting_by_user
+from relay.runners.wake import retry_delay, sleep_until_kick
+from relay.storage.queue import MAX_CRASHES, Envelope, Queue, due_by_user
 
 log = logging.getLogger("relay.replay")
 
@@ -47,7 +52,10 @@ class Sweep:
     delivered: int = 0
     failed: int = 0
     held: int = 0
+    deferred: int = 0          # mailboxes told to wait (a 4xx to RCPT or DATA)
     fault: str | None = None   # set when a temporary failure stopped the sweep
+    next_due: float | None = None   # when the first mailbox that waits may be tried again
+    waiting_users: set[str] = field(default_factory=set)   # deferred in this sweep
 
 
 class RateLimit:
@@ -90,8 +98,11 @@ class ReplayRunner:
         if domain in self._kicks and (state is None or state.state == REPLAYING):
             self._kicks[domain].set()
 
-    async def _wait(self, domain: str) -> None:
-        await sleep_until_kick(self._kicks[domain], self.settings.probe_interval)
+    async def _wait(self, domain: str, until: float | None = None) -> None:
+        seconds = self.settings.probe_interval
+        if until is not None:
+            seconds = max(0.05, min(seconds, until - time.time()))
+        await sleep_until_kick(self._kicks[domain], seconds)
 
     async def run(self) -> None:
         """Run every domain's loop until cancelled; an error in the loop itself ends serve."""
@@ -119,6 +130,8 @@ class ReplayRunner:
             kick.clear()
             if result.fault:
                 self.health.primary_failed(domain.name, result.fault)
+            elif not result.total:   # only mailboxes told to wait are left
+                await self._wait(domain.name, result.next_due)
 
     async def _probe(self, domain: Domain, queue: Queue) -> None:
         """A primary that greets may still refuse every message (a 451 for a broken mailbox
@@ -136,21 +149,28 @@ class ReplayRunner:
 
     # -- one sweep (also the `replay` command) -----------------------------------------------
 
-    async def sweep(self, domain: Domain, progress: Callable[[int], None] | None = None) -> Sweep:
-        """Deliver every waiting entry of `domain` until none is left or a fault stops it."""
+    async def sweep(self, domain: Domain, progress: Callable[[int], None] | None = None,
+                    force: bool = False) -> Sweep:
+        """Deliver every due entry of `domain` until none is left or a fault stops it.
+
+        `force` (the `replay` command, like `postqueue -f`) also tries the mailboxes told to
+        wait, once each."""
         queue = self.queue_for(domain.name)
         result = Sweep()
         started = time.monotonic()
         while result.fault is None:
-            users = await asyncio.to_thread(waiting_by_user, queue)
+            users, result.next_due = await asyncio.to_thread(
+                due_by_user, queue, None if force else time.time())
+            for rcpt in result.waiting_users:
+                users.pop(rcpt, None)
             if not users:
                 break
             result.total += sum(len(ids) for ids in users.values())
             await self._sweep_once(domain, queue, deque(users.values()), result, progress)
-        if result.delivered or result.failed or result.held:
+        if result.delivered or result.failed or result.held or result.deferred:
             event(log, "replay.swept", domain=domain.name, delivered=result.delivered,
-                  failed=result.failed, held=result.held, seconds=round(time.monotonic() - started, 1),
-                  stopped_by=result.fault or "-")
+                  failed=result.failed, held=result.held, deferred=result.deferred,
+                  seconds=round(time.monotonic() - started, 1), stopped_by=result.fault or "-")
         return result
 
     async def _sweep_once(self, domain: Domain, queue: Queue, users: deque[list[str]], result: Sweep,
@@ -169,61 +189,84 @@ class ReplayRunner:
                     if result.fault is not None:
                         break
                     await limit.wait()
-                    await self._replay(domain, queue, upstream, entry, result)
+                    waits = await self._replay(domain, queue, upstream, entry, result)
                     if progress is not None:
                         progress(1)
+                    if waits:      # the rest of this mailbox keeps its order behind it
+                        break
         finally:
             await upstream.quit()
 
     async def _replay(self, domain: Domain, queue: Queue, upstream: Upstream, entry: str,
-                      result: Sweep) -> None:
+                      result: Sweep) -> bool:
+        """Replay one entry; True when its mailbox was told to wait."""
         if not await asyncio.to_thread(queue.claim, entry):
-            return  # another sweeper (the `replay` command, or serve) has it
+            return False  # another sweeper (the `replay` command, or serve) has it
         try:
             envelope, data = await asyncio.to_thread(queue.read, entry, "active")
         except CorruptEntryError as exc:
             await asyncio.to_thread(queue.move, entry, "active", "hold")
             event(log, "replay.held", logging.ERROR, domain=domain.name, id=entry, error=exc)
             result.held += 1
-            return
+            return False
         try:
             reply = await self._send(upstream, envelope, data)
-            await self._settle(domain, queue, entry, envelope, data, reply, result)
+            return await self._settle(domain, queue, entry, envelope, data, reply, result,
+                                      upstream.server_name)
         except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
             await self._crashed(domain, queue, entry, envelope, exc, result)
+            return False
 
     @staticmethod
     async def _send(upstream: Upstream, envelope: Envelope, data: bytes) -> Reply:
-        return await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data)
+        return await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
+                                   envelope.rcpt_options)
 
     async def _settle(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope,
-                      data: bytes, reply: Reply, result: Sweep) -> None:
+                      data: bytes, reply: Reply, result: Sweep, server: str) -> bool:
         if reply.ok:
             await asyncio.to_thread(queue.finish, entry)
             self.health.primary_ok(domain.name)  # the first delivery ends an outage
             result.delivered += 1
-            return
+            return False
         note = f"{reply.code} {reply.text}"
         if reply.permanent:
-            await asyncio.to_thread(self._refused, domain, queue, entry, envelope, data, reply)
+            told = await asyncio.to_thread(self._refused, queue, entry, envelope, data, reply, server)
             event(log, "replay.refused", logging.WARNING, domain=domain.name, id=entry,
-                  rcpt=envelope.rcpt, reply=note, dsn="no" if not envelope.mail_from else "yes")
+                  rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
             result.failed += 1
-            return
-        later = replace(envelope, attempts=envelope.attempts + 1, note=note)
+            return False
+        attempts = envelope.attempts + 1
+        if reply.server_trouble:
+            later = replace(envelope, attempts=attempts, note=note)
+            await asyncio.to_thread(queue.move, entry, "active", "waiting", later)
+            result.fault = note
+            return False
+        delay = retry_delay(self.settings.probe_interval, attempts)
+        extra = {**envelope.extra, "next_try": time.time() + delay}
+        later = replace(envelope, attempts=attempts, note=note, extra=extra)
         await asyncio.to_thread(queue.move, entry, "active", "waiting", later)
-        result.fault = note
+        event(log, "replay.deferred", domain=domain.name, id=entry, rcpt=envelope.rcpt, reply=note,
+              attempts=attempts, retry_in=int(delay))
+        result.deferred += 1
+        result.waiting_users.add(envelope.rcpt)
+        return True
 
-    def _refused(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope, data: bytes,
-                 reply: Reply) -> None:
-        """5xx: tell the sender first, then file the entry under failed/ (blocking)."""
-        if envelope.mail_from:
+    def _refused(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, reply: Reply,
+                 server: str) -> bool:
+        """5xx: tell the sender first (unless it asked not to be told), then file the entry
+        under failed/ (blocking). True when a notice was queued."""
+        tell = bool(envelope.mail_from) and notify_says(envelope.rcpt_options, "FAILURE")
+        if tell:
             self.bounce(build_dsn(reporting_mta=self.hostname, original=data,
                                   mail_from=envelope.mail_from, rcpt=envelope.rcpt, code=reply.code,
-                                  text=reply.text, remote_mta=domain.primary.address.host,
-                                  arrival=envelope.received_at), envelope.mail_from)
+                                  text=reply.text, remote_mta=server, arrival=envelope.received_at,
+                                  envid=dsn_field(envelope.mail_options, "ENVID"),
+                                  orcpt=dsn_field(envelope.rcpt_options, "ORCPT")),
+                        envelope.mail_from)
         failed = replace(envelope, attempts=envelope.attempts + 1, note=f"{reply.code} {reply.text}")
         queue.move(entry, "active", "failed", failed)
+        return tell
 
     async def _crashed(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope,
                        exc: Exception, result: Sweep) -> None:

@@ -2,19 +2,22 @@
 
 Per recipient, in the sender's session:
   - not a configured domain -> 550 5.7.1; malformed or unsafe address -> 553, nothing on disk
-  - RCPT is forwarded to the primary; its 2xx or 5xx becomes our answer
+  - RCPT is forwarded to the primary (with its DSN parameters); its 2xx or 5xx is our answer
   - a 4xx or no answer: the recipient is kept for continuity when the domain's subscription is
-    active today and the user is registered; otherwise the sender gets the 4xx and retries
+    active today and the user is registered; otherwise the sender gets the 4xx and retries.
+    Two kinds of 4xx are the primary's word on this one message, not a sign it is in trouble:
+      4.7.x (policy, greylisting): goes back to the sender as it is and nothing is kept, so
+            the primary's policy still holds;
+      4.2.x (mailbox busy or full): kept for continuity, but the domain's health stays as it is
 At DATA, the message (plus our Received header) goes to the primary for the recipients it took;
-those it now fails temporarily also fall back to continuity. Continuity copies are written to
-the Maildir and the replay queue, and only then does the sender get 250. When one reply cannot
-be right for every recipient, the answer is 451 and nothing is kept.
+those it now fails temporarily fall back to continuity by the same rules. Continuity copies are
+written to the Maildir and the replay queue, and only then does the sender get 250. When one
+reply cannot be right for every recipient, the answer is 451 and nothing is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
@@ -29,10 +32,14 @@ from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 
 log = logging.getLogger("relay.inbound")
 
-Keep = Callable[[Mailbox, str, bytes, tuple[str, ...]], str]
+Keep = Callable[[Mailbox, str, bytes, tuple[str, ...], tuple[str, ...]], str]
+"""(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id; blocking."""
+
+KEPT_MAIL_OPTIONS = ("BODY", "SMTPUTF8", "RET", "ENVID")   # what replay passes on later
 
 
 class Route(Enum):
@@ -40,13 +47,14 @@ class Route(Enum):
     CONTINUITY = "continuity"    # kept here: the primary failed temporarily
 
 
-class Transaction(Envelope):
+class Transaction(RelayEnvelope):
     """aiosmtpd's envelope plus where each recipient goes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.id = secrets.token_hex(6)
         self.routes: dict[Mailbox, Route] = {}
+        self.options: dict[Mailbox, tuple[str, ...]] = {}   # each recipient's DSN parameters
         self.used: dict[HostPort, Upstream] = {}    # got MAIL FROM in this transaction
         self.failed: dict[HostPort, Reply] = {}     # could not be used in this transaction
 
@@ -59,8 +67,8 @@ class RelaySession(Session):
         self.upstreams: dict[HostPort, Upstream] = {}
 
 
-class InboundSMTP(SMTP):
-    """aiosmtpd's server with our session and envelope types, closing primaries on hang-up."""
+class InboundSMTP(RelaySMTP):
+    """The shared protocol with our session and envelope types, closing primaries on hang-up."""
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -136,19 +144,26 @@ class InboundHandler:
             return replies.RECIPIENT_OK
         if len(envelope.routes) >= self.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        reply = await self._primary_rcpt(session, envelope, domain, address)
+        options = tuple(envelope.next_rcpt_options)
+        reply = await self._primary_rcpt(session, envelope, domain, address, options)
         if reply.ok:
             route = Route.PRIMARY
-        elif reply.permanent:
+        elif reply.permanent or _policy(reply):
             return replies.relayed(reply.code, reply.text)
         else:
-            self.health.primary_failed(domain.name, f"{reply.code} {reply.text}")
+            self._failed(domain, reply)
             if not self._may_keep(domain, user):
                 return self._temporary(domain, reply)
             route = Route.CONTINUITY
         envelope.routes[user] = route
+        envelope.options[user] = options
         envelope.rcpt_tos.append(address)
         return replies.RECIPIENT_OK
+
+    def _failed(self, domain: Domain, reply: Reply) -> None:
+        """A temporary failure: the domain is in outage unless it was about one mailbox."""
+        if not _mailbox_only(reply):
+            self.health.primary_failed(domain.name, f"{reply.code} {reply.text}")
 
     def _may_keep(self, domain: Domain, user: Mailbox) -> bool:
         return domain.continuity_active() and self.is_registered(user)
@@ -160,7 +175,7 @@ class InboundHandler:
         return replies.PRIMARY_UNREACHABLE.format(domain=domain.name)
 
     async def _primary_rcpt(self, session: RelaySession, tx: Transaction, domain: Domain,
-                            address: str) -> Reply:
+                            address: str, options: tuple[str, ...]) -> Reply:
         primary: Primary = domain.primary
         key = primary.address
         if key in tx.failed:
@@ -174,7 +189,7 @@ class InboundHandler:
                 tx.failed[key] = reply
                 return reply
             tx.used[key] = upstream
-        reply = await upstream.rcpt(address)
+        reply = await upstream.rcpt(address, options)
         if not reply.reached:
             tx.failed[key] = reply
             del tx.used[key]
@@ -203,8 +218,8 @@ class InboundHandler:
             answers[user] = reply = by_key[key]
             if reply.ok:
                 self.health.primary_ok(domain.name)
-            elif reply.temporary:
-                self.health.primary_failed(domain.name, f"{reply.code} {reply.text}")
+            elif reply.temporary and not _policy(reply):
+                self._failed(domain, reply)
                 if self._may_keep(domain, user):
                     outcome[user] = Route.CONTINUITY
         return await self._answer(tx, message, outcome, answers)
@@ -225,10 +240,11 @@ class InboundHandler:
                   rcpts=len(outcome))
             return replies.SPLIT_OUTCOME
         sender = parse_sender(tx.mail_from)
-        options = tuple(o for o in tx.mail_options if o.upper() in ("BODY=8BITMIME", "SMTPUTF8"))
+        options = tuple(o for o in tx.mail_options
+                        if o.split("=", 1)[0].upper() in KEPT_MAIL_OPTIONS and o.upper() != "BODY=7BIT")
         try:
             for user in kept:
-                await asyncio.to_thread(self.keep, user, sender, message, options)
+                await asyncio.to_thread(self.keep, user, sender, message, options, tx.options[user])
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
             event(log, "inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
             return replies.LOCAL_ERROR
@@ -239,14 +255,16 @@ class InboundHandler:
         return replies.DELIVERED.format(id=tx.id)
 
     def _received(self, session: Session, tx: Transaction) -> bytes:
-        helo = "".join(c for c in (session.host_name or "unknown") if c.isprintable() and
-                       not c.isspace())[:120] or "unknown"
-        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
-            proto += "S"
         rcpts = list(tx.routes)
-        target = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
-        date = email.utils.formatdate(localtime=True)
-        return (f"Received: from {helo} ([{peer}])\r\n\tby {self.hostname} (continuity-relay) "
-                f"with {proto} id {tx.id}{target};\r\n\t{date}\r\n").encode()
+        return received_header(session, self.hostname, tx.id, str(rcpts[0]) if len(rcpts) == 1 else None,
+                               utf8=tx.smtp_utf8)
+
+
+def _policy(reply: Reply) -> bool:
+    """A 4.7.x: the primary's policy (greylisting, a rate limit) speaks; the sender must hear it."""
+    return reply.temporary and reply.reached and reply.enhanced.startswith("4.7.")
+
+
+def _mailbox_only(reply: Reply) -> bool:
+    """A 4.2.x to RCPT or DATA: one mailbox is busy or full; the primary itself is fine."""
+    return not reply.server_trouble and reply.enhanced.startswith("4.2.")

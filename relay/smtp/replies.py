@@ -19,6 +19,7 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 PRIMARY_UNREACHABLE = "451 4.4.1 Mail server for {domain} not reachable, try again later"
 SPLIT_OUTCOME = "451 4.3.0 Recipients cannot all be accepted now, try again later"
 LOCAL_ERROR = "451 4.3.0 Temporary local problem, try again later"
+BAD_PARAMETER = "501 5.5.4 Invalid parameter: {reason}"
 
 # Submission (relay/smtp/submission.py)
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
@@ -30,7 +31,7 @@ SENDER_NOT_OWN = "553 5.7.1 Sender address rejected: you may send only as {addre
 SENDING_DISABLED = "451 4.3.2 Sending is disabled on this relay: no smarthost configured"
 
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
-       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR,
+       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
        SENDING_DISABLED)
 

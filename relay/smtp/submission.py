@@ -7,9 +7,10 @@ Rule 4 (never an open relay) is enforced here in three layers:
     hash check on the event loop): the password is checked in a worker thread against the
     passwd-file Dovecot uses, and failures are throttled per client address and per account;
   - MAIL must name the authenticated user's own address (case-insensitively), else 553 5.7.1.
-Recipients may be anywhere. At DATA the message goes, as received, to the `submit` pipeline
-the app hands in; this module keeps nothing on disk itself, so a crash loses only what was
-never acknowledged. Without a smarthost (`submit is None`) MAIL answers 451 4.3.2.
+Recipients may be anywhere. At DATA the message goes, as received plus our Received header,
+with the client's SMTPUTF8 and DSN parameters, to the `submit` pipeline the app hands in; this
+module keeps nothing on disk itself, so a crash loses only what was never acknowledged.
+Without a smarthost (`submit is None`) MAIL answers 451 4.3.2.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import secrets
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -30,13 +33,19 @@ from relay.directory import Directory, User
 from relay.errors import PermFail, RelayError
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 
 log = logging.getLogger("relay.submission")
 
-Submit = Callable[[User, str, list[str], bytes], Awaitable[str]]
-"""(authenticated user, envelope sender, recipients, message bytes) -> an id for the reply.
-May raise PermFail(code, text) to refuse the message for good with that reply; anything else
-it raises is answered 451 with a generic text."""
+class Submit(Protocol):
+    """(authenticated user, envelope sender, recipients, message bytes, MAIL FROM options,
+    RCPT TO options per recipient) -> an id for the reply. May raise PermFail(code, text) to
+    refuse the message for good with that reply; anything else it raises is answered 451 with
+    a generic text."""
+
+    def __call__(self, user: User, sender: str, rcpts: list[str], data: bytes,
+                 mail_options: tuple[str, ...] = (),
+                 rcpt_options: dict[str, tuple[str, ...]] | None = None) -> Awaitable[str]: ...
 
 USERNAME_CHALLENGE = b"Username:"
 PASSWORD_CHALLENGE = b"Password:"
@@ -55,8 +64,8 @@ class SubmissionSession(Session):
         self._login_data = value
 
 
-class SubmissionSMTP(SMTP):
-    """aiosmtpd's server with our session type."""
+class SubmissionSMTP(RelaySMTP):
+    """The shared protocol with our session type."""
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -201,19 +210,22 @@ class SubmissionHandler:
             return replies.SENDING_DISABLED
         content = envelope.content
         assert isinstance(content, bytes) and envelope.mail_from is not None
+        trace = received_header(session, self.hostname, secrets.token_hex(6), None,
+                                utf8=envelope.smtp_utf8)
+        params = envelope.rcpt_params if isinstance(envelope, RelayEnvelope) else {}
         # A client hanging up mid-way must not cut the hand-over to the pipeline in half.
         task = asyncio.get_running_loop().create_task(
             self._hand_over(self.submit, user, envelope.mail_from, list(envelope.rcpt_tos),
-                            content))
+                            trace + content, tuple(envelope.mail_options), dict(params)))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(task)
 
     @staticmethod
-    async def _hand_over(submit: Submit, user: User, sender: str, rcpts: list[str],
-                         message: bytes) -> str:
+    async def _hand_over(submit: Submit, user: User, sender: str, rcpts: list[str], message: bytes,
+                         mail_options: tuple[str, ...], rcpt_options: dict[str, tuple[str, ...]]) -> str:
         try:
-            queue_id = await submit(user, sender, rcpts, message)
+            queue_id = await submit(user, sender, rcpts, message, mail_options, rcpt_options)
         except PermFail as exc:
             if not 500 <= exc.code <= 599:
                 event(log, "submission.error", logging.ERROR, user=user.email, error="PermFail",

@@ -46,11 +46,11 @@ class ContinuityStore:
         return self._queues[domain]
 
     def keep(self, user: Mailbox, sender: str, message: bytes,
-             mail_options: tuple[str, ...] = ()) -> str:
+             mail_options: tuple[str, ...] = (), rcpt_options: tuple[str, ...] = ()) -> str:
         """Store one recipient's copy durably; returns the replay queue id. Blocking."""
         trace = (f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n").encode()
         envelope = Envelope(mail_from=sender, rcpt=str(user), received_at=time.time(),
-                            skip=len(trace), mail_options=mail_options)
+                            skip=len(trace), mail_options=mail_options, rcpt_options=rcpt_options)
         queue = self.replay_queue(user.domain)
         ids: list[str] = []
         try:

@@ -46,6 +46,7 @@ class Envelope:
     received_at: float
     skip: int = 0            # bytes at the top of msg/<id> not to pass on (our Maildir headers)
     mail_options: tuple[str, ...] = ()
+    rcpt_options: tuple[str, ...] = ()   # RFC 3461 NOTIFY= and ORCPT=, passed on with RCPT
     crashes: int = 0
     attempts: int = 0
     note: str = ""           # the last failure, for status and DSNs
@@ -58,6 +59,7 @@ class Envelope:
     def from_bytes(cls, data: bytes) -> Envelope:
         raw = json.loads(data)
         raw["mail_options"] = tuple(raw.get("mail_options", ()))
+        raw["rcpt_options"] = tuple(raw.get("rcpt_options", ()))
         return cls(**raw)
 
 
@@ -225,11 +227,27 @@ class Queue:
 
 def waiting_by_user(queue: Queue) -> dict[str, list[str]]:
     """Waiting entries grouped by recipient, each group oldest first (blocking)."""
+    return due_by_user(queue, None)[0]
+
+
+def due_by_user(queue: Queue, now: float | None) -> tuple[dict[str, list[str]], float | None]:
+    """Waiting entries grouped by recipient, each group oldest first, leaving out the recipients
+    whose oldest entry was deferred (`extra["next_try"]`) past `now` (None: leave out none);
+    and the earliest such `next_try`, or None (blocking)."""
     users: dict[str, list[str]] = {}
+    deferred: set[str] = set()
+    next_due: float | None = None
     for entry in queue.list("waiting"):
         try:
-            rcpt = queue.envelope(entry).rcpt
-        except CorruptEntryError:
-            rcpt = ""  # gone meanwhile, or unreadable: whoever claims it sets it aside
+            envelope = queue.envelope(entry)
+            rcpt, next_try = envelope.rcpt, float(envelope.extra.get("next_try", 0))
+        except (CorruptEntryError, TypeError, ValueError):
+            rcpt, next_try = "", 0.0  # gone meanwhile, or unreadable: whoever claims it sets it aside
+        if rcpt in deferred:
+            continue
+        if now is not None and rcpt not in users and next_try > now:
+            deferred.add(rcpt)
+            next_due = next_try if next_due is None else min(next_due, next_try)
+            continue
         users.setdefault(rcpt, []).append(entry)
-    return users
+    return users, next_due

@@ -282,7 +282,7 @@ def test_a_sweep_stopped_by_4xx_waits_a_probe_interval(outage, caplog):
     caplog.set_level(logging.INFO, logger="relay.health")
     flips = iter(range(10**6))
     fake.script.rcpt = "250 2.1.5 Ok"
-    fake.script.data_for = lambda content: "451 4.3.0 flap" if next(flips) % 2 else "250 2.0.0 Ok"
+    fake.script.data_for = lambda content: "421 4.3.0 flap" if next(flips) % 2 else "250 2.0.0 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active"), 90)
     changes = [(r.getMessage().split()[0], r.created) for r in caplog.records]
     gaps = [later[1] - earlier[1] for earlier, later in zip(changes, changes[1:], strict=False)

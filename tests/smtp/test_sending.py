@@ -6,10 +6,12 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import ssl
 import time
 
 import pytest
 
+from relay import headers
 from relay.addresses import parse_mailbox
 from relay.cli import main
 from relay.delivery.outbound import Sender
@@ -196,15 +198,18 @@ def test_submission_port_through_the_whole_relay(smarthost, tmp_path, monkeypatc
                 client.sendmail("alice@example.com", ["bob@example.org"], forged)
             assert refused.value.smtp_code == 553
         wait_for(lambda: len(smarthost.received) == 1)
-        assert smarthost.received[0].content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
+        content = smarthost.received[0].content
+        assert content.startswith(b"Received: from ") and b"with ESMTPSA id" in content
+        assert headers.remove(content, "Received") == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
         assert files(tmp_path / "maildirs" / "example.com" / "alice" / ".Sent" / "cur")
     finally:
         relay.stop()
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the fake, on loopback
-def test_smarthost_auth_with_password_file(make_relay, tmp_path):
-    """outbound.smarthost.username + password_file: the relay logs in before sending."""
+def _auth_smarthost(tmp_path, tls: bool):
+    """An aiosmtpd smarthost requiring AUTH (with STARTTLS when `tls`); records the logins."""
+    import trustme
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -217,19 +222,54 @@ def test_smarthost_auth_with_password_file(make_relay, tmp_path):
         seen.append((data.login, data.password))
         return AuthResult(success=data.login == b"relay" and data.password == b"s3cret pass")
 
+    context = None
+    if tls:
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "smarthost-ca.pem"))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)
     handler = ScriptedHandler(Script())
     port = free_port()
     smarthost = Controller(handler, hostname="127.0.0.1", port=port, auth_required=True,
-                           auth_require_tls=False, authenticator=authenticator)
+                           auth_require_tls=tls, authenticator=authenticator, tls_context=context)
+    (tmp_path / "smarthost.password").write_text("s3cret pass\n")
+    return smarthost, handler, seen, port
+
+
+def test_smarthost_auth_with_password_file(make_relay, tmp_path):
+    """outbound.smarthost.username + password_file: the relay logs in (after STARTTLS)."""
+    smarthost, handler, seen, port = _auth_smarthost(tmp_path, tls=True)
     smarthost.start()
     try:
-        (tmp_path / "smarthost.password").write_text("s3cret pass\n")
-        extra = (f"outbound: {{smarthost: {{address: 127.0.0.1:{port}, starttls: off, username: relay, "
-                 f"password_file: smarthost.password}}, retry_delay: 1s}}\n")
+        extra = (f"outbound: {{smarthost: {{address: 127.0.0.1:{port}, starttls: required, "
+                 f"ca_file: smarthost-ca.pem, username: relay, password_file: smarthost.password}}, "
+                 f"retry_delay: 1s}}\n")
         relay = make_relay(free_port(), extra=extra)
         sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
                                 ["bob@example.org"], MESSAGE)
         wait_for(lambda: len(handler.received) == 1)
         assert seen == [(b"relay", b"s3cret pass")]
+    finally:
+        smarthost.stop()
+
+
+@pytest.mark.parametrize("starttls", ["off", "opportunistic"])
+def test_smarthost_credentials_never_go_out_in_clear(make_relay, tmp_path, caplog, starttls):
+    """A smarthost that offers no STARTTLS gets no AUTH: the entry waits, the log says why."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="relay.outbound")
+    smarthost, handler, seen, port = _auth_smarthost(tmp_path, tls=False)
+    smarthost.start()
+    try:
+        extra = (f"outbound: {{smarthost: {{address: 127.0.0.1:{port}, starttls: {starttls}, "
+                 f"username: relay, password_file: smarthost.password}}, retry_delay: 1s}}\n")
+        relay = make_relay(free_port(), extra=extra)
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["bob@example.org"], MESSAGE)
+        wait_for(lambda: "credentials are never sent in clear" in caplog.text)
+        assert seen == [] and handler.received == []
+        queue = relay.config.storage.spool / "outbound"
+        assert len(list((queue / "waiting").iterdir())) + len(list((queue / "active").iterdir())) == 1
     finally:
         smarthost.stop()

@@ -1,0 +1,217 @@
+"""The SMTP server protocol both listeners share: aiosmtpd's `SMTP`, plus what real MTAs expect.
+
+    - EHLO also offers PIPELINING (aiosmtpd reads commands from a buffer, so a pipelined group
+      works as it is), ENHANCEDSTATUSCODES and DSN.
+    - Every reply carries an enhanced status code (RFC 2034), aiosmtpd's own built-in replies
+      ("503 Error: need RCPT command", "552 Error: Too much mail data") included: `push()` adds
+      one by the basic code where the text has none. The greeting and the replies to EHLO and
+      HELO carry none, as RFC 2034 says; 3xx replies have no enhanced codes at all.
+    - RFC 3461 (DSN): aiosmtpd refuses every parameter it does not know with 555, so RET= and
+      ENVID= (MAIL) and NOTIFY= and ORCPT= (RCPT) are taken off the command before aiosmtpd
+      sees it, checked, and kept with their case (ENVID and ORCPT are case-sensitive xtext):
+      MAIL's go into `envelope.mail_options`; a RCPT's are `envelope.next_rcpt_options` while
+      its hook runs and `envelope.rcpt_params[address]` once it was accepted.
+    - `received_header()` writes our Received line, naming the protocol as RFC 3848 and
+      RFC 6531 do (ESMTPSA, UTF8SMTPS...).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.smtp import replies
+
+EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
+
+MAIL_DSN = ("RET", "ENVID")
+RCPT_DSN = ("NOTIFY", "ORCPT")
+MAX_ENVID = 100        # RFC 3461 4.4
+MAX_ORCPT = 500        # RFC 3461 4.2: the address part, generously
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")     # RFC 3461 4: xchar or "+" HEXCHAR
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_CODE_LINE = re.compile(r"^([245])(\d\d)([ -])(.*)$", re.S)
+_HAS_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+# The enhanced code for a reply that has none, by its basic code; else the class's x.0.0.
+ENHANCED_FOR = {
+    "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "220": "2.0.0",
+    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "534": "5.7.9", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0",
+    "552": "5.3.4", "553": "5.1.3", "554": "5.7.0", "555": "5.5.4",
+}
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the DSN parameters of each accepted recipient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_rcpt_options: list[str] = []           # the RCPT being handled now
+        self.rcpt_params: dict[str, tuple[str, ...]] = {}
+
+
+def with_enhanced_code(reply: str) -> str:
+    """`reply` (one or more CRLF-separated lines) with an enhanced status code on every line."""
+    lines = []
+    for line in reply.split("\r\n"):
+        match = _CODE_LINE.match(line)
+        if match and not _HAS_ENHANCED.match(match.group(4)):
+            code = match.group(1) + match.group(2)
+            enhanced = ENHANCED_FOR.get(code, f"{match.group(1)}.0.0")
+            line = f"{code}{match.group(3)}{enhanced} {match.group(4)}".rstrip()
+        lines.append(line)
+    return "\r\n".join(lines)
+
+
+def take_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """(`arg` without the ESMTP parameters called `names`, those parameters by upper-case name).
+
+    Parameters follow the path: after its closing `>`, or after the first word when the client
+    sent a bare address. A name given twice raises ValueError."""
+    close = arg.rfind(">")
+    if close == -1:
+        head, _, tail = arg.strip().partition(" ")
+    else:
+        head, tail = arg[: close + 1], arg[close + 1 :]
+    kept, found = [], {}
+    for word in tail.split():
+        name, eq, value = word.partition("=")
+        if name.upper() in names and eq:
+            if name.upper() in found:
+                raise ValueError(f"{name.upper()} given twice")
+            found[name.upper()] = value
+        else:
+            kept.append(word)
+    return " ".join([head, *kept]), found
+
+
+def check_mail_dsn(params: dict[str, str]) -> list[str]:
+    """RET= and ENVID= as MAIL FROM options to pass on; ValueError when malformed."""
+    options = []
+    if "RET" in params:
+        if params["RET"].upper() not in ("FULL", "HDRS"):
+            raise ValueError("RET must be FULL or HDRS")
+        options.append(f"RET={params['RET'].upper()}")
+    if "ENVID" in params:
+        envid = params["ENVID"]
+        if len(envid) > MAX_ENVID or not _XTEXT.fullmatch(envid):
+            raise ValueError("ENVID must be xtext of at most 100 characters")
+        options.append(f"ENVID={envid}")
+    return options
+
+
+def check_rcpt_dsn(params: dict[str, str]) -> list[str]:
+    """NOTIFY= and ORCPT= as RCPT TO options to pass on; ValueError when malformed."""
+    options = []
+    if "NOTIFY" in params:
+        words = [w.upper() for w in params["NOTIFY"].split(",")]
+        if words != ["NEVER"] and not (words and set(words) <= _NOTIFY and len(set(words)) == len(words)):
+            raise ValueError("NOTIFY must be NEVER, or one or more of SUCCESS, FAILURE, DELAY")
+        options.append("NOTIFY=" + ",".join(words))
+    if "ORCPT" in params:
+        kind, semi, address = params["ORCPT"].partition(";")
+        if not semi or not _ADDR_TYPE.fullmatch(kind) or len(address) > MAX_ORCPT \
+                or not _XTEXT.fullmatch(address):
+            raise ValueError("ORCPT must be addr-type;xtext")
+        options.append(f"ORCPT={kind};{address}")
+    return options
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP protocol with PIPELINING, ENHANCEDSTATUSCODES and DSN (see the module)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._greeted = False
+        self._plain_replies = False    # answering EHLO or HELO: no enhanced codes
+
+    def _create_envelope(self) -> Envelope:
+        return RelayEnvelope()
+
+    async def push(self, status) -> None:
+        if isinstance(status, str):
+            if not self._greeted and status.startswith("220"):
+                self._greeted = True
+            elif self._plain_replies:
+                if status == "250 HELP":
+                    for extension in EXTENSIONS:
+                        await super().push(f"250-{extension}")
+            else:
+                status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        dsn: list[str] = []
+        if arg and self.session is not None and self.session.extended_smtp:
+            try:
+                arg, params = take_params(arg, MAIL_DSN)
+                dsn = check_mail_dsn(params)
+            except ValueError as exc:
+                await self.push(replies.BAD_PARAMETER.format(reason=exc))
+                return
+        await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if dsn and envelope is not None and envelope.mail_from is not None:
+            envelope.mail_options.extend(dsn)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        envelope = self.envelope
+        dsn: list[str] = []
+        if arg and self.session is not None and self.session.extended_smtp:
+            try:
+                arg, params = take_params(arg, RCPT_DSN)
+                dsn = check_rcpt_dsn(params)
+            except ValueError as exc:
+                await self.push(replies.BAD_PARAMETER.format(reason=exc))
+                return
+        if not isinstance(envelope, RelayEnvelope):
+            await super().smtp_RCPT(arg)
+            return
+        before = len(envelope.rcpt_tos)
+        envelope.next_rcpt_options = dsn
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            envelope.next_rcpt_options = []
+        for address in envelope.rcpt_tos[before:]:
+            envelope.rcpt_params[address] = tuple(dsn)
+
+
+def protocol_name(session: Session, utf8: bool = False) -> str:
+    """The `with` word of a Received header: ESMTP, plus S for TLS and A for AUTH (RFC 3848),
+    or UTF8SMTP... for a transaction with SMTPUTF8 (RFC 6531 3.7.3)."""
+    if not session.extended_smtp:
+        return "SMTP"
+    suffix = ("S" if session.ssl is not None else "") + ("A" if session.authenticated else "")
+    return ("UTF8SMTP" if utf8 else "ESMTP") + suffix
+
+
+def received_header(session: Session, hostname: str, queue_id: str, rcpt: str | None,
+                    utf8: bool = False) -> bytes:
+    """Our trace header for a message received in `session` (RFC 5321 4.4)."""
+    helo = "".join(c for c in (session.host_name or "unknown") if c.isprintable() and
+                   not c.isspace())[:120] or "unknown"
+    peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+    target = f"\r\n\tfor <{rcpt}>" if rcpt else ""
+    date = email.utils.formatdate(localtime=True)
+    return (f"Received: from {helo} ([{peer}])\r\n\tby {hostname} (continuity-relay) "
+            f"with {protocol_name(session, utf8)} id {queue_id}{target};\r\n\t{date}\r\n").encode()
