@@ -132,18 +132,16 @@ async def start(config: Config) -> Running:
     health = Health(config.storage.spool, owner)
     replay = _replay_runner(config, store, health)
     health.listen(replay.kick)
-    runners = [replay.run()]
+    runners: list[ReplayRunner | OutboundRunner | OutboxRunner] = [replay]  # run once all listen
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   lambda user, notice: store.keep(user, "", notice), _credentials(config))
         sender = Sender(store)
         submit = _submit_pipeline(sender, outbound)
-        runners += [outbound.run(), OutboxRunner(
+        runners += [outbound, OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname).run()]
-    else:
-        event(log, "outbound.disabled", reason="outbound.smarthost is not set")
+            outbound.kick, config.hostname)]
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
@@ -155,7 +153,10 @@ async def start(config: Config) -> Running:
         handler, config.hostname, tls, config.message_size_limit), config.listen.inbound)
     web = await _web(config, directory, store.maildirs, submit, throttle, tls)
     submission = await _submission(config, sending, tls)
-    return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
+    if submit is None:
+        event(log, "outbound.disabled", reason="outbound.smarthost is not set")
+    return Running(inbound, handler, replay,
+                   asyncio.create_task(_run_all(*(r.run() for r in runners)), name="runners"),
                    submission, web, tls)
 
 
