@@ -112,11 +112,16 @@ def logged_in(port: int, client_tls: ssl.SSLContext, login: str = ALICE) -> smtp
     return smtp
 
 
-def served_name(port: int, client_tls: ssl.SSLContext) -> str:
-    """The common name of the certificate a new STARTTLS connection is shown."""
-    with tls_client(port, client_tls) as smtp:
-        subject = dict(pair[0] for pair in smtp.sock.getpeercert()["subject"])
-    return subject["commonName"]
+def served_name(port: int, client_tls: ssl.SSLContext, https: bool = False) -> str:
+    """The common name of the certificate a new connection is shown (STARTTLS, or HTTPS)."""
+    if https:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as raw, \
+                client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cert = tls.getpeercert()
+    else:
+        with tls_client(port, client_tls) as smtp:
+            cert = smtp.sock.getpeercert()
+    return dict(pair[0] for pair in cert["subject"])["commonName"]
 
 
 # -- what is offered, and when -------------------------------------------------------------------
@@ -318,15 +323,21 @@ def reload_tls(relay: InProcessRelay) -> bool:
 
 def test_reload_serves_the_new_certificate_and_a_broken_one_keeps_the_old(
         start_relay, ca, tmp_path, client_tls, caplog):
-    relay = start_relay(submission=True)
-    ports = (relay.port, submission_port(relay))
+    relay = start_relay(submission=True, web=True, extra="web: {tls: true}\n")
+    assert relay.running is not None and relay.running.web is not None
+
+    def names() -> list[str]:    # port 25, the submission port, HTTPS
+        return [served_name(relay.port, client_tls),
+                served_name(submission_port(relay), client_tls),
+                served_name(relay.running.web.addresses[0][1], client_tls, https=True)]
+
     with tls_client(relay.port, client_tls) as before:
-        assert [served_name(p, client_tls) for p in ports] == ["first", "first"]
+        assert names() == ["first"] * 3
         write_cert(ca, tmp_path / "server.pem", "second")
         with caplog.at_level(logging.INFO, logger="relay.tls"):
             assert reload_tls(relay) is True
         assert "tls.reloaded" in caplog.text
-        assert [served_name(p, client_tls) for p in ports] == ["second", "second"]
+        assert names() == ["second"] * 3
         assert before.noop()[0] == 250          # a session already encrypted goes on
     (tmp_path / "server.pem").write_text("not a certificate\n")
     caplog.clear()
@@ -334,7 +345,7 @@ def test_reload_serves_the_new_certificate_and_a_broken_one_keeps_the_old(
         assert reload_tls(relay) is False
     (record,) = [r for r in caplog.records if "tls.reload_failed" in r.getMessage()]
     assert record.levelno == logging.ERROR and "server.pem" in record.getMessage()
-    assert [served_name(p, client_tls) for p in ports] == ["second", "second"]
+    assert names() == ["second"] * 3
     with logged_in(relay.port, client_tls) as smtp:      # and everything still works
         assert smtp.noop()[0] == 250
 
