@@ -11,7 +11,6 @@ import email
 import email.policy
 import logging
 import re
-import smtplib
 import socket
 import ssl
 
@@ -24,7 +23,16 @@ from relay.smtp import replies
 from relay.web.site import SITE
 from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, free_port, write_config
 from tests.smtp.test_sending import files, outbound_config, wait_for
-from tests.smtp.test_submission import PASSWORDS, auth_plain, b64, cheap_hash, fast_throttle
+from tests.smtp.test_submission import (
+    PASSWORDS,
+    auth_plain,
+    b64,
+    cheap_hash,
+    fast_throttle,
+    logged_in,
+    tls_client,
+)
+from tests.smtp.test_submission import plain_client as client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,18 +42,6 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
 
 
 # -- certificates, the relay ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def client_tls(ca):
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
 
 def write_cert(ca: trustme.CA, path, name: str) -> None:
     """A certificate for 127.0.0.1 whose subject's common name is `name`, key in the same file."""
@@ -81,35 +77,9 @@ def start_relay(tmp_path, ca):
         relay.stop()
 
 
-@pytest.fixture
-def smarthost():
-    server = FakePrimary().start()
-    yield server
-    server.stop()
-
-
 def submission_port(relay: InProcessRelay) -> int:
     assert relay.running is not None and relay.running.submission is not None
     return relay.running.submission[0].sockets[0].getsockname()[1]
-
-
-def client(port: int) -> smtplib.SMTP:
-    smtp = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=15)
-    smtp.ehlo()
-    return smtp
-
-
-def tls_client(port: int, client_tls: ssl.SSLContext) -> smtplib.SMTP:
-    smtp = client(port)
-    assert smtp.starttls(context=client_tls)[0] == 220
-    smtp.ehlo()
-    return smtp
-
-
-def logged_in(port: int, client_tls: ssl.SSLContext, login: str = ALICE) -> smtplib.SMTP:
-    smtp = tls_client(port, client_tls)
-    assert auth_plain(smtp, login, PASSWORDS[login])[0] == 235
-    return smtp
 
 
 def served_name(port: int, client_tls: ssl.SSLContext, https: bool = False) -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import argon2
 import bcrypt
 import pytest
-import trustme
 
 from relay.addresses import parse_mailbox
 from relay.auth import LoginThrottle
@@ -39,11 +38,6 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: x@elsewhere.org\r\nSubject: 
 # -- certificates, users, a fake pipeline --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def server_tls(ca, tmp_path_factory):
     """Made by our own ServerTLS from files, as the app does."""
     cert = ca.issue_cert("localhost", "127.0.0.1")
@@ -53,13 +47,6 @@ def server_tls(ca, tmp_path_factory):
         extra.write_to_path(folder / "cert.pem", append=True)
     cert.private_key_pem.write_to_path(folder / "key.pem")
     return ServerTLS(folder / "cert.pem", folder / "key.pem")
-
-
-@pytest.fixture(scope="module")
-def client_tls(ca):
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 def cheap_hash(email: str) -> str:
