@@ -24,8 +24,11 @@ from relay.log import event
 from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
 from relay.runners.replay import ReplayRunner, Sweep
-from relay.smtp.inbound import InboundHandler, InboundSMTP
-from relay.smtp.submission import SubmissionHandler, Submit, make_server_factory, tls_context
+from relay.smtp import inbound as inbound_smtp
+from relay.smtp import submission as submission_smtp
+from relay.smtp.inbound import InboundHandler
+from relay.smtp.submission import SubmissionHandler, Submit
+from relay.smtp.tls import ServerTLS
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
@@ -61,6 +64,15 @@ class Running:
     runners: asyncio.Task
     submission: tuple[asyncio.Server, SubmissionHandler] | None = None
     web: AppRunner | None = None
+    tls: ServerTLS | None = None
+
+    async def reload_tls(self) -> bool:
+        """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
+        a failed reload keeps the old one (relay/smtp/tls.py)."""
+        if self.tls is None:
+            event(log, "tls.reload_skipped", reason="tls is not set")
+            return False
+        return await asyncio.to_thread(self.tls.reload)
 
     async def close(self) -> None:
         """Stop accepting connections, let the messages in hand finish (see drain), then stop
@@ -120,28 +132,32 @@ async def start(config: Config) -> Running:
     health = Health(config.storage.spool, owner)
     replay = _replay_runner(config, store, health)
     health.listen(replay.kick)
-    handler = InboundHandler(config.domains, config.hostname, health,
-                             directory.is_registered, store.keep, config.max_recipients)
-    inbound = await _listen("inbound", lambda: InboundSMTP(
-        handler, hostname=config.hostname, ident="continuity-relay",
-        data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
-        config.listen.inbound)
-    runners = [replay.run()]
+    runners: list[ReplayRunner | OutboundRunner | OutboxRunner] = [replay]  # run once all listen
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   lambda user, notice: store.keep(user, "", notice), _credentials(config))
         sender = Sender(store)
         submit = _submit_pipeline(sender, outbound)
-        runners += [outbound.run(), OutboxRunner(
+        runners += [outbound, OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname).run()]
-    else:
+            outbound.kick, config.hostname)]
+    tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
+    throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
+    # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
+    sending = SubmissionHandler(config.hostname, directory, submit, config.max_recipients,
+                                throttle) if tls else None
+    handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
+                             store.keep, config.max_recipients, sending)
+    inbound = await _listen("inbound", inbound_smtp.make_server_factory(
+        handler, config.hostname, tls, config.message_size_limit), config.listen.inbound)
+    web = await _web(config, directory, store.maildirs, submit, throttle, tls)
+    submission = await _submission(config, sending, tls)
+    if submit is None:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
-    web = await _web(config, directory, store.maildirs, submit)
-    submission = await _submission(config, directory, submit)
-    return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web)
+    return Running(inbound, handler, replay,
+                   asyncio.create_task(_run_all(*(r.run() for r in runners)), name="runners"),
+                   submission, web, tls)
 
 
 def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
@@ -155,26 +171,26 @@ def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
     return submit
 
 
-async def _submission(config: Config, directory: Directory,
-                      submit: Submit | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
+async def _submission(config: Config, handler: SubmissionHandler | None,
+                      tls: ServerTLS | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
     if config.listen.submission is None:
         return None
-    assert config.tls is not None  # config validation demands it with listen.submission
-    handler = SubmissionHandler(config.hostname, directory, submit, config.max_recipients, LoginThrottle())
-    factory = make_server_factory(handler, config.hostname, tls_context(config.tls.cert, config.tls.key),
-                                  config.message_size_limit)
+    assert handler is not None and tls is not None  # config validation demands tls with it
+    factory = submission_smtp.make_server_factory(handler, config.hostname, tls,
+                                                  config.message_size_limit)
     return await _listen("submission", factory, config.listen.submission), handler
 
 
 async def _web(config: Config, directory: Directory, maildirs: MaildirStore,
-               submit: Submit | None) -> AppRunner | None:
-    """The control panel, self-service and webmail on listen.web (HTTPS when web.tls). The
-    webmail reads the same Maildirs and sends through the same pipeline as submission (None:
-    sending is disabled, and the compose page says so)."""
+               submit: Submit | None, throttle: LoginThrottle,
+               tls: ServerTLS | None) -> AppRunner | None:
+    """The control panel, self-service and webmail on listen.web (HTTPS when web.tls, following
+    SIGHUP reloads). The webmail reads the same Maildirs and sends through the same pipeline as
+    submission (None: sending is disabled, and the compose page says so)."""
     if config.listen.web is None:
         return None
-    context = tls_context(config.tls.cert, config.tls.key) if config.web.tls and config.tls else None
-    return await start_web(config, directory, Admins(config), LoginThrottle(), ssl_context=context,
+    context = tls.context if config.web.tls and tls else None
+    return await start_web(config, directory, Admins(config), throttle, ssl_context=context,
                            maildirs=maildirs, submit=submit)
 
 
@@ -202,12 +218,19 @@ async def replay_once(config: Config, domain: str, progress: Callable[[int], Non
 
 
 async def serve(config: Config) -> None:
-    """Run every listener until SIGTERM or SIGINT."""
+    """Run every listener until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
     running = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def hangup() -> None:
+        task = loop.create_task(running.reload_tls())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([stopping, running.runners], return_when=asyncio.FIRST_COMPLETED)
     if running.runners.done():  # a runner's own loop failed: end non-zero, systemd restarts

@@ -13,6 +13,11 @@ At DATA, the message (plus our Received header) goes to the primary for the reci
 those it now fails temporarily fall back to continuity by the same rules. Continuity copies are
 written to the Maildir and the replay queue, and only then does the sender get 250. When one
 reply cannot be right for every recipient, the answer is 451 and nothing is kept.
+
+With `tls` configured the listener offers STARTTLS (optional: plaintext mail from MTAs is still
+taken) and, only after it, AUTH. A session authenticated as a registered user is a sending
+session: `SubmissionHandler` answers its AUTH, MAIL, RCPT and DATA with the submission port's
+rules (own address only, the same pipeline). Every other session keeps the rules above.
 """
 
 from __future__ import annotations
@@ -24,15 +29,18 @@ from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Primary
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
+from relay.directory import User
 from relay.log import event
 from relay.smtp import replies
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
+from relay.smtp.submission import SubmissionHandler, SubmissionSession
+from relay.smtp.tls import ServerTLS
 
 log = logging.getLogger("relay.inbound")
 
@@ -59,7 +67,7 @@ class Transaction(RelayEnvelope):
         self.failed: dict[HostPort, Reply] = {}     # could not be used in this transaction
 
 
-class RelaySession(Session):
+class RelaySession(SubmissionSession):
     """aiosmtpd's session plus the primary connections it keeps open between transactions."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -71,7 +79,10 @@ class InboundSMTP(RelaySMTP):
     """The shared protocol with our session and envelope types, closing primaries on hang-up."""
 
     def _create_session(self) -> Session:
-        return RelaySession(self.loop)
+        session = RelaySession(self.loop)
+        if isinstance(self.session, RelaySession):  # STARTTLS starts a new session (RFC 3207)
+            session.upstreams = self.session.upstreams
+        return session
 
     def _create_envelope(self) -> Envelope:
         return Transaction()
@@ -90,13 +101,14 @@ class InboundHandler:
 
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
-                 max_recipients: int = 100) -> None:
+                 max_recipients: int = 100, submission: SubmissionHandler | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
         self.is_registered = is_registered
         self.keep = keep
         self.max_recipients = max_recipients
+        self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[asyncio.Task] = set()
 
@@ -115,13 +127,48 @@ class InboundHandler:
             await asyncio.sleep(0.1)  # the sessions push their replies
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
+        if self.submission is not None:
+            await self.submission.drain(timeout)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # a sender that cannot do our TLS: not our fault
+            event(log, "inbound.tls_failed", detail=error.__cause__ or error)
+            return replies.LOCAL_ERROR
         event(log, "inbound.error", logging.ERROR, error=type(error).__name__, detail=error)
         return replies.LOCAL_ERROR
 
+    # -- AUTH, and the sessions it opens: the submission port's rules -------------------------
+
+    def _sending(self, session: Session) -> SubmissionHandler | None:
+        return self.submission if isinstance(session.auth_data, User) else None
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if refused := self._auth_refused(server):
+            return refused
+        assert self.submission is not None
+        return await self.submission.auth_PLAIN(server, args)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if refused := self._auth_refused(server):
+            return refused
+        assert self.submission is not None
+        return await self.submission.auth_LOGIN(server, args)
+
+    def _auth_refused(self, server: SMTP) -> AuthResult | None:
+        # aiosmtpd takes AUTH at any time; a transaction begun without it must not end with
+        # the sending rules (its sender was never checked against the user).
+        if server.envelope is not None and server.envelope.mail_from is not None:
+            return AuthResult(success=False, handled=False, message=replies.AUTH_IN_TRANSACTION)
+        if self.submission is None:
+            return AuthResult(success=False, handled=False, message=replies.AUTH_UNAVAILABLE)
+        return None
+
+    # -- the transaction -------------------------------------------------------------------
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if sending := self._sending(session):
+            return await sending.handle_MAIL(server, session, envelope, address, mail_options)
         try:
             parse_sender(address)
         except AddressError as exc:
@@ -132,6 +179,8 @@ class InboundHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if sending := self._sending(session):
+            return await sending.handle_RCPT(server, session, envelope, address, rcpt_options)
         assert isinstance(envelope, Transaction) and isinstance(session, RelaySession)
         try:
             user = parse_mailbox(address)
@@ -196,6 +245,8 @@ class InboundHandler:
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if sending := self._sending(session):
+            return await sending.handle_DATA(server, session, envelope)
         assert isinstance(envelope, Transaction) and isinstance(session, RelaySession)
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
@@ -268,3 +319,19 @@ def _policy(reply: Reply) -> bool:
 def _mailbox_only(reply: Reply) -> bool:
     """A 4.2.x to RCPT or DATA: one mailbox is busy or full; the primary itself is fine."""
     return not reply.server_trouble and reply.enhanced.startswith("4.2.")
+
+
+def make_server_factory(handler: InboundHandler, hostname: str, tls: ServerTLS | None,
+                        data_size_limit: int) -> Callable[[], SMTP]:
+    """What `loop.create_server` needs for the inbound port. With `tls`: STARTTLS offered,
+    never required, and AUTH only after it (never required either). Each connection gets the
+    context current when it opens (`ServerTLS.reload`)."""
+
+    def factory() -> SMTP:
+        return InboundSMTP(handler, hostname=hostname, ident="continuity-relay",
+                           tls_context=tls.context if tls else None, require_starttls=False,
+                           auth_required=False, auth_require_tls=True,
+                           data_size_limit=data_size_limit, enable_SMTPUTF8=True,
+                           decode_data=False)
+
+    return factory

@@ -30,10 +30,13 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required"
 SENDER_NOT_OWN = "553 5.7.1 Sender address rejected: you may send only as {address}"
 SENDING_DISABLED = "451 4.3.2 Sending is disabled on this relay: no smarthost configured"
 
+# AUTH on the inbound port (relay/smtp/inbound.py); RFC 4954 section 4
+AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction"
+
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
        TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
-       SENDING_DISABLED)
+       SENDING_DISABLED, AUTH_IN_TRANSACTION)
 
 
 def relayed(code: int, text: str) -> str:

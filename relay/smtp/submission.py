@@ -19,10 +19,8 @@ import asyncio
 import binascii
 import logging
 import secrets
-import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
@@ -30,10 +28,11 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 from relay.addresses import AddressError, parse_mailbox, parse_sender
 from relay.auth import LoginThrottle, account_key, check_password
 from relay.directory import Directory, User
-from relay.errors import PermFail, RelayError
+from relay.errors import PermFail
 from relay.log import event
 from relay.smtp import replies
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
+from relay.smtp.tls import ServerTLS
 
 log = logging.getLogger("relay.submission")
 
@@ -282,25 +281,15 @@ def _peer(session: Session | None) -> str:
     return str(peer or "unknown")
 
 
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """The server side of STARTTLS: TLS 1.2 or later, no client certificates."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise RelayError(f"tls: cannot load certificate {cert} with key {key}: {exc}") from None
-    return context
-
-
-def make_server_factory(handler: SubmissionHandler, hostname: str, tls_context: ssl.SSLContext,
+def make_server_factory(handler: SubmissionHandler, hostname: str, tls: ServerTLS,
                         data_size_limit: int) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the submission port: STARTTLS before anything,
-    AUTH only over TLS, nothing sent without AUTH."""
+    AUTH only over TLS, nothing sent without AUTH. Each connection gets the context current
+    when it opens (`ServerTLS.reload`)."""
 
     def factory() -> SMTP:
         return SubmissionSMTP(handler, hostname=hostname, ident="continuity-relay",
-                              tls_context=tls_context, require_starttls=True, auth_required=True,
+                              tls_context=tls.context, require_starttls=True, auth_required=True,
                               auth_require_tls=True, data_size_limit=data_size_limit,
                               decode_data=False, enable_SMTPUTF8=True)
 

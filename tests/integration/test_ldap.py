@@ -25,7 +25,8 @@ from relay.auth import NOT_SYNCED, LoginResult, authenticate, check_password
 from relay.config import load
 from relay.directory import Directory, verify_password
 from relay.ldap import Outcome, ldap_bind
-from relay.smtp.submission import SubmissionHandler, tls_context
+from relay.smtp.submission import SubmissionHandler
+from relay.smtp.tls import ServerTLS
 from tests.smtp.test_submission import SubmissionServer, auth_plain, fast_throttle, tls_client
 
 try:  # tests/integration as a package ...
@@ -327,7 +328,7 @@ def test_submission_logs_in_with_the_directory_password_and_keeps_it_for_the_out
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
     handler = SubmissionHandler("relay.test", directory, None, 100, fast_throttle())
-    server = SubmissionServer(handler, tls_context(chain, key)).start()
+    server = SubmissionServer(handler, ServerTLS(chain, key)).start()
     try:
         for step in ("directory up", "directory down"):
             with tls_client(server.port, client_tls) as client:

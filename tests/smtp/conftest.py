@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import ssl
+
 import pytest
+import trustme
 
 from relay.config import load
 from relay.directory import Directory
@@ -12,6 +15,26 @@ def primary():
     server = FakePrimary().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def smarthost():
+    server = FakePrimary().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def client_tls(ca):
+    """A client context that trusts `ca` (and checks the server's name)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 @pytest.fixture

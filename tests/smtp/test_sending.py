@@ -38,13 +38,6 @@ def outbound_config(smarthost_port: int, **extra: str) -> str:
             "replay: {probe_interval: 1s}\n")
 
 
-@pytest.fixture
-def smarthost():
-    server = FakePrimary().start()
-    yield server
-    server.stop()
-
-
 def sender_of(relay) -> Sender:
     store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
     return Sender(store)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import argon2
 import bcrypt
 import pytest
-import trustme
 
 from relay import headers
 from relay.addresses import parse_mailbox
@@ -24,7 +23,8 @@ from relay.config import load
 from relay.directory import Directory, User
 from relay.errors import PermFail, RelayError, StorageError
 from relay.smtp import replies
-from relay.smtp.submission import SubmissionHandler, make_server_factory, tls_context
+from relay.smtp.submission import SubmissionHandler, make_server_factory
+from relay.smtp.tls import ServerTLS, tls_context
 from tests.smtp.fakes import free_port, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,27 +39,15 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: x@elsewhere.org\r\nSubject: 
 # -- certificates, users, a fake pipeline --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def server_tls(ca, tmp_path_factory):
-    """Made by our own tls_context() from files, as the app will."""
+    """Made by our own ServerTLS from files, as the app does."""
     cert = ca.issue_cert("localhost", "127.0.0.1")
     folder = tmp_path_factory.mktemp("tls")
     cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
     for extra in cert.cert_chain_pems[1:]:
         extra.write_to_path(folder / "cert.pem", append=True)
     cert.private_key_pem.write_to_path(folder / "key.pem")
-    return tls_context(folder / "cert.pem", folder / "key.pem")
-
-
-@pytest.fixture(scope="module")
-def client_tls(ca):
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
+    return ServerTLS(folder / "cert.pem", folder / "key.pem")
 
 
 def cheap_hash(email: str) -> str:
@@ -103,7 +91,7 @@ class Pipeline:
 # -- the server on a loop in a background thread ---------------------------------------------------
 
 class SubmissionServer:
-    def __init__(self, handler: SubmissionHandler, tls: ssl.SSLContext) -> None:
+    def __init__(self, handler: SubmissionHandler, tls: ServerTLS) -> None:
         self.factory = make_server_factory(handler, "relay.test", tls, 1024 * 1024)
         self.loop = asyncio.new_event_loop()
         self.loop.slow_callback_duration = 0.15   # a hash check on the loop would show up
@@ -447,8 +435,8 @@ def test_oversized_message_552(server, pipeline, client_tls):
 # -- TLS context -------------------------------------------------------------------------------------
 
 def test_tls_context_is_tls12_or_later_and_says_which_file_is_bad(server_tls, tmp_path):
-    assert server_tls.minimum_version >= ssl.TLSVersion.TLSv1_2
-    assert server_tls.verify_mode == ssl.CERT_NONE          # no client certificates asked for
+    assert server_tls.context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert server_tls.context.verify_mode == ssl.CERT_NONE          # no client certificates asked for
     (tmp_path / "cert.pem").write_text("not a certificate")
     with pytest.raises(RelayError, match="cert.pem"):
         tls_context(tmp_path / "cert.pem", tmp_path / "key.pem")

@@ -28,7 +28,7 @@ from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort, load
 from relay.directory import Directory, User
-from relay.smtp.submission import tls_context
+from relay.smtp.tls import tls_context
 from relay.web import start_web
 from tests.smtp.fakes import free_port, write_config
 
