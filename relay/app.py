@@ -18,6 +18,7 @@ from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
 from relay.delivery.health import Health
 from relay.delivery.outbound import Sender
+from relay.delivery.rspamd import Rspamd
 from relay.directory import Directory, User
 from relay.errors import RelayError
 from relay.log import event
@@ -25,6 +26,7 @@ from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
 from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp.inbound import InboundHandler, InboundSMTP
+from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit, make_server_factory, tls_context
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
@@ -121,7 +123,8 @@ async def start(config: Config) -> Running:
     replay = _replay_runner(config, store, health)
     health.listen(replay.kick)
     handler = InboundHandler(config.domains, config.hostname, health,
-                             directory.is_registered, store.keep, config.max_recipients)
+                             directory.is_registered, store.keep, config.max_recipients,
+                             _screen(config))
     inbound = await _listen("inbound", lambda: InboundSMTP(
         handler, hostname=config.hostname, ident="continuity-relay",
         data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
@@ -142,6 +145,13 @@ async def start(config: Config) -> Running:
     submission = await _submission(config, directory, submit)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web)
+
+
+def _screen(config: Config) -> Screen | None:
+    """The spam filter on mail about to be kept (`rspamd.url`), or None: no checks."""
+    if config.rspamd.url is None:
+        return None
+    return Screen(Rspamd(config.rspamd, config.hostname).check, config.rspamd.on_failure)
 
 
 def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:

@@ -8,7 +8,9 @@ Per recipient, in the sender's session:
 At DATA, the message (plus our Received header) goes to the primary for the recipients it took;
 those it now fails temporarily also fall back to continuity. Continuity copies are written to
 the Maildir and the replay queue, and only then does the sender get 250. When one reply cannot
-be right for every recipient, the answer is 451 and nothing is kept.
+be right for every recipient, the answer is 451 and nothing is kept. With `rspamd.url` set, a
+message about to be kept goes through the spam filter first (relay/smtp/spam.py says what each
+verdict does).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Primary
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
+from relay.delivery.rspamd import Scan
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.spam import Screen
 
 log = logging.getLogger("relay.inbound")
 
@@ -49,6 +53,7 @@ class Transaction(Envelope):
         self.routes: dict[Mailbox, Route] = {}
         self.used: dict[HostPort, Upstream] = {}    # got MAIL FROM in this transaction
         self.failed: dict[HostPort, Reply] = {}     # could not be used in this transaction
+        self.client: tuple[str | None, str | None] = (None, None)  # (IP, HELO), for the spam filter
 
 
 class RelaySession(Session):
@@ -82,13 +87,14 @@ class InboundHandler:
 
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
-                 max_recipients: int = 100) -> None:
+                 max_recipients: int = 100, screen: Screen | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
         self.is_registered = is_registered
         self.keep = keep
         self.max_recipients = max_recipients
+        self.screen = screen            # the spam filter on copies about to be kept (spam.py)
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[asyncio.Task] = set()
 
@@ -120,6 +126,9 @@ class InboundHandler:
             return replies.BAD_SENDER.format(reason=exc)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        if isinstance(envelope, Transaction):
+            peer = session.peer[0] if isinstance(session.peer, tuple) else None
+            envelope.client = (peer, session.host_name)
         return replies.SENDER_OK
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -226,6 +235,13 @@ class InboundHandler:
             return replies.SPLIT_OUTCOME
         sender = parse_sender(tx.mail_from)
         options = tuple(o for o in tx.mail_options if o.upper() in ("BODY=8BITMIME", "SMTPUTF8"))
+        if kept and self.screen is not None:
+            delivered = any(r.ok and outcome[u] is Route.PRIMARY for u, r in answers.items())
+            scan = Scan(tx.id, sender, tuple(str(u) for u in kept), *tx.client)
+            screened = await self.screen(message, scan, delivered)
+            if screened.reply is not None:
+                return screened.reply
+            message = screened.message
         try:
             for user in kept:
                 await asyncio.to_thread(self.keep, user, sender, message, options)
