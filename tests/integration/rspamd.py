@@ -121,9 +121,27 @@ def _pongs(port: int) -> bool:
         return False
 
 
-def start_rspamd(timeout: float = START_TIMEOUT) -> RspamdServer:
+def start_rspamd(timeout: float = START_TIMEOUT, attempts: int = 3) -> RspamdServer:
     """A running rspamd whose normal worker listens on a free loopback port."""
-    program = binary()
+    for attempt in range(1, attempts + 1):
+        server = _launch(binary())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and server.process.poll() is None:
+            if _pongs(server.port):
+                return server
+            time.sleep(0.2)
+        exited = server.process.poll() is not None
+        log = server.log_text()
+        server.stop()
+        if exited and "Address already in use" in log and attempt < attempts:
+            continue  # lost the race for a free port: try other ports
+        why = f"exited with status {server.process.returncode}" if exited else \
+            f"did not answer on 127.0.0.1:{server.port} within {timeout:.0f} s"
+        raise RspamdError(f"rspamd {why}; log:\n{log}")
+    raise AssertionError("unreachable")
+
+
+def _launch(program: str) -> RspamdServer:
     user = pwd.getpwnam(USER)
     workdir = Path(tempfile.mkdtemp(prefix="rspamd-test-"))
     normal, controller, dns = _free_port(), _free_port(), _free_port(socket.SOCK_DGRAM)
@@ -138,14 +156,4 @@ def start_rspamd(timeout: float = START_TIMEOUT) -> RspamdServer:
              f"--var=RUNDIR={workdir}/run", f"--var=LOGDIR={workdir}/log"],
             cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
-    server = RspamdServer(process, workdir, normal)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if _pongs(normal):
-            return server
-        time.sleep(0.2)
-    why = f"exited with status {process.returncode}" if process.poll() is not None else \
-        f"did not listen on 127.0.0.1:{normal} within {timeout:.0f} s"
-    log = server.log_text()
-    server.stop()
-    raise RspamdError(f"rspamd {why}; log:\n{log}")
+    return RspamdServer(process, workdir, normal)
