@@ -91,11 +91,13 @@ class Rspamd:
     async def _post(self, message: bytes, scan: Scan) -> dict | str:
         async with aiohttp.ClientSession() as session, \
                 session.post(self.url, data=message, headers=self._headers(scan)) as response:
-            body = await response.content.read(MAX_ANSWER + 1)
             if response.status != 200:
                 return f"HTTP {response.status}"
-            if len(body) > MAX_ANSWER:
-                return f"answer over {MAX_ANSWER} bytes"
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    return f"answer over {MAX_ANSWER} bytes"
             answer = json.loads(body)
             return answer if isinstance(answer, dict) else "answer is not a JSON object"
 

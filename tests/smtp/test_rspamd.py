@@ -251,3 +251,13 @@ def test_defer_after_the_primary_took_a_copy_keeps_unchecked(make_relay):
         assert without_trace(stored.read_bytes()) == fake.received[0].content
     finally:
         fake.stop()
+
+
+def test_a_long_answer_is_read_whole(make_relay, rspamd):
+    """Rspamd's answers list every symbol: a few hundred KiB arrive in many chunks."""
+    symbols = {f"SYMBOL_{i}": {"name": f"SYMBOL_{i}", "score": 0.0, "description": "x" * 200}
+               for i in range(1000)}
+    rspamd.answer = {"action": "reject", "score": 30.0, "required_score": 15.0, "symbols": symbols}
+    relay = make_relay(free_port(), extra=settings(rspamd.url))
+    _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
+    assert reply == (550, b"5.7.1 Message rejected as spam")
