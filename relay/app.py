@@ -18,6 +18,7 @@ from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
 from relay.delivery.health import Health
 from relay.delivery.outbound import Sender
+from relay.delivery.rspamd import Rspamd
 from relay.directory import Directory, User
 from relay.errors import RelayError
 from relay.log import event
@@ -27,6 +28,7 @@ from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp import inbound as inbound_smtp
 from relay.smtp import submission as submission_smtp
 from relay.smtp.inbound import InboundHandler
+from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit
 from relay.smtp.tls import ServerTLS
 from relay.storage.continuity import ContinuityStore
@@ -148,7 +150,7 @@ async def start(config: Config) -> Running:
     sending = SubmissionHandler(config.hostname, directory, submit, config.max_recipients,
                                 throttle) if tls else None
     handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
-                             store.keep, config.max_recipients, sending)
+                             store.keep, config.max_recipients, sending, _screen(config))
     inbound = await _listen("inbound", inbound_smtp.make_server_factory(
         handler, config.hostname, tls, config.message_size_limit), config.listen.inbound)
     web = await _web(config, directory, store.maildirs, submit, throttle, tls)
@@ -158,6 +160,13 @@ async def start(config: Config) -> Running:
     return Running(inbound, handler, replay,
                    asyncio.create_task(_run_all(*(r.run() for r in runners)), name="runners"),
                    submission, web, tls)
+
+
+def _screen(config: Config) -> Screen | None:
+    """The spam filter on mail about to be kept (`rspamd.url`), or None: no checks."""
+    if config.rspamd.url is None:
+        return None
+    return Screen(Rspamd(config.rspamd, config.hostname).check, config.rspamd.on_failure)
 
 
 def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:

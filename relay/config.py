@@ -22,6 +22,7 @@ from relay.errors import ConfigError, ConfigErrors
 
 PASSWORD_SCHEMES = ("BLF-CRYPT", "ARGON2ID")
 STARTTLS_MODES = ("off", "opportunistic", "required")
+RSPAMD_ON_FAILURE = ("keep", "defer")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ class Replay:
     probe_interval: float = 30.0
     concurrency: int = 4
     rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Rspamd:
+    """The spam filter asked about mail the relay is about to keep (relay/delivery/rspamd.py)."""
+
+    url: str | None = None             # the normal worker, e.g. http://127.0.0.1:11333; None: no checks
+    timeout: float = 10.0
+    on_failure: str = "keep"           # rspamd unreachable or confused: keep unchecked, or defer (451)
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class Config:
     web: Web = Web()
     admins_file: Path | None = None
     audit_log: Path | None = None
+    rspamd: Rspamd = Rspamd()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -401,6 +412,27 @@ def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
                session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
 
 
+def _rspamd(r: _Reader, raw: Any) -> Rspamd:
+    data = r.section(raw, "rspamd", {"url", "timeout", "on_failure"})
+    return Rspamd(url=r.value(data, "rspamd", "url", _http_url),
+                  timeout=r.value(data, "rspamd", "timeout", _positive_duration, 10.0),
+                  on_failure=r.value(data, "rspamd", "on_failure", _choice(RSPAMD_ON_FAILURE), "keep"))
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above 0, got {value!r}")
+    return seconds
+
+
+def _http_url(value: Any) -> str:
+    text = str(value).strip()
+    if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", text):
+        raise ValueError(f"expected http://host:port, got {value!r}")
+    return text.rstrip("/")
+
+
 def _continuity(r: _Reader, raw: Any, key: str) -> Continuity | None:
     if raw is None:
         return None
@@ -453,7 +485,8 @@ def load(path: str | Path) -> Config:
         raise ConfigErrors([ConfigError(str(file), "(file)", f"{line}not valid YAML")]) from None
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
-                              "log_level", "tls", "outbound", "web", "admins_file", "audit_log"},
+                              "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
+                              "rspamd"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
@@ -486,6 +519,7 @@ def load(path: str | Path) -> Config:
         web=_web(r, top.get("web"), tls),
         admins_file=r.path(top, "", "admins_file", "admins.passwd"),
         audit_log=r.path(top, "", "audit_log", "audit.log"),
+        rspamd=_rspamd(r, top.get("rspamd")),
     )
     if r.problems:
         raise ConfigErrors(r.problems)

@@ -18,7 +18,8 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
-__all__ = ["addresses", "append_to_subject", "has_suffix", "remove", "set_header", "split", "values"]
+__all__ = ["addresses", "append_to_subject", "has_suffix", "prepend", "remove", "set_header", "split",
+           "values"]
 
 MAX_LINE = 998  # RFC 5322 2.1.1: octets per line, line ending excluded
 
@@ -110,6 +111,19 @@ def set_header(data: bytes, name: str, value: str) -> bytes:
             kept.append([line + eol])
             placed = True
     return _join(kept if placed else _appended(kept, line, eol), blank, body)
+
+
+def prepend(data: bytes, name: str, value: str) -> bytes:
+    """A `name: value` line before the first byte of `data` (trace style, newest on top).
+
+    Every byte of `data` stays as it was; the new line ends like the message's first line.
+    `name` and `value` are checked as in `set_header`.
+    """
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f"not a header field name: {name!r}")
+    if any(char in value for char in "\r\n\0"):
+        raise ValueError(f"header value must be one line: {value!r}")
+    return f"{name}: {value}".encode() + _eol(data) + data
 
 
 # --- the header block as fields ---------------------------------------------------------------

@@ -18,6 +18,9 @@ With `tls` configured the listener offers STARTTLS (optional: plaintext mail fro
 taken) and, only after it, AUTH. A session authenticated as a registered user is a sending
 session: `SubmissionHandler` answers its AUTH, MAIL, RCPT and DATA with the submission port's
 rules (own address only, the same pipeline). Every other session keeps the rules above.
+
+With `rspamd.url` set, a message about to be kept goes through the spam filter first
+(relay/smtp/spam.py says what each verdict does).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Primary
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
+from relay.delivery.rspamd import Scan
 from relay.directory import User
 from relay.log import event
 from relay.smtp import replies
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
+from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
 from relay.smtp.tls import ServerTLS
 
@@ -65,6 +70,7 @@ class Transaction(RelayEnvelope):
         self.options: dict[Mailbox, tuple[str, ...]] = {}   # each recipient's DSN parameters
         self.used: dict[HostPort, Upstream] = {}    # got MAIL FROM in this transaction
         self.failed: dict[HostPort, Reply] = {}     # could not be used in this transaction
+        self.client: tuple[str | None, str | None] = (None, None)  # (IP, HELO), for the spam filter
 
 
 class RelaySession(SubmissionSession):
@@ -101,7 +107,8 @@ class InboundHandler:
 
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
-                 max_recipients: int = 100, submission: SubmissionHandler | None = None) -> None:
+                 max_recipients: int = 100, submission: SubmissionHandler | None = None,
+                 screen: Screen | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
@@ -109,6 +116,7 @@ class InboundHandler:
         self.keep = keep
         self.max_recipients = max_recipients
         self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
+        self.screen = screen            # the spam filter on copies about to be kept (spam.py)
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[asyncio.Task] = set()
 
@@ -175,6 +183,9 @@ class InboundHandler:
             return replies.BAD_SENDER.format(reason=exc)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        if isinstance(envelope, Transaction):
+            peer = session.peer[0] if isinstance(session.peer, tuple) else None
+            envelope.client = (peer, session.host_name)
         return replies.SENDER_OK
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -293,6 +304,13 @@ class InboundHandler:
         sender = parse_sender(tx.mail_from)
         options = tuple(o for o in tx.mail_options
                         if o.split("=", 1)[0].upper() in KEPT_MAIL_OPTIONS and o.upper() != "BODY=7BIT")
+        if kept and self.screen is not None:
+            delivered = any(r.ok and outcome[u] is Route.PRIMARY for u, r in answers.items())
+            scan = Scan(tx.id, sender, tuple(str(u) for u in kept), *tx.client)
+            screened = await self.screen(message, scan, delivered)
+            if screened.reply is not None:
+                return screened.reply
+            message = screened.message
         try:
             for user in kept:
                 await asyncio.to_thread(self.keep, user, sender, message, options, tx.options[user])

@@ -32,11 +32,19 @@ SENDING_DISABLED = "451 4.3.2 Sending is disabled on this relay: no smarthost co
 
 # AUTH on the inbound port (relay/smtp/inbound.py); RFC 4954 section 4
 AUTH_IN_TRANSACTION = "503 5.5.1 AUTH not permitted during a mail transaction"
+# The spam filter on mail about to be kept (relay/smtp/spam.py)
+SPAM_REJECTED = "550 5.7.1 Message rejected as spam"
+SPAM_REJECTED_BECAUSE = "550 5.7.1 Message rejected as spam: {reason}"
+SPAM_DEFERRED = "451 4.7.1 Message deferred by the spam filter, try again later"
+SPAM_DEFERRED_BECAUSE = "451 4.7.1 Message deferred by the spam filter ({reason}), try again later"
+SPAM_FILTER_UNAVAILABLE = "451 4.3.0 Spam filter unavailable, try again later"
 
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
        TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
-       SENDING_DISABLED, AUTH_IN_TRANSACTION)
+       SENDING_DISABLED, AUTH_IN_TRANSACTION,
+       SPAM_REJECTED, SPAM_REJECTED_BECAUSE, SPAM_DEFERRED, SPAM_DEFERRED_BECAUSE,
+       SPAM_FILTER_UNAVAILABLE)
 
 
 def relayed(code: int, text: str) -> str:

@@ -10,8 +10,10 @@ import pytest
 
 try:  # tests/integration as a package ...
     from . import dovecot as dc
+    from . import rspamd as rs
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import dovecot as dc
+    import rspamd as rs
 
 DovecotFactory = Callable[..., dc.Dovecot]
 
@@ -51,3 +53,15 @@ def dovecot_factory() -> Iterator[DovecotFactory]:
 
     yield factory
     dc.stop_all(started)
+
+
+@pytest.fixture(scope="session")
+def rspamd_server() -> Iterator[rs.RspamdServer]:
+    """One real rspamd for the session (tests/integration/rspamd.py): `.url` is its normal
+    worker on a loopback port. Required, never skipped: CI installs it."""
+    try:
+        server = rs.start_rspamd()
+    except rs.RspamdError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()

@@ -157,3 +157,17 @@ def test_ldap_and_web_settings(tmp_path):
         load(write(tmp_path, bad))
     keys = sorted(line.split(": ")[1] for line in str(info.value).splitlines())
     assert keys == ["domains.example.org.ldap.bind_dn", "web.tls"]
+
+
+def test_rspamd_settings(tmp_path):
+    assert load(write(tmp_path, GOOD)).rspamd.url is None  # unset: no checks
+    config = load(write(tmp_path, GOOD + "rspamd: {url: 'http://127.0.0.1:11333/', timeout: 5s, "
+                                          "on_failure: defer}\n"))
+    assert config.rspamd.url == "http://127.0.0.1:11333"
+    assert config.rspamd.timeout == 5 and config.rspamd.on_failure == "defer"
+    assert load(write(tmp_path, GOOD + "rspamd: {url: 'http://[::1]:11333'}\n")).rspamd.on_failure == "keep"
+    bad = GOOD + "rspamd: {url: 'ftp://x', timeout: 0s, on_failure: drop, password: q1}\n"
+    with pytest.raises(ConfigErrors) as info:
+        load(write(tmp_path, bad))
+    keys = sorted(line.split(": ")[1] for line in str(info.value).splitlines())
+    assert keys == ["rspamd.on_failure", "rspamd.password", "rspamd.timeout", "rspamd.url"]

@@ -387,3 +387,19 @@ def test_random_messages_edit_only_the_subject():
             assert result == ended + b"Subject: (CS-SENT)" + eol + blank + body
         assert headers.has_suffix(result)
         assert headers.remove(result, "X-Absent") == result
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"Received: x\r\n\r\n" + BODY, b"X-Spam: Yes\r\nReceived: x\r\n\r\n" + BODY),
+    (b"A: 1\n\n\x80\xff", b"X-Spam: Yes\nA: 1\n\n\x80\xff"),
+    (b"", b"X-Spam: Yes\r\n"),
+], ids=["crlf", "lf-8bit", "empty"])
+def test_prepend_puts_one_line_on_top_and_keeps_every_byte(data, expected):
+    assert headers.prepend(data, "X-Spam", "Yes") == expected
+
+
+@pytest.mark.parametrize(("name", "value"), [("X-Spam", "Yes\r\nBcc: x"), ("X-Spam", "a\nb"),
+                                             ("X Spam", "Yes"), ("X-Spam:", "Yes")])
+def test_prepend_refuses_injection(name, value):
+    with pytest.raises(ValueError):
+        headers.prepend(b"A: 1\r\n\r\n", name, value)
