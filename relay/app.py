@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
 from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp.inbound import InboundHandler, InboundSMTP
+from relay.smtp.limits import ConnectionLimits, listener_limits, log_accept_errors, log_limits
 from relay.smtp.submission import SubmissionHandler, Submit, make_server_factory, tls_context
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner, make_dirs
@@ -35,6 +37,14 @@ log = logging.getLogger("relay.app")
 
 # Deliveries are fsync-bound: more threads than cores lets the disk batch them.
 STORAGE_THREADS = 32
+
+# A runner that failed starts again after RESTART_DELAY, doubled for each failure in a row, at
+# most RESTART_DELAY_MAX; one that ran longer than RESTART_DELAY_MAX starts the count over.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+
+Runner = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
+"""A runner's name (for the log) and what starts it: called again for every restart."""
 
 
 def build_store(config: Config) -> ContinuityStore:
@@ -101,10 +111,47 @@ def _credentials(config: Config) -> tuple[str, str] | None:
         raise RelayError(f"outbound.smarthost.password_file: {exc.strerror or exc}") from None
 
 
-async def _run_all(*runners: Coroutine[Any, Any, None]) -> None:
+async def _run_all(*runners: Runner) -> None:
+    """Every runner, each supervised: until cancelled (shutdown), nothing ends this."""
     async with asyncio.TaskGroup() as group:
-        for runner in runners:
-            group.create_task(runner)
+        for name, run in runners:
+            group.create_task(supervise(name, run), name=f"runner-{name}")
+
+
+async def supervise(name: str, run: Callable[[], Coroutine[Any, Any, None]],
+                    delay: float = RESTART_DELAY, max_delay: float = RESTART_DELAY_MAX) -> None:
+    """Run `run()` until cancelled. When it fails (or returns: a runner loops until cancelled)
+    log `app.runner_failed` and start it again after a delay that doubles with each failure in
+    a row, up to `max_delay`; the listeners and the other runners go on meanwhile (DESIGN.md
+    rule 12). An error in one entry is the runner's own business; this is for its loop."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    while True:
+        started = loop.time()
+        try:
+            await run()
+            error, where = "returned", ""
+        except Exception as exc:  # noqa: BLE001 - one runner's fault must not stop the service
+            error, where = _describe(exc)
+        if loop.time() - started > max_delay:
+            failures = 0
+        wait = min(max_delay, delay * 2 ** min(failures, 30))
+        failures += 1
+        event(log, "app.runner_failed", logging.ERROR, runner=name, error=error, at=where,
+              failures=failures, restart_in=f"{wait:g}s")
+        await asyncio.sleep(wait)
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """`Type: text` of the error inside any task-group wrapping, and the file:line it came from."""
+    more = 0
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        more += len(exc.exceptions) - 1
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    text = f"{type(exc).__name__}: {exc}" + (f" (and {more} more)" if more else "")
+    return text, where
 
 
 async def start(config: Config) -> Running:
@@ -122,24 +169,28 @@ async def start(config: Config) -> Running:
     health.listen(replay.kick)
     handler = InboundHandler(config.domains, config.hostname, health,
                              directory.is_registered, store.keep, config.max_recipients)
+    log_accept_errors(asyncio.get_running_loop())
+    limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
+                                                          else [])])
     inbound = await _listen("inbound", lambda: InboundSMTP(
-        handler, hostname=config.hostname, ident="continuity-relay",
+        handler, limits=limits["inbound"], hostname=config.hostname, ident="continuity-relay",
         data_size_limit=config.message_size_limit, enable_SMTPUTF8=True, decode_data=False),
         config.listen.inbound)
-    runners = [replay.run()]
+    runners: list[Runner] = [("replay", replay.run)]
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   lambda user, notice: store.keep(user, "", notice), _credentials(config))
         sender = Sender(store)
         submit = _submit_pipeline(sender, outbound)
-        runners += [outbound.run(), OutboxRunner(
+        runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname).run()]
+            outbound.kick, config.hostname).run)]
     else:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
     web = await _web(config, directory, store.maildirs, submit)
-    submission = await _submission(config, directory, submit)
+    submission = await _submission(config, directory, submit, limits.get("submission"))
+    log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web)
 
@@ -152,14 +203,15 @@ def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
     return submit
 
 
-async def _submission(config: Config, directory: Directory,
-                      submit: Submit | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
+async def _submission(config: Config, directory: Directory, submit: Submit | None,
+                      limits: ConnectionLimits | None,
+                      ) -> tuple[asyncio.Server, SubmissionHandler] | None:
     if config.listen.submission is None:
         return None
     assert config.tls is not None  # config validation demands it with listen.submission
     handler = SubmissionHandler(config.hostname, directory, submit, config.max_recipients, LoginThrottle())
     factory = make_server_factory(handler, config.hostname, tls_context(config.tls.cert, config.tls.key),
-                                  config.message_size_limit)
+                                  config.message_size_limit, limits)
     return await _listen("submission", factory, config.listen.submission), handler
 
 

@@ -29,6 +29,7 @@ from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.limits import LimitedConnections
 
 log = logging.getLogger("relay.inbound")
 
@@ -59,8 +60,9 @@ class RelaySession(Session):
         self.upstreams: dict[HostPort, Upstream] = {}
 
 
-class InboundSMTP(SMTP):
-    """aiosmtpd's server with our session and envelope types, closing primaries on hang-up."""
+class InboundSMTP(LimitedConnections, SMTP):
+    """aiosmtpd's server with our session and envelope types, closing primaries on hang-up,
+    within the listener's connection limits (pass `limits=`)."""
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)

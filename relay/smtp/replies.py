@@ -29,10 +29,17 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required"
 SENDER_NOT_OWN = "553 5.7.1 Sender address rejected: you may send only as {address}"
 SENDING_DISABLED = "451 4.3.2 Sending is disabled on this relay: no smarthost configured"
 
+# Connection and session limits (relay/smtp/limits.py); each closes the connection.
+TOO_MANY_CONNECTIONS = "421 4.3.2 {hostname} Too many connections, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 {hostname} Too many connections from your address, try again later"
+IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle too long, closing connection"
+TOO_MANY_ERRORS = "421 4.7.0 {hostname} Too many errors, closing connection"
+
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
        TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
-       SENDING_DISABLED)
+       SENDING_DISABLED,
+       TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT, IDLE_TIMEOUT, TOO_MANY_ERRORS)
 
 
 def relayed(code: int, text: str) -> str:

@@ -26,10 +26,12 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from relay.addresses import AddressError, parse_mailbox, parse_sender
 from relay.auth import LoginThrottle, account_key, check_password
+from relay.config import Limits
 from relay.directory import Directory, User
 from relay.errors import PermFail, RelayError
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.limits import ConnectionLimits, LimitedConnections
 
 log = logging.getLogger("relay.submission")
 
@@ -55,8 +57,8 @@ class SubmissionSession(Session):
         self._login_data = value
 
 
-class SubmissionSMTP(SMTP):
-    """aiosmtpd's server with our session type."""
+class SubmissionSMTP(LimitedConnections, SMTP):
+    """aiosmtpd's server with our session type, within the listener's connection limits."""
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -282,12 +284,16 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def make_server_factory(handler: SubmissionHandler, hostname: str, tls_context: ssl.SSLContext,
-                        data_size_limit: int) -> Callable[[], SMTP]:
+                        data_size_limit: int, limits: ConnectionLimits | None = None,
+                        ) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the submission port: STARTTLS before anything,
-    AUTH only over TLS, nothing sent without AUTH."""
+    AUTH only over TLS, nothing sent without AUTH, within `limits` (default: the defaults of
+    `limits.*`, for this listener alone)."""
+    if limits is None:
+        limits = ConnectionLimits.of("submission", Limits())
 
     def factory() -> SMTP:
-        return SubmissionSMTP(handler, hostname=hostname, ident="continuity-relay",
+        return SubmissionSMTP(handler, limits=limits, hostname=hostname, ident="continuity-relay",
                               tls_context=tls_context, require_starttls=True, auth_required=True,
                               auth_require_tls=True, data_size_limit=data_size_limit,
                               decode_data=False, enable_SMTPUTF8=True)
