@@ -258,7 +258,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([stopping, running.runners], return_when=asyncio.FIRST_COMPLETED)
-    if running.runners.done():  # a runner's own loop failed: end non-zero, systemd restarts
+    if running.runners.done():  # supervision itself failed (a bug): end non-zero, systemd restarts
         stopping.cancel()
         running.inbound.close()
         running.runners.result()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 
 import pytest
@@ -195,3 +196,53 @@ def test_a_failing_runner_is_restarted_and_the_listener_answers(make_relay, capl
     answers, reply = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
     assert answers == [(250, b"2.1.5 Recipient OK")] and reply[0] == 250
     assert sorted(p.name for p in waiting.iterdir())   # kept for replay
+
+
+def test_starttls_session_is_counted_once_and_released_once(tmp_path):
+    """STARTTLS calls connection_made again with the TLS transport: still one session."""
+    import trustme
+
+    from relay.smtp.limits import ConnectionLimits
+    from relay.smtp.submission import SubmissionHandler, make_server_factory
+    from tests.smtp.test_submission import SubmissionServer, fast_throttle
+
+    ca = trustme.CA()
+    server_tls = ssl_server_context(ca, tmp_path)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    limits = ConnectionLimits("submission", total=5, per_client=1)
+    handler = SubmissionHandler("relay.test", None, None, 10, fast_throttle())
+    server = SubmissionServer(handler, server_tls)
+    server.factory = make_server_factory(handler, "relay.test", server_tls, 1024, limits)
+    server.start()
+    try:
+        for _ in range(2):      # the second is admitted only if the first was released
+            client = until(lambda: admitted_smtp(server.port), 10, "a submission session")
+            assert client.starttls(context=client_tls)[0] == 220
+            assert client.ehlo()[0] == 250 and client.sock.version() is not None
+            assert limits.open == 1
+            client.quit()
+        until(lambda: limits.open == 0, 10, "the session released")
+    finally:
+        server.stop()
+
+
+def admitted_smtp(port: int):
+    import smtplib
+
+    try:
+        client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10)
+    except smtplib.SMTPConnectError as exc:
+        assert exc.smtp_code == 421, exc
+        return None
+    client.ehlo()
+    return client
+
+
+def ssl_server_context(ca, folder):
+    from relay.smtp.submission import tls_context
+
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    cert.private_key_pem.write_to_path(folder / "key.pem")
+    return tls_context(folder / "cert.pem", folder / "key.pem")

@@ -150,3 +150,28 @@ def test_config_problems_name_the_key(tmp_path):
     for key in ("limits.connections", "limits.idle_timeout", "limits.max_errors",
                 "limits.per_ip: unknown setting"):
         assert key in text, text
+
+
+def test_accept_out_of_descriptors_is_one_log_line_and_the_rest_goes_on(caplog):
+    import asyncio
+    import errno
+    import socket
+
+    from relay.smtp.limits import log_accept_errors
+
+    caplog.set_level(logging.INFO)
+    loop = asyncio.new_event_loop()
+    seen = []
+    loop.set_exception_handler(lambda loop, context: seen.append(context["message"]))
+    log_accept_errors(loop)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                     "exception": OSError(errno.EMFILE, "Too many open files"),
+                                     "socket": sock})
+    loop.call_exception_handler({"message": "something else", "exception": OSError(1, "x")})
+    loop.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "relay.limits"] == [
+        f"limits.accept_failed socket=127.0.0.1:{port} error=EMFILE retry_in=1s"]
+    assert seen == ["something else"]
