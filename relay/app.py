@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp import inbound as inbound_smtp
 from relay.smtp import submission as submission_smtp
 from relay.smtp.inbound import InboundHandler
+from relay.smtp.limits import ConnectionLimits, listener_limits, log_accept_errors, log_limits
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit
 from relay.smtp.tls import ServerTLS
@@ -40,6 +42,14 @@ log = logging.getLogger("relay.app")
 
 # Deliveries are fsync-bound: more threads than cores lets the disk batch them.
 STORAGE_THREADS = 32
+
+# A runner that failed starts again after RESTART_DELAY, doubled for each failure in a row, at
+# most RESTART_DELAY_MAX; one that ran longer than RESTART_DELAY_MAX starts the count over.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+
+Runner = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
+"""A runner's name (for the log) and what starts it: called again for every restart."""
 
 
 def build_store(config: Config) -> ContinuityStore:
@@ -115,10 +125,47 @@ def _credentials(config: Config) -> tuple[str, str] | None:
         raise RelayError(f"outbound.smarthost.password_file: {exc.strerror or exc}") from None
 
 
-async def _run_all(*runners: Coroutine[Any, Any, None]) -> None:
+async def _run_all(*runners: Runner) -> None:
+    """Every runner, each supervised: until cancelled (shutdown), nothing ends this."""
     async with asyncio.TaskGroup() as group:
-        for runner in runners:
-            group.create_task(runner)
+        for name, run in runners:
+            group.create_task(supervise(name, run), name=f"runner-{name}")
+
+
+async def supervise(name: str, run: Callable[[], Coroutine[Any, Any, None]],
+                    delay: float = RESTART_DELAY, max_delay: float = RESTART_DELAY_MAX) -> None:
+    """Run `run()` until cancelled. When it fails (or returns: a runner loops until cancelled)
+    log `app.runner_failed` and start it again after a delay that doubles with each failure in
+    a row, up to `max_delay`; the listeners and the other runners go on meanwhile (DESIGN.md
+    rule 12). An error in one entry is the runner's own business; this is for its loop."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    while True:
+        started = loop.time()
+        try:
+            await run()
+            error, where = "returned", ""
+        except Exception as exc:  # noqa: BLE001 - one runner's fault must not stop the service
+            error, where = _describe(exc)
+        if loop.time() - started > max_delay:
+            failures = 0
+        wait = min(max_delay, delay * 2 ** min(failures, 30))
+        failures += 1
+        event(log, "app.runner_failed", logging.ERROR, runner=name, error=error, at=where,
+              failures=failures, restart_in=f"{wait:g}s")
+        await asyncio.sleep(wait)
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """`Type: text` of the error inside any task-group wrapping, and the file:line it came from."""
+    more = 0
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        more += len(exc.exceptions) - 1
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    text = f"{type(exc).__name__}: {exc}" + (f" (and {more} more)" if more else "")
+    return text, where
 
 
 async def start(config: Config) -> Running:
@@ -134,16 +181,16 @@ async def start(config: Config) -> Running:
     health = Health(config.storage.spool, owner)
     replay = _replay_runner(config, store, health)
     health.listen(replay.kick)
-    runners: list[ReplayRunner | OutboundRunner | OutboxRunner] = [replay]  # run once all listen
+    runners: list[Runner] = [("replay", replay.run)]   # run once every listener is up
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   lambda user, notice: store.keep(user, "", notice), _credentials(config))
         sender = Sender(store)
         submit = _submit_pipeline(sender, outbound)
-        runners += [outbound, OutboxRunner(
+        runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname)]
+            outbound.kick, config.hostname).run)]
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
@@ -151,14 +198,18 @@ async def start(config: Config) -> Running:
                                 throttle) if tls else None
     handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
                              store.keep, config.max_recipients, sending, _screen(config))
+    log_accept_errors(asyncio.get_running_loop())
+    limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
+                                                          else [])])
     inbound = await _listen("inbound", inbound_smtp.make_server_factory(
-        handler, config.hostname, tls, config.message_size_limit), config.listen.inbound)
+        handler, config.hostname, tls, config.message_size_limit, limits["inbound"]),
+        config.listen.inbound)
     web = await _web(config, directory, store.maildirs, submit, throttle, tls)
-    submission = await _submission(config, sending, tls)
+    submission = await _submission(config, sending, tls, limits.get("submission"))
     if submit is None:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
-    return Running(inbound, handler, replay,
-                   asyncio.create_task(_run_all(*(r.run() for r in runners)), name="runners"),
+    log_limits(limits, config.limits)
+    return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web, tls)
 
 
@@ -180,13 +231,13 @@ def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
     return submit
 
 
-async def _submission(config: Config, handler: SubmissionHandler | None,
-                      tls: ServerTLS | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
+async def _submission(config: Config, handler: SubmissionHandler | None, tls: ServerTLS | None,
+                      limits: ConnectionLimits | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
     if config.listen.submission is None:
         return None
     assert handler is not None and tls is not None  # config validation demands tls with it
     factory = submission_smtp.make_server_factory(handler, config.hostname, tls,
-                                                  config.message_size_limit)
+                                                  config.message_size_limit, limits)
     return await _listen("submission", factory, config.listen.submission), handler
 
 
@@ -242,7 +293,7 @@ async def serve(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, hangup)
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([stopping, running.runners], return_when=asyncio.FIRST_COMPLETED)
-    if running.runners.done():  # a runner's own loop failed: end non-zero, systemd restarts
+    if running.runners.done():  # supervision itself failed (a bug): end non-zero, systemd restarts
         stopping.cancel()
         running.inbound.close()
         running.runners.result()

@@ -97,6 +97,16 @@ class Rspamd:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per SMTP listener (inbound, submission); see relay/smtp/limits.py."""
+
+    connections: int = 400             # open sessions; capped at start-up by RLIMIT_NOFILE
+    connections_per_client: int = 50   # per IPv4 address or IPv6 /64 (Postfix's default)
+    idle_timeout: float = 60.0         # waiting for the client; then 421 4.4.2 and close
+    max_errors: int = 20               # 5xx replies in a session; then 421 4.7.0 and close
+
+
+@dataclass(frozen=True)
 class Primary:
     address: HostPort
     starttls: str = "opportunistic"
@@ -166,6 +176,7 @@ class Config:
     admins_file: Path | None = None
     audit_log: Path | None = None
     rspamd: Rspamd = Rspamd()
+    limits: Limits = Limits()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -359,6 +370,27 @@ def _outbound(r: _Reader, raw: Any) -> Outbound:
     )
 
 
+def _limits(r: _Reader, raw: Any) -> Limits:
+    data = r.section(raw, "limits", {"connections", "connections_per_client", "idle_timeout",
+                                     "max_errors"})
+    default = Limits()
+    return Limits(
+        connections=r.value(data, "limits", "connections", _positive_int, default.connections),
+        connections_per_client=r.value(data, "limits", "connections_per_client", _positive_int,
+                                       default.connections_per_client),
+        idle_timeout=r.value(data, "limits", "idle_timeout", _positive_duration,
+                             default.idle_timeout),
+        max_errors=r.value(data, "limits", "max_errors", _positive_int, default.max_errors),
+    )
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(f"expected a duration of at least 1s, got {value!r}")
+    return seconds
+
+
 def _tls(r: _Reader, raw: Any, needed: bool) -> TLS | None:
     if raw is None:
         if needed:
@@ -486,7 +518,7 @@ def load(path: str | Path) -> Config:
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
-                              "rspamd"},
+                              "rspamd", "limits"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
@@ -520,6 +552,7 @@ def load(path: str | Path) -> Config:
         admins_file=r.path(top, "", "admins_file", "admins.passwd"),
         audit_log=r.path(top, "", "audit_log", "audit.log"),
         rspamd=_rspamd(r, top.get("rspamd")),
+        limits=_limits(r, top.get("limits")),
     )
     if r.problems:
         raise ConfigErrors(r.problems)

@@ -73,6 +73,7 @@ class OutboxRunner:
         self._kick.set()
 
     async def run(self) -> None:
+        self._watched = set()   # a restarted run has a new observer, watching nothing yet
         observer = Observer()
         observer.daemon = True
         hint = _Hint(asyncio.get_running_loop(), self.kick)

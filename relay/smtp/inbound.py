@@ -35,13 +35,14 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
-from relay.config import Domain, HostPort, Primary
+from relay.config import Domain, HostPort, Limits, Primary
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
 from relay.delivery.rspamd import Scan
 from relay.directory import User
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.limits import ConnectionLimits, LimitedConnections
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
@@ -81,8 +82,9 @@ class RelaySession(SubmissionSession):
         self.upstreams: dict[HostPort, Upstream] = {}
 
 
-class InboundSMTP(RelaySMTP):
-    """The shared protocol with our session and envelope types, closing primaries on hang-up."""
+class InboundSMTP(LimitedConnections, RelaySMTP):
+    """The shared protocol with our session and envelope types, closing primaries on hang-up,
+    within the listener's connection limits (pass `limits=`)."""
 
     def _create_session(self) -> Session:
         session = RelaySession(self.loop)
@@ -340,13 +342,17 @@ def _mailbox_only(reply: Reply) -> bool:
 
 
 def make_server_factory(handler: InboundHandler, hostname: str, tls: ServerTLS | None,
-                        data_size_limit: int) -> Callable[[], SMTP]:
+                        data_size_limit: int, limits: ConnectionLimits | None = None,
+                        ) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the inbound port. With `tls`: STARTTLS offered,
     never required, and AUTH only after it (never required either). Each connection gets the
     context current when it opens (`ServerTLS.reload`)."""
 
+    if limits is None:
+        limits = ConnectionLimits.of("inbound", Limits())
+
     def factory() -> SMTP:
-        return InboundSMTP(handler, hostname=hostname, ident="continuity-relay",
+        return InboundSMTP(handler, limits=limits, hostname=hostname, ident="continuity-relay",
                            tls_context=tls.context if tls else None, require_starttls=False,
                            auth_required=False, auth_require_tls=True,
                            data_size_limit=data_size_limit, enable_SMTPUTF8=True,

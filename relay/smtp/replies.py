@@ -38,13 +38,19 @@ SPAM_REJECTED_BECAUSE = "550 5.7.1 Message rejected as spam: {reason}"
 SPAM_DEFERRED = "451 4.7.1 Message deferred by the spam filter, try again later"
 SPAM_DEFERRED_BECAUSE = "451 4.7.1 Message deferred by the spam filter ({reason}), try again later"
 SPAM_FILTER_UNAVAILABLE = "451 4.3.0 Spam filter unavailable, try again later"
+# Connection and session limits (relay/smtp/limits.py); each closes the connection.
+TOO_MANY_CONNECTIONS = "421 4.3.2 {hostname} Too many connections, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 {hostname} Too many connections from your address, try again later"
+IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle too long, closing connection"
+TOO_MANY_ERRORS = "421 4.7.0 {hostname} Too many errors, closing connection"
 
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
        TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
        SENDING_DISABLED, AUTH_IN_TRANSACTION,
        SPAM_REJECTED, SPAM_REJECTED_BECAUSE, SPAM_DEFERRED, SPAM_DEFERRED_BECAUSE,
-       SPAM_FILTER_UNAVAILABLE)
+       SPAM_FILTER_UNAVAILABLE,
+       TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT, IDLE_TIMEOUT, TOO_MANY_ERRORS)
 
 
 def relayed(code: int, text: str) -> str:

@@ -27,10 +27,12 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 
 from relay.addresses import AddressError, parse_mailbox, parse_sender
 from relay.auth import LoginThrottle, account_key, check_password
+from relay.config import Limits
 from relay.directory import Directory, User
 from relay.errors import PermFail
 from relay.log import event
 from relay.smtp import replies
+from relay.smtp.limits import ConnectionLimits, LimitedConnections
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.tls import ServerTLS
 
@@ -63,8 +65,8 @@ class SubmissionSession(Session):
         self._login_data = value
 
 
-class SubmissionSMTP(RelaySMTP):
-    """The shared protocol with our session type."""
+class SubmissionSMTP(LimitedConnections, RelaySMTP):
+    """The shared protocol with our session type, within the listener's connection limits."""
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -282,13 +284,17 @@ def _peer(session: Session | None) -> str:
 
 
 def make_server_factory(handler: SubmissionHandler, hostname: str, tls: ServerTLS,
-                        data_size_limit: int) -> Callable[[], SMTP]:
+                        data_size_limit: int, limits: ConnectionLimits | None = None,
+                        ) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the submission port: STARTTLS before anything,
-    AUTH only over TLS, nothing sent without AUTH. Each connection gets the context current
-    when it opens (`ServerTLS.reload`)."""
+    AUTH only over TLS, nothing sent without AUTH, within `limits` (default: the defaults of
+    `limits.*`, for this listener alone). Each connection gets the context current when it
+    opens (`ServerTLS.reload`)."""
+    if limits is None:
+        limits = ConnectionLimits.of("submission", Limits())
 
     def factory() -> SMTP:
-        return SubmissionSMTP(handler, hostname=hostname, ident="continuity-relay",
+        return SubmissionSMTP(handler, limits=limits, hostname=hostname, ident="continuity-relay",
                               tls_context=tls.context, require_starttls=True, auth_required=True,
                               auth_require_tls=True, data_size_limit=data_size_limit,
                               decode_data=False, enable_SMTPUTF8=True)

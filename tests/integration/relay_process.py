@@ -164,8 +164,9 @@ class RelayProcess:
     """The relay as a child process: start, kill (SIGKILL), stop (SIGTERM), start again."""
 
     def __init__(self, config: Path | str, *, log_path: Path | str | None = None,
-                 dev_mode: bool | None = None) -> None:
+                 dev_mode: bool | None = None, wrapper: Iterable[str] = ()) -> None:
         self.config = Path(config).resolve()
+        self.wrapper = list(wrapper)   # a command the relay runs under, e.g. prlimit ... --
         self.workdir = self.config.parent
         self.log_path = Path(log_path) if log_path is not None else self.workdir / LOG_NAME
         self.dev_mode = dev_mode
@@ -217,7 +218,7 @@ class RelayProcess:
         if self.running:
             raise RelayProcessError(f"relay already running (pid {self.pid})")
         self.starts += 1
-        command = [sys.executable, "-m", "relay", "serve", "-c", str(self.config)]
+        command = [*self.wrapper, sys.executable, "-m", "relay", "serve", "-c", str(self.config)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"---- start {self.starts}: {' '.join(command)}\n".encode())
