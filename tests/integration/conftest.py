@@ -51,3 +51,9 @@ def dovecot_factory() -> Iterator[DovecotFactory]:
 
     yield factory
     dc.stop_all(started)
+
+
+try:  # the Postfix instances' fixture lives with its helper
+    from .postfix import postfix_factory  # noqa: F401
+except ImportError:
+    from postfix import postfix_factory  # noqa: F401
