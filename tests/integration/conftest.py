@@ -65,3 +65,9 @@ def rspamd_server() -> Iterator[rs.RspamdServer]:
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.stop()
+
+
+try:  # the Postfix instances' fixture lives with its helper
+    from .postfix import postfix_factory  # noqa: F401
+except ImportError:
+    from postfix import postfix_factory  # noqa: F401
