@@ -135,7 +135,7 @@ async def start(config: Config) -> Running:
         submit = _submit_pipeline(sender, outbound)
         runners += [outbound.run(), OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname).run()]
+            outbound.kick, config.hostname, max_size=config.message_size_limit).run()]
     else:
         event(log, "outbound.disabled", reason="outbound.smarthost is not set")
     web = await _web(config, directory, store.maildirs, submit)
