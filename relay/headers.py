@@ -219,7 +219,7 @@ def _decode(raw: bytes) -> str:
         try:
             return str(make_header(decode_header(text)))
         except _UNDECODABLE:
-            return _ENCODED_RUN.sub(_decode_run, text)
+            return text
     # Raw 8-bit text next to encoded-words: decode_header cannot take it, so decode word by word.
     return _ENCODED_RUN.sub(_decode_run, text)
 
