@@ -55,13 +55,18 @@ class Owner:
         entry = pwd.getpwnam(user)
         return cls(entry.pw_uid, entry.pw_gid)
 
-    def claim(self, fd: int) -> None:
-        """Hand the open file or directory `fd` to the mail user (fchown: no path, no link)."""
-        if self.uid is not None:
-            info = os.fstat(fd)
+    def claim(self, target: int | Path | str) -> None:
+        """Hand `target` to the mail user: an open descriptor (fchown, what everything here
+        uses: no path, no race), or a path, whose last component is never followed (lchown)."""
+        if self.uid is None:
+            return
+        if isinstance(target, int):
+            info = os.fstat(target)
             gid = self.gid if self.gid is not None else info.st_gid
             if (info.st_uid, info.st_gid) != (self.uid, gid):
-                os.fchown(fd, self.uid, gid)
+                os.fchown(target, self.uid, gid)
+        else:
+            os.chown(target, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
 
 
 def _fsync_dir_now(path: str) -> None:

@@ -180,3 +180,11 @@ def test_a_fifo_a_link_and_an_oversized_file_in_the_outbox(tmp_path, vmail, capl
     assert b"root:secret" not in queued and b"hello" in queued
     assert outbox.scan() == 0
     assert len([r for r in caplog.records if r.getMessage().startswith("outbox.skipped")]) == 2
+
+
+def test_claim_by_path_never_follows_the_last_link(tmp_path, vmail):
+    secret, _private = root_only(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(secret)
+    vmail.claim(link)
+    assert owners(secret) == [(0, 0)] and os.lstat(link).st_uid == vmail.uid
