@@ -190,7 +190,7 @@ async def start(config: Config) -> Running:
         submit = _submit_pipeline(sender, outbound)
         runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname).run)]
+            outbound.kick, config.hostname, max_size=config.message_size_limit).run)]
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port

@@ -10,12 +10,23 @@ accept the same password. One line per user:
 Field 5 (gecos, ignored by Dovecot) holds the display name. Every change is a read-modify-write
 under a file lock, written as temp file, fsync, rename, fsync of the directory: a crash leaves
 either the old file or the new one.
+
+The file is read as bytes and split on b"\n" only (as Dovecot does), never with
+`str.splitlines()`, which also splits on \x0b \x0c \x1c-\x1e \x85 \u2028 \u2029. A line that
+does not parse is logged once (`directory.bad_line file=... line=N`) and skipped, so one bad line
+never takes the other users down; a rewrite keeps it as it was. Display names are refused
+(DirectoryError) when they hold ":" or any control or line-separator character, so a name can
+never make such a line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
+import threading
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +38,10 @@ from filelock import FileLock
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.config import Config
 from relay.errors import DirectoryError
+from relay.log import event
 from relay.storage.durable import Owner, replace_file
+
+log = logging.getLogger("relay.directory")
 
 DEACTIVATED = "nologin reason=deactivated"
 BCRYPT_MAX = 72
@@ -80,14 +94,16 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 
 def _check_name(name: str) -> str:
+    """The display name as stored: one passwd-file field, so no ":" and no character any reader
+    could take for a line end (control characters, U+2028, U+2029)."""
     name = name.strip()
-    if any(c in name for c in ":\n\r\x00"):
-        raise DirectoryError("a name may not contain ':' or line breaks")
+    if any(c == ":" or unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") for c in name):
+        raise DirectoryError("a name may not contain ':', line breaks or control characters")
     return name
 
 
 def parse_line(line: str) -> User:
-    fields = line.rstrip("\n").split(":", 7)
+    fields = line.split(":", 7)
     if len(fields) != 8:
         raise ValueError("expected 8 colon-separated fields")
     return User(parse_mailbox(fields[0]), fields[4], fields[1], DEACTIVATED not in fields[7])
@@ -104,24 +120,48 @@ def password_is_usable(password: str) -> bool:
     return True
 
 
-def read_passwd(file: Path) -> dict[str, User]:
-    """Every account in a passwd-file (users, or administrators); a bad line is an error."""
+_reported: set[tuple[str, int, bytes]] = set()
+_reported_lock = threading.Lock()
+
+
+def read_passwd(file: Path, bad_lines: list[bytes] | None = None) -> dict[str, User]:
+    """Every account in a passwd-file (users, or administrators).
+
+    Lines are split on b"\n" only. A line that does not parse is logged once and skipped (and
+    appended to `bad_lines` when given, for a rewrite to keep); an unreadable file is an error.
+    """
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise DirectoryError(f"{file}: {exc.strerror or exc}") from None
     accounts: dict[str, User] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip() or raw.startswith(b"#"):
             continue
         try:
-            account = parse_line(line)
-        except (ValueError, AddressError) as exc:
-            raise DirectoryError(f"{file}:{number}: {exc}") from None
+            account = parse_line(raw.decode("utf-8"))
+        except (ValueError, AddressError) as exc:  # UnicodeDecodeError is a ValueError
+            _report(file, number, raw, exc)
+            if bad_lines is not None:
+                bad_lines.append(raw)
+            continue
         accounts[account.email] = account
     return accounts
+
+
+def _report(file: Path, number: int, raw: bytes, exc: Exception) -> None:
+    """Log a bad line once per file, line number and content (never the line itself: it may
+    hold a password hash)."""
+    key = (str(file), number, raw)
+    with _reported_lock:
+        if key in _reported:
+            return
+        _reported.add(key)
+    event(log, "directory.bad_line", logging.ERROR, file=file, line=number,
+          error=type(exc).__name__, reason=exc)
 
 
 class PasswdCache:
@@ -156,9 +196,6 @@ class Directory:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _read(self) -> dict[str, User]:
-        return read_passwd(self.file)
-
     def users(self) -> dict[str, User]:
         """All users, re-read only when the file changed (it is checked on every call)."""
         return self._cache.get()
@@ -184,20 +221,22 @@ class Directory:
             raise DirectoryError(f"{email}: domain {address.domain} is not configured")
         return address
 
-    def _write(self, users: Iterable[User]) -> None:
-        body = "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.email))
+    def _write(self, users: Iterable[User], bad_lines: Iterable[bytes] = ()) -> None:
+        """Replace the file with `users`, and the lines that did not parse kept as they were."""
+        body = "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.email)).encode("utf-8")
+        body += b"".join(line + b"\n" for line in bad_lines)
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(self.file, body.encode("utf-8"), 0o640, Owner.named(self.config.storage.owner),
-                     bump_mtime=True)
+        replace_file(self.file, body, 0o640, Owner.named(self.config.storage.owner), bump_mtime=True)
         self._cache.forget()
 
     def _change(self, email: str, change) -> User:
         address = self._address(email)
         with self._lock:
-            users = self._read()
+            bad: list[bytes] = []
+            users = read_passwd(self.file, bad)
             user = change(users.get(str(address)), address)
             users[user.email] = user
-            self._write(users.values())
+            self._write(users.values(), bad)
         return user
 
     def add(self, email: str, name: str = "", password: str | None = None) -> User:
@@ -231,10 +270,12 @@ class Directory:
         good lines are imported even when others are refused.
         """
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = path.read_bytes().decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise DirectoryError(f"{path}: {exc}") from None
-        rows = csv.DictReader(text.splitlines())
+        # Rows end where csv says (\n, \r, \r\n outside quotes), not at every str.splitlines()
+        # separator: a \x0c in a name is that name's problem, refused below with its line number.
+        rows = csv.DictReader(io.StringIO(text, newline=""))
         header = [h.strip().lower() for h in rows.fieldnames or []]
         if "email" not in header:
             raise DirectoryError(f"{path}:1: the header row must name an 'email' column")
@@ -255,7 +296,8 @@ class Directory:
             except DirectoryError as exc:
                 problems.append(f"{path}:{line}: {exc}")
         with self._lock:
-            users = self._read()
+            bad: list[bytes] = []
+            users = read_passwd(self.file, bad)
             for email, (line, user) in pending.items():
                 if email in users:
                     problems.append(f"{path}:{line}: {email}: already registered")
@@ -263,5 +305,5 @@ class Directory:
                 users[email] = user
                 added.append(user)
             if added:
-                self._write(users.values())
+                self._write(users.values(), bad)
         return added, problems

@@ -216,15 +216,23 @@ def _unfold(field: Field) -> bytes:
     return re.sub(rb"\r?\n", b"", value).strip(_WSP)
 
 
+# What `email.header` raises on a malformed encoded-word or charset name (an unknown charset is a
+# LookupError, one with NUL in it a ValueError, a bad base64 a binascii.Error, which is one too):
+# the text is then shown as it came, never an error for the page that shows it.
+_UNDECODABLE = (HeaderParseError, LookupError, ValueError, AssertionError, TypeError)
+
+
 def _decode(raw: bytes) -> str:
-    """Text for reading: raw 8-bit bytes as UTF-8 (errors replaced), RFC 2047 encoded-words decoded."""
+    """Text for reading: raw 8-bit bytes as UTF-8 (errors replaced), RFC 2047 encoded-words decoded.
+
+    Never raises: a word that does not decode stays as it is."""
     text = raw.decode("utf-8", errors="replace")
     if "=?" not in text:
         return text
     if text.isascii():
         try:
             return str(make_header(decode_header(text)))
-        except (HeaderParseError, UnicodeError, LookupError):
+        except _UNDECODABLE:
             return text
     # Raw 8-bit text next to encoded-words: decode_header cannot take it, so decode word by word.
     return _ENCODED_RUN.sub(_decode_run, text)
@@ -240,5 +248,5 @@ def _decode_word(word: str) -> str:
             part.decode(charset or "ascii", errors="replace") if isinstance(part, bytes) else part
             for part, charset in decode_header(word)
         )
-    except (HeaderParseError, LookupError):
+    except _UNDECODABLE:
         return word

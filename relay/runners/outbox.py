@@ -10,14 +10,23 @@ an explanation arrives in INBOX, so it is not tried again.
 watchdog's inotify events are only a hint: every Outbox is rescanned at start-up, on each hint
 and every `RESCAN` seconds, and the directories are the truth. A crash between the send and
 the removal sends that one message again at the next scan (the only possible duplicate).
+
+The Outboxes belong to the mail user, so nothing here follows a symlink: each Outbox directory is
+opened one component at a time from the Maildir root (a link on the way is refused and logged,
+`maildir.symlink_refused`), and each message is opened relative to it with O_NOFOLLOW|O_NONBLOCK
+and read only when fstat says it is a regular file; a symlink, FIFO, device or unreadable file is
+skipped with one `outbox.skipped` line, never followed and never waited on. A message over
+`max_size` bytes is not sent (Drafts and an explanation, as for a foreign From).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +39,8 @@ from relay.errors import PermFail, StorageError
 from relay.headers import addresses
 from relay.log import event
 from relay.runners.wake import sleep_until_kick
-from relay.storage.durable import fsync_dir
-from relay.storage.maildir import MaildirStore
+from relay.storage.durable import UnsafePathError, open_dir, open_file
+from relay.storage.maildir import MaildirStore, refusing_symlinks
 
 log = logging.getLogger("relay.outbox")
 
@@ -58,7 +67,7 @@ class _Hint(FileSystemEventHandler):
 class OutboxRunner:
     def __init__(self, maildirs: MaildirStore, sender: Sender, domains: Callable[[], list[str]],
                  is_registered: Callable[[Mailbox], bool], on_sent: Callable[[], None],
-                 hostname: str, rescan: float = RESCAN) -> None:
+                 hostname: str, rescan: float = RESCAN, max_size: int | None = None) -> None:
         self.maildirs = maildirs
         self.sender = sender
         self.domains = domains
@@ -66,8 +75,10 @@ class OutboxRunner:
         self.on_sent = on_sent
         self.hostname = hostname
         self.rescan = rescan
+        self.max_size = max_size
         self._kick = asyncio.Event()
         self._watched: set[Path] = set()
+        self._skipped: set[Path] = set()  # logged once each
 
     def kick(self) -> None:
         self._kick.set()
@@ -89,7 +100,7 @@ class OutboxRunner:
             await asyncio.to_thread(observer.join, 5)
 
     def _watch(self, observer: Observer | None, hint: _Hint | None, directory: Path) -> None:
-        if observer is not None and directory not in self._watched and directory.is_dir():
+        if observer is not None and directory not in self._watched and _is_dir(directory):
             observer.schedule(hint, str(directory), recursive=False)
             self._watched.add(directory)
 
@@ -107,36 +118,77 @@ class OutboxRunner:
             for sub in ("new", "cur"):
                 directory = home / ".Outbox" / sub
                 self._watch(observer, hint, directory)
-                if not directory.is_dir():
-                    continue
-                for name in sorted(os.listdir(directory)):
-                    if not name.startswith("."):
-                        picked += self._pickup(user, directory / name)
+                picked += self._scan_dir(user, directory)
         return picked
 
     def _homes(self) -> list[tuple[Mailbox, Path]]:
-        """Registered users with a Maildir, and its path."""
+        """Registered users with a Maildir, and its path (a symlinked domain is refused)."""
         found = []
         for domain in self.domains():
             root = self.maildirs.root / domain
-            if not root.is_dir():
+            try:
+                with refusing_symlinks():
+                    fd = open_dir(self.maildirs.root, (domain,))
+            except (FileNotFoundError, UnsafePathError):
                 continue
-            for local in sorted(os.listdir(root)):
+            try:
+                locals_ = sorted(os.listdir(fd))
+            finally:
+                os.close(fd)
+            for local in locals_:
                 try:
                     user = parse_mailbox(f"{local}@{domain}")
                 except AddressError:
                     continue
-                if (root / local).is_dir() and self.is_registered(user):
+                if self.is_registered(user):
                     found.append((user, root / local))
         return found
 
-    def _pickup(self, user: Mailbox, path: Path) -> int:
+    def _scan_dir(self, user: Mailbox, directory: Path) -> int:
+        """Pick up every message in one Outbox directory, opened without following a link."""
         try:
-            data = path.read_bytes()
+            with refusing_symlinks():
+                fd = open_dir(self.maildirs.root, directory.relative_to(self.maildirs.root).parts)
+        except (FileNotFoundError, UnsafePathError):
+            return 0
+        try:
+            return sum(self._pickup(user, directory, fd, name)
+                       for name in sorted(os.listdir(fd)) if not name.startswith("."))
+        finally:
+            os.close(fd)
+
+    def _read(self, directory: Path, fd: int, name: str) -> bytes:
+        """The message file's bytes: a regular file only, at most `max_size` + 1 of them."""
+        file = open_file(name, fd, directory / name)
+        try:
+            limit = self.max_size + 1 if self.max_size is not None else None
+            chunks, size = [], 0
+            while limit is None or size < limit:
+                chunk = os.read(file, 1 << 20 if limit is None else min(1 << 20, limit - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(file)
+
+    def _pickup(self, user: Mailbox, directory: Path, fd: int, name: str) -> int:
+        path = directory / name
+        try:
+            data = self._read(directory, fd, name)
         except FileNotFoundError:
             return 0  # the client or Dovecot moved it meanwhile: the next scan sees it
+        except (OSError, UnsafePathError) as exc:  # a link, FIFO or device; or unreadable
+            if path not in self._skipped:
+                self._skipped.add(path)
+                event(log, "outbox.skipped", logging.WARNING, user=user, path=path,
+                      reason=getattr(exc, "strerror", None) or exc)
+            return 0
         rcpts = addresses(data, "To", "Cc", "Bcc")
         try:
+            if self.max_size is not None and len(data) > self.max_size:
+                raise PermFail(552, f"5.3.4 The message is over the size limit of {self.max_size} bytes")
             if not rcpts:
                 raise PermFail(554, "5.5.1 The message names no recipient (To, Cc or Bcc)")
             entry = self.sender.submit(user, str(user), rcpts, data)
@@ -146,7 +198,7 @@ class OutboxRunner:
         except StorageError as exc:
             event(log, "outbox.deferred", logging.ERROR, user=user, error=exc)
             return 0
-        _remove(path)
+        _remove(fd, name)
         event(log, "outbox.sent", user=user, id=entry, rcpts=len(rcpts))
         return 1
 
@@ -157,16 +209,42 @@ class OutboxRunner:
         event(log, "outbox.refused", logging.WARNING, user=user, reason=exc.text)
 
 
-def _remove(path: Path) -> None:
-    """Unlink a sent Outbox message, also when Dovecot renamed it (new flags) meanwhile."""
+def _is_dir(path: Path) -> bool:
     try:
-        path.unlink()
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _remove(fd: int, name: str) -> None:
+    """Unlink a sent Outbox message from the directory `fd`; when Dovecot renamed it meanwhile
+    (new flags in cur/, or new/ -> cur/), the file with the same key there."""
+    try:
+        os.unlink(name, dir_fd=fd)
     except FileNotFoundError:
-        base = path.name.split(":2,")[0]
-        for sub in ("new", "cur"):
-            for other in (path.parent.parent / sub).glob(f"{base}*"):
-                other.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        base = name.split(":2,")[0]
+        for sub in ("../new", "../cur"):
+            try:
+                other = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue
+                raise
+            try:
+                for found in os.listdir(other):
+                    if found.split(":2,")[0] == base:
+                        _unlink_quietly(found, other)
+                os.fsync(other)
+            finally:
+                os.close(other)
+    os.fsync(fd)
+
+
+def _unlink_quietly(name: str, fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
 
 
 def _explanation(hostname: str, user: Mailbox, reason: str) -> bytes:

@@ -3,18 +3,38 @@ and handing created files to the mail user.
 
 Rule 1 ("250 means on disk") rests on these: a file counts as written only after the file and
 the directory that names it were fsync'd.
+
+Running as root with `storage.owner`, the directories below the storage roots belong to the
+mail user, who may put a symlink anywhere in them. So nothing here follows one: files are
+created with O_EXCL|O_NOFOLLOW and handed over with fchown(2) on the descriptor just opened
+(never chown(2) on a path, which follows links and races), and `open_dir` walks a tree one
+component at a time relative to the one before, refusing a symlink (`UnsafePathError`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from relay.errors import StorageError
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePathError(StorageError):
+    """A symlink, or something else that is not a directory, where a directory (or a plain
+    file) belongs under a storage root: refused, never followed. Temporary, like any
+    StorageError: the delivery is tried again once an administrator has looked."""
+
+    def __init__(self, path: Path | str, what: str = "a symlink or not a directory") -> None:
+        self.path, self.what = os.fspath(path), what
+        super().__init__(f"{self.path}: {what}: refused")
 
 
 @dataclass(frozen=True)
@@ -35,9 +55,18 @@ class Owner:
         entry = pwd.getpwnam(user)
         return cls(entry.pw_uid, entry.pw_gid)
 
-    def claim(self, path: Path | str) -> None:
-        if self.uid is not None:
-            os.chown(path, self.uid, self.gid if self.gid is not None else -1)
+    def claim(self, target: int | Path | str) -> None:
+        """Hand `target` to the mail user: an open descriptor (fchown, what everything here
+        uses: no path, no race), or a path, whose last component is never followed (lchown)."""
+        if self.uid is None:
+            return
+        if isinstance(target, int):
+            info = os.fstat(target)
+            gid = self.gid if self.gid is not None else info.st_gid
+            if (info.st_uid, info.st_gid) != (self.uid, gid):
+                os.fchown(target, self.uid, gid)
+        else:
+            os.chown(target, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
 
 
 def _fsync_dir_now(path: str) -> None:
@@ -108,17 +137,20 @@ def fsync_dir(path: Path | str) -> None:
     _group_sync.sync(os.fspath(path))
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner()) -> None:
-    """Create `path` (which must not exist) with `data`, fsync'd; the caller fsyncs the dir."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def write_new(path: Path | str, data: bytes, mode: int = 0o600, owner: Owner = Owner(),
+              dir_fd: int | None = None) -> None:
+    """Create `path` (which must not exist; relative to `dir_fd` when given) with `data`,
+    fsync'd and handed to `owner` through its descriptor; the caller fsyncs the dir."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
     try:
+        owner.claim(fd)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    owner.claim(path)
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner(),
@@ -149,11 +181,16 @@ def _newer_than(new: Path, old: Path) -> None:
     stamp = time.time()
     if int(stamp) <= before:
         stamp = before + 1.0
-    os.utime(new, (stamp, stamp))
+    os.utime(new, (stamp, stamp), follow_symlinks=False)
 
 
 def make_dirs(path: Path, owner: Owner = Owner(), mode: int = 0o700) -> None:
-    """mkdir -p, handing each directory it creates to `owner` and fsyncing its parent."""
+    """mkdir -p, handing each directory it creates to `owner` and fsyncing its parent.
+
+    Directories that exist already are trusted as they are (a storage root may be a symlink an
+    administrator made); each one created here is opened without following a link and handed
+    over through that descriptor.
+    """
     missing = []
     current = path
     while not current.exists():
@@ -164,5 +201,94 @@ def make_dirs(path: Path, owner: Owner = Owner(), mode: int = 0o700) -> None:
             directory.mkdir(mode=mode)
         except FileExistsError:
             continue
-        owner.claim(directory)
+        try:
+            fd = os.open(directory, _NOFOLLOW_DIR)
+        except OSError as exc:
+            _refuse_link(exc, directory)
+            raise
+        try:
+            owner.claim(fd)
+        finally:
+            os.close(fd)
         fsync_dir(directory.parent)
+
+
+def _refuse_link(exc: OSError, path: Path | str) -> None:
+    """UnsafePathError for what O_NOFOLLOW|O_DIRECTORY refuses (a link, a file); the caller
+    re-raises any other OSError as it is."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        raise UnsafePathError(path) from exc
+
+
+def open_dir(root: Path, parts: tuple[str, ...], owner: Owner | None = None,
+             mode: int = 0o700, dir_fd: int | None = None) -> int:
+    """A descriptor of the directory `root/parts[0]/parts[1]/...`, for `dir_fd=` calls.
+
+    `root` is trusted as configured; each part is opened relative to the one before with
+    O_NOFOLLOW, so a symlink (or a file) anywhere below `root` raises UnsafePathError instead
+    of being followed. With `owner`, missing parts are created (mode `mode`, their parent
+    fsync'd) and every part is handed to `owner` through its descriptor; without, a missing
+    part raises FileNotFoundError. With `dir_fd`, the walk starts there instead (`root` then
+    only names it in errors). The caller closes the descriptor.
+    """
+    if dir_fd is not None:
+        fd = os.dup(dir_fd)
+    else:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    path = Path(root)
+    try:
+        for part in parts:
+            if not part or part in (".", "..") or "/" in part:
+                raise UnsafePathError(path / part, "not one path component")
+            path = path / part
+            child = _open_part(fd, part, path, owner, mode)
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_part(parent: int, name: str, path: Path, owner: Owner | None, mode: int) -> int:
+    """Open `name` under the directory `parent`, creating it with `owner`."""
+    created = False
+    if owner is not None:
+        try:
+            os.mkdir(name, mode, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
+    except OSError as exc:
+        _refuse_link(exc, path)
+        raise
+    try:
+        if owner is not None:
+            owner.claim(fd)
+        if created:
+            os.fsync(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file(name: str, dir_fd: int, path: Path | str, flags: int = os.O_RDONLY,
+              mode: int = 0o600, single_link: bool = False) -> int:
+    """A plain file `name` in the directory `dir_fd`, opened without following a symlink and
+    without blocking on a FIFO or a device: UnsafePathError for anything but a regular file,
+    and with `single_link` for one with other hard links (which could name a file from
+    outside the tree: ask for it before changing the file)."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise UnsafePathError(path, "a symlink or not a plain file") from exc
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or (single_link and info.st_nlink != 1):
+        os.close(fd)
+        raise UnsafePathError(path, "not a plain file" + (" with one link" if single_link else ""))
+    return fd

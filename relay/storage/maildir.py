@@ -15,6 +15,13 @@ A delivery, step by step, and what a crash at each step leaves:
 
 The webmail reads, flags, moves and deletes messages through this class too (see the notes
 before MaildirStore): each change there is one rename or unlink, then a fsync of the directories.
+
+Symlinks: the tree below the root belongs to the mail user, who may plant a link anywhere. A
+delivery and the completion of a tree walk it one directory at a time relative to the one before
+(`durable.open_dir`, O_NOFOLLOW) and create and hand over files through their descriptors, so a
+link where a directory or the `maildirfolder` marker belongs is never followed: it is logged
+(`maildir.symlink_refused path=...`) and the delivery fails with UnsafePathError, a
+StorageError (451 inbound), until an administrator removes it.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ import base64
 import email.utils
 import errno
 import itertools
+import logging
 import os
 import re
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +46,18 @@ from typing import TypeVar
 
 from relay import headers
 from relay.addresses import Mailbox
-from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
+from relay.log import event
+from relay.storage.durable import (
+    Owner,
+    UnsafePathError,
+    fsync_dir,
+    make_dirs,
+    open_dir,
+    open_file,
+    write_new,
+)
+
+log = logging.getLogger("relay.maildir")
 
 FOLDERS = ("Sent", "Outbox")
 _T = TypeVar("_T")
@@ -220,6 +240,16 @@ def _date(values: list[str]) -> datetime | None:
         return None
 
 
+@contextmanager
+def refusing_symlinks() -> Iterator[None]:
+    """Log each UnsafePathError passing through (`maildir.symlink_refused`), then re-raise it."""
+    try:
+        yield
+    except UnsafePathError as exc:
+        event(log, "maildir.symlink_refused", logging.ERROR, path=exc.path, reason=exc.what)
+        raise
+
+
 def _is_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -277,23 +307,31 @@ class MaildirStore:
         if path in self._ready:
             return path
         with self._lock:
-            make_dirs(path.parent, self.owner)
             for folder in (path, *(path / f".{name}" for name in FOLDERS)):
                 self._complete(folder, marker=folder != path)
-            fsync_dir(path.parent)
-            fsync_dir(path)
             self._ready.add(path)
         return path
 
     def _complete(self, folder: Path, marker: bool) -> None:
-        for sub in (folder, folder / "cur", folder / "new", folder / "tmp"):
-            sub.mkdir(mode=0o700, exist_ok=True)
-            self.owner.claim(sub)
-        if marker:
-            flag = folder / "maildirfolder"
-            flag.touch(mode=0o600, exist_ok=True)
-            self.owner.claim(flag)
-        fsync_dir(folder)
+        """Create what is missing of one folder (cur/, new/, tmp/, the marker) and hand every
+        part to the mail user, never following a symlink (UnsafePathError, logged)."""
+        parts = folder.relative_to(self.root).parts
+        make_dirs(self.root, self.owner)
+        with refusing_symlinks():
+            fd = open_dir(self.root, parts, self.owner)
+            try:
+                for sub in ("cur", "new", "tmp"):
+                    os.close(open_dir(folder, (sub,), self.owner, dir_fd=fd))
+                if marker:
+                    flag = open_file("maildirfolder", fd, folder / "maildirfolder",
+                                     os.O_WRONLY | os.O_CREAT, single_link=True)
+                    try:
+                        self.owner.claim(flag)
+                    finally:
+                        os.close(flag)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def unique_name(self, size: int) -> str:
         now = time.time()
@@ -311,26 +349,57 @@ class MaildirStore:
         if folder:
             box = box / f".{folder}"
         name = self.unique_name(len(data))
-        tmp = box / "tmp" / name
-        write_new(tmp, data, owner=self.owner)
+        final_sub, final_name = ("cur", f"{name}:2,S") if seen else ("new", name)
+        with refusing_symlinks():
+            fd = open_dir(self.root, box.relative_to(self.root).parts)
+            try:
+                tmp_fd = open_dir(box, ("tmp",), dir_fd=fd)
+                try:
+                    final_fd = open_dir(box, (final_sub,), dir_fd=fd)
+                except BaseException:
+                    os.close(tmp_fd)
+                    raise
+            finally:
+                os.close(fd)
         try:
-            if before_publish is not None:
-                before_publish(tmp)
-            final = box / "cur" / f"{name}:2,S" if seen else box / "new" / name
-            os.link(tmp, final)
+            self._publish(box, name, final_name, data, tmp_fd, final_fd, before_publish)
         finally:
-            tmp.unlink(missing_ok=True)
+            os.close(tmp_fd)
+            os.close(final_fd)
+        final = box / final_sub / final_name
         fsync_dir(final.parent)
         return final
+
+    def _publish(self, box: Path, name: str, final_name: str, data: bytes, tmp_fd: int,
+                 final_fd: int, before_publish: Callable[[Path], None] | None) -> None:
+        """tmp/<name> written through `tmp_fd`, shown to `before_publish`, linked into the
+        directory `final_fd` (the link itself, never a target), and unlinked from tmp/."""
+        write_new(name, data, owner=self.owner, dir_fd=tmp_fd)
+        try:
+            if before_publish is not None:
+                before_publish(box / "tmp" / name)
+            os.link(name, final_name, src_dir_fd=tmp_fd, dst_dir_fd=final_fd, follow_symlinks=False)
+        finally:
+            try:
+                os.unlink(name, dir_fd=tmp_fd)
+            except FileNotFoundError:
+                pass
 
     def move(self, path: Path, user: Mailbox, folder: str) -> Path:
         """Move a message file into another folder of the same user (cur/, flags kept)."""
         box = self.ensure(user)
-        if folder != "INBOX" and not (box / f".{folder}").is_dir():
-            self._complete(box / f".{folder}", marker=True)
+        folder_path = box if folder == "INBOX" else box / f".{folder}"
+        if folder != "INBOX":
+            with self._lock:
+                self._complete(folder_path, marker=True)
         name = path.name if ":2," in path.name else f"{path.name}:2,"
-        target = (box if folder == "INBOX" else box / f".{folder}") / "cur" / name
-        os.rename(path, target)
+        target = folder_path / "cur" / name
+        with refusing_symlinks():
+            fd = open_dir(self.root, (*folder_path.relative_to(self.root).parts, "cur"))
+        try:
+            os.rename(path, name, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
         fsync_dir(target.parent)
         fsync_dir(path.parent)
         return target
@@ -440,7 +509,8 @@ class MaildirStore:
         name = check_folder(folder)
         box = self.ensure(user)
         path = box if name == INBOX else box / f".{name}"
-        if not all(_is_dir(path / sub) for sub in ("", "cur", "new")):
+        chain = (box.parent, box, path, path / "cur", path / "new")  # no symlink on the way down
+        if not all(_is_dir(directory) for directory in chain):
             raise FolderError(f"no folder {name!r}")
         return path
 

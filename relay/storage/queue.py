@@ -24,6 +24,7 @@ import errno
 import itertools
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,19 @@ class Envelope:
         return cls(**raw)
 
 
+def _read_plain(path: Path) -> bytes:
+    """A queue file's bytes: the spool belongs to the mail user, so a symlink, FIFO or device
+    planted there is refused (OSError), never followed or waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
 class Queue:
     """One queue directory; safe to use from several threads of one process."""
 
@@ -92,11 +106,11 @@ class Queue:
 
         def place(target: Path) -> None:
             try:
-                os.link(source, target)
+                os.link(source, target, follow_symlinks=False)  # a link is linked, never its target
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-                write_new(target, Path(source).read_bytes(), owner=self.owner)
+                write_new(target, _read_plain(Path(source)), owner=self.owner)
         return self._enqueue(place, envelope)
 
     def enqueue_bytes(self, data: bytes, envelope: Envelope) -> str:
@@ -156,15 +170,15 @@ class Queue:
     def read(self, entry: str, state: str = "waiting") -> tuple[Envelope, bytes]:
         """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
         try:
-            envelope = Envelope.from_bytes((self._dir(state) / entry).read_bytes())
-            data = (self._dir("msg") / entry).read_bytes()
+            envelope = Envelope.from_bytes(_read_plain(self._dir(state) / entry))
+            data = _read_plain(self._dir("msg") / entry)
         except (OSError, ValueError, TypeError) as exc:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
         return envelope, data[envelope.skip:]
 
     def envelope(self, entry: str, state: str = "waiting") -> Envelope:
         try:
-            return Envelope.from_bytes((self._dir(state) / entry).read_bytes())
+            return Envelope.from_bytes(_read_plain(self._dir(state) / entry))
         except (OSError, ValueError, TypeError) as exc:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
 

@@ -6,7 +6,8 @@
 
 A line is written once the change it records was made. Lines go out in one `write` on a file
 opened with O_APPEND, then fsync, so lines from concurrent requests never interleave and a crash
-loses at most the lines being written. Values with spaces are quoted as in the relay's log lines.
+loses at most the lines being written. Values are quoted as in the relay's log lines, by the same
+function (`relay.log.quote`), so a value can never forge a field.
 Never a password: a field whose name mentions one is refused.
 """
 
@@ -18,14 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from relay.errors import StorageError
+from relay.log import quote
 from relay.storage.durable import fsync_dir
-
-
-def _value(value: object) -> str:
-    text = str(value).replace("\n", "\\n").replace("\r", "\\r")
-    if not text or any(c.isspace() or c in '"=' for c in text):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
 
 
 class AuditLog:
@@ -38,8 +33,8 @@ class AuditLog:
     def _line(self, stamp: str, actor_kind: str, actor: str, action: str, fields: dict[str, object]) -> str:
         if any("password" in name for name in fields):
             raise ValueError("the audit log never holds a password")
-        pairs = "".join(f" {k}={_value(v)}" for k, v in fields.items())
-        return f"{stamp} {actor_kind}={_value(actor)} action={_value(action)}{pairs}\n"
+        pairs = "".join(f" {k}={quote(v)}" for k, v in fields.items())
+        return f"{stamp} {actor_kind}={quote(actor)} action={quote(action)}{pairs}\n"
 
     def record(self, actor_kind: str, actor: str, action: str, **fields: object) -> None:
         """One line: `actor_kind` is `admin` (or `user` for a user's own change)."""

@@ -316,7 +316,9 @@ def test_failures_are_answered_after_a_growing_delay(make_server, client_tls):
 
 
 def test_unreadable_passwd_file_is_temporary(server, directory, client_tls):
-    directory.file.write_text("this line is not a passwd-file line\n")
+    # A bad line is only skipped now (issue 9.10): make the file itself unreadable.
+    directory.file.unlink()
+    directory.file.mkdir()
     with tls_client(server.port, client_tls) as client:
         reply = auth_plain(client, "alice@example.com", PASSWORDS["alice@example.com"])
         assert reply == (454, replies.AUTH_UNAVAILABLE[4:].encode())

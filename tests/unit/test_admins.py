@@ -4,6 +4,7 @@ users' passwd-file, and the `admins` commands."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import textwrap
@@ -112,11 +113,14 @@ def test_a_file_changed_by_another_process_is_read_again(cheap, admins, config_p
     assert admins.get("second@example.net") is not None
 
 
-def test_a_broken_line_names_the_file_and_line(admins):
-    admins.file.parent.mkdir(parents=True)
-    admins.file.write_text("# comment\n\nno colons here\n")
-    with pytest.raises(DirectoryError, match=r"admins.passwd:3: "):
-        admins.list()
+def test_a_broken_line_is_logged_with_file_and_line_and_skipped(admins, caplog):
+    """Issue 9.10: one bad line no longer takes every account down; it is logged and skipped."""
+    admins.add("root@example.net", "root pass")
+    admins.file.write_text("# comment\n\nno colons here\n" + admins.file.read_text())
+    caplog.set_level(logging.INFO, logger="relay")
+    assert [a.email for a in admins.list()] == ["root@example.net"]
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("directory.bad_line")]
+    assert "admins.passwd" in line and " line=3 " in line
 
 
 def test_no_file_no_admins(admins):

@@ -649,3 +649,22 @@ def test_serve_without_a_smarthost_says_sending_is_off(config_path):
         assert SENDING_DISABLED in page.text and 'id="send"' not in page.body
     finally:
         relay.stop()
+
+
+# -- malformed headers from a remote sender (issue 9.3) ---------------------------------------------
+
+MALFORMED_SUBJECTS = [b"=?x\x00?q?boom?=", b"\xe9 =?x\x00?q?boom?=", b"=?utf-8?b?####?=",
+                      b"=?nonexistent-charset?q?a?=", b"=?utf-8*\x00?q?a?="]
+
+
+@pytest.mark.parametrize("subject", MALFORMED_SUBJECTS)
+def test_a_malformed_subject_never_breaks_the_inbox(mail, alice, subject):
+    """Before the fix `Subject: =?x\\x00?q?boom?=` made every page of /mail/INBOX answer 500."""
+    data = message().replace(b"Subject: hello", b"Subject: " + subject)
+    data = data.replace(b"\r\n\r\n", b"\r\nContent-Type: text/plain; charset=\"x\x00\"\r\n"
+                        b"Content-Disposition: attachment; filename*=x\x00''%ff\r\n\r\n", 1)
+    key = mail.put(data)
+    page = alice.get("/mail/INBOX")
+    assert page.status == 200
+    assert len(links(page, "message")) == 1
+    assert alice.get(f"/mail/INBOX/{key.replace(',', '%2C').replace('=', '%3D')}").status == 200
