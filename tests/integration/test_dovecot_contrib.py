@@ -36,7 +36,9 @@ PASSWORDS = {
     "paul": "paul-pw-2",  # bcrypt; POP3
     "carol": "carol-pw-3",  # argon2id; no folders on disk
     "dave": "dave-pw-4",  # bcrypt, deactivated (nologin)
+    "zo\u00eb": "zoe-pw-5",  # bcrypt; a UTF-8 local part (SMTPUTF8)
 }
+ZOE = "zo\u00eb"
 
 # 8-bit header and body, a line starting with "." (POP3 dot-stuffing), CRLF.
 MESSAGE = (
@@ -192,12 +194,14 @@ def _populate(base: Path) -> tuple[Path, Path]:
             f"carol@{DOMAIN}:{argon2_hash(PASSWORDS['carol'])}:::Carol Zoë Weiß:::",
             f"bob@{DOMAIN}::::Bob:::",  # registered, no password yet
             f"dave@{DOMAIN}:{bcrypt_hash(PASSWORDS['dave'])}:::Dave:::nologin reason=deactivated",
+            f"{ZOE}@{DOMAIN}:{bcrypt_hash(PASSWORDS[ZOE])}:::Zoe:::",
         ],
     )
     mkdirs_0700(maildirs)
     for user in ("alice", "paul"):
         put_message(make_maildir(maildirs / DOMAIN / user, ("Sent", "Outbox")), MSG_KEY, MESSAGE)
     put_message(make_maildir(maildirs / DOMAIN / "carol"), MSG_KEY, MESSAGE)
+    put_message(make_maildir(maildirs / DOMAIN / "zo\u00eb"), MSG_KEY, MESSAGE)
     for user in ("bob", "dave"):
         make_maildir(maildirs / DOMAIN / user, ("Sent", "Outbox"))
     dc.chown_tree(maildirs)
@@ -211,7 +215,7 @@ def _populate(base: Path) -> tuple[Path, Path]:
 def imap(world: World, user: str, password: str) -> imaplib.IMAP4:
     client = imaplib.IMAP4("127.0.0.1", world.dovecot.imap_port, timeout=15)
     try:
-        if password.isascii():
+        if (user + password).isascii():
             client.login(user, password)
         else:  # imaplib's LOGIN is ASCII-only; clients use AUTHENTICATE PLAIN (UTF-8)
             sasl = f"\0{user}\0{password}".encode()
@@ -473,3 +477,22 @@ def test_helper_explains_unreachable_maildirs(tmp_path: Path) -> None:
     private.mkdir(mode=0o700)
     with pytest.raises(dc.DovecotError, match="mail_tmp_path"):
         dc.start_dovecot(tmp_path / "work", private / "maildirs", private / "users.passwd")
+
+
+def test_a_utf8_user_logs_in_over_imap_and_pop3(world: World) -> None:
+    """Found in interop: Dovecot's default auth_username_chars refused "zoë@example.com"
+    ("Username character disallowed") while the relay had registered and served it."""
+    user = f"zo\u00eb@{DOMAIN}"
+    client = imap(world, user, PASSWORDS["zo\u00eb"])
+    try:
+        assert client.select("INBOX")[0] == "OK"
+        body, _size = fetch_body(client)
+        assert body == MESSAGE
+    finally:
+        client.logout()
+    mailbox = pop3(world, user, PASSWORDS["zo\u00eb"])
+    try:
+        assert mailbox.stat()[0] == 1
+    finally:
+        mailbox.quit()
+    assert "Username character disallowed" not in world.dovecot.log_text()

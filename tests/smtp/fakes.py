@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import ssl
 import textwrap
 import threading
 from collections.abc import Callable
@@ -28,6 +29,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    mail_options: list[str] = field(default_factory=list)
+    rcpt_params: dict[str, tuple[str, ...]] = field(default_factory=dict)  # DSN, with dsn=True
 
 
 @dataclass
@@ -81,18 +84,36 @@ class ScriptedHandler:
         reply = self.script.data_for(envelope.content) if self.script.data_for else self.script.data
         if reply.startswith("250"):
             self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                          envelope.content))
+                                          envelope.content, list(envelope.mail_options),
+                                          dict(getattr(envelope, "rcpt_params", {}))))
         return reply
 
 
-class FakePrimary:
-    """An aiosmtpd server in its own thread, answering as its script says."""
+class _DSNController(Controller):
+    """A Controller whose server is the relay's own protocol: it offers DSN (RFC 3461) and
+    keeps NOTIFY/ORCPT per recipient, which plain aiosmtpd refuses with 555."""
 
-    def __init__(self, script: Script | None = None) -> None:
+    def factory(self):
+        from relay.smtp.server import RelaySMTP
+
+        return RelaySMTP(self.handler, **self.SMTP_kwargs)
+
+
+class FakePrimary:
+    """An aiosmtpd server in its own thread, answering as its script says.
+
+    `smtputf8=False`: a server that does not offer SMTPUTF8; `dsn=True`: one that offers DSN.
+    It calls itself `name` in its greeting and EHLO reply."""
+
+    def __init__(self, script: Script | None = None, *, smtputf8: bool = True, dsn: bool = False,
+                 name: str = "primary.test", port: int | None = None,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.handler = ScriptedHandler(script or Script())
-        self.port = free_port()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     decode_data=False, enable_SMTPUTF8=True)
+        self.port = port or free_port()
+        kind = _DSNController if dsn else Controller
+        self.controller = kind(self.handler, hostname="127.0.0.1", port=self.port,
+                               server_hostname=name, decode_data=False, enable_SMTPUTF8=smtputf8,
+                               tls_context=tls_context)
 
     @property
     def script(self) -> Script:
@@ -111,8 +132,11 @@ class FakePrimary:
 
 
 def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01",
-                 until: str = "2027-12-31", continuity: bool = True, extra: str = "") -> Path:
+                 until: str = "2027-12-31", continuity: bool = True, extra: str = "",
+                 primary: str = "") -> Path:
+    """`primary`: more settings of the primary's mapping, e.g. "starttls: off"."""
     cont = f"    continuity: {{since: {since}, until: {until}}}\n" if continuity else ""
+    more = f", {primary}" if primary else ""
     text = textwrap.dedent(f"""\
         hostname: relay.test
         listen: {{inbound: 127.0.0.1:{free_port()}}}
@@ -121,7 +145,7 @@ def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01
         message_size_limit: 1MiB
         domains:
           example.com:
-            primary: {{address: 127.0.0.1:{primary_port}, connect_timeout: 2s, timeout: 2s}}
+            primary: {{address: 127.0.0.1:{primary_port}, connect_timeout: 2s, timeout: 2s{more}}}
         """) + cont + extra
     path = directory / "config.yaml"
     path.write_text(text)
