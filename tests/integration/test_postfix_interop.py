@@ -213,6 +213,29 @@ def test_replay_to_postfix_primary_is_byte_identical(mail_tmp_path, postfix_fact
     assert kept(relay, ALICE) == copies   # the user's continuity copies stay
 
 
+def test_utf8_sender_kept_then_replayed_to_postfix_with_smtputf8(mail_tmp_path, postfix_factory):
+    """A UTF-8 envelope sender, kept while Postfix is down, reaches it on replay: Postfix refuses a
+    UTF-8 address without SMTPUTF8 (553 5.6.7), so its delivery proves MAIL FROM carried it."""
+    sender = "j\u00f6s\u00e9@sender.test"
+    primary = postfix_factory(Postfix.primary(mail_tmp_path / "primary", mailboxes=[ALICE]))
+    cfg = relay_config(mail_tmp_path / "relay", primary.port, [ALICE])
+    with rp.RelayProcess(cfg) as relay:
+        explain = explainer(relay, primary)
+        with smtplib.SMTP(*relay.address, timeout=30) as client:
+            client.ehlo("sender.test")
+            assert client.mail(sender, ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+            assert client.rcpt(ALICE)[0] == 250
+            assert client.data(message(7, sender=sender))[0] == 250
+        assert len(kept(relay, ALICE)) == 1, explain()
+        primary.start()
+        rp.wait_for(lambda: len(primary.delivered(ALICE)) == 1 and not entries(relay, "waiting")
+                    and not entries(relay, "active"), WAIT, "replayed to Postfix", explain)
+    (got,) = primary.delivered(ALICE)
+    assert got.startswith(f"Return-Path: <{sender}>\n".encode()), got[:80]
+    assert got.endswith(lf(message(7, sender=sender)))
+    assert not entries(relay, "failed")
+
+
 # --------------------------------------------------------------------------- Postfix in front
 
 
