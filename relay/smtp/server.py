@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from collections.abc import Callable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -159,15 +160,24 @@ class RelaySMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    async def _take_dsn(self, arg: str | None, names: tuple[str, ...],
+                        check: Callable[[dict[str, str]], list[str]]) -> tuple[str | None, list[str]] | None:
+        """(`arg` without the DSN parameters `names`, those checked), or None once a malformed
+        one was answered with 501. Only ESMTP sessions take parameters at all."""
+        if not arg or self.session is None or not self.session.extended_smtp:
+            return arg, []
+        try:
+            arg, params = take_params(arg, names)
+            return arg, check(params)
+        except ValueError as exc:
+            await self.push(replies.BAD_PARAMETER.format(reason=exc))
+            return None
+
     async def smtp_MAIL(self, arg: str | None) -> None:
-        dsn: list[str] = []
-        if arg and self.session is not None and self.session.extended_smtp:
-            try:
-                arg, params = take_params(arg, MAIL_DSN)
-                dsn = check_mail_dsn(params)
-            except ValueError as exc:
-                await self.push(replies.BAD_PARAMETER.format(reason=exc))
-                return
+        taken = await self._take_dsn(arg, MAIL_DSN, check_mail_dsn)
+        if taken is None:
+            return
+        arg, dsn = taken
         await super().smtp_MAIL(arg)
         envelope = self.envelope
         if dsn and envelope is not None and envelope.mail_from is not None:
@@ -175,14 +185,10 @@ class RelaySMTP(SMTP):
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         envelope = self.envelope
-        dsn: list[str] = []
-        if arg and self.session is not None and self.session.extended_smtp:
-            try:
-                arg, params = take_params(arg, RCPT_DSN)
-                dsn = check_rcpt_dsn(params)
-            except ValueError as exc:
-                await self.push(replies.BAD_PARAMETER.format(reason=exc))
-                return
+        taken = await self._take_dsn(arg, RCPT_DSN, check_rcpt_dsn)
+        if taken is None:
+            return
+        arg, dsn = taken
         if not isinstance(envelope, RelayEnvelope):
             await super().smtp_RCPT(arg)
             return
