@@ -5,7 +5,7 @@ The relay runs as the real process (`python -m relay serve`), as root with `stor
 vmail`; alice is registered with a password through the CLI; Dovecot, started from
 contrib/dovecot/dovecot.conf (`mail_save_crlf = yes`, `mailbox Outbox { auto = create }`),
 serves the very same Maildirs and passwd-file. The primary (a scripted fake) answers 451 at
-RCPT: an outage. The smarthost (another fake) accepts everything.
+MAIL: an outage. The smarthost (another fake) accepts everything.
 
 Over IMAP alice APPENDs two messages into "Outbox", one without flags (Dovecot files it in
 .Outbox/new/) and one with \\Seen (.Outbox/cur/...:2,S). Each must reach the smarthost once per
@@ -187,7 +187,8 @@ class World:
 @pytest.fixture
 def world(mail_tmp_path: Path, dovecot_factory, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PYTHONFAULTHANDLER", "1")   # the relay's stacks, should it hang at the end
-    primary = FakePrimary(Script(rcpt="451 4.3.0 primary is having an outage")).start()
+    # A 4xx to MAIL: the primary itself is in trouble (a 4xx to RCPT would be one mailbox).
+    primary = FakePrimary(Script(mail="451 4.3.0 primary is having an outage")).start()
     smarthost = FakePrimary(Script()).start()
     relay = None
     try:
@@ -274,7 +275,7 @@ def test_outbox_append_reaches_smarthost_sent_and_primary_as_cs_sent(world: Worl
         world.explain()
 
     # 5. The primary recovers: the "(CS-SENT)" copies reach alice's mailbox there.
-    world.primary.script.rcpt = "250 2.1.5 Ok"
+    world.primary.script.mail = "250 2.1.0 Ok"
     # Done means every queue file is gone: finish() drops the envelope, then msg/<id>.
     wait_for(lambda: len(world.primary.received) >= 2 and not any(listing(replay).values()), 30,
              "two (CS-SENT) copies at the primary and an empty replay queue", world.explain)
