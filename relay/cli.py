@@ -53,6 +53,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.outbound.smarthost is None:
         print(f"{config.file}: outbound.smarthost: not set, so sending is disabled (submission "
               f"answers 451, Outbox messages wait, notices to other domains wait in the spool)")
+    elif config.outbound.smarthost.username and config.outbound.smarthost.starttls != "required":
+        print(f"{config.file}: outbound.smarthost.starttls: {config.outbound.smarthost.starttls} with a "
+              f"username: the relay still never sends the password without TLS, so a smarthost "
+              f"without STARTTLS gets no mail; say `required` to make that plain")
     return 0
 
 

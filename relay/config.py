@@ -352,7 +352,9 @@ def _smarthost(r: _Reader, raw: Any, key: str) -> Smarthost | None:
         r.problem(f"{key}.username", "username and password_file go together")
     return Smarthost(
         address=address,
-        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES), "opportunistic"),
+        # With credentials the default is STARTTLS required: they never go out in clear.
+        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES),
+                         "required" if username else "opportunistic"),
         verify_cert=r.value(data, key, "verify_cert", _boolean, True),
         ca_file=r.path(data, key, "ca_file"),
         username=username, password_file=password_file,

@@ -171,3 +171,24 @@ def test_rspamd_settings(tmp_path):
         load(write(tmp_path, bad))
     keys = sorted(line.split(": ")[1] for line in str(info.value).splitlines())
     assert keys == ["rspamd.on_failure", "rspamd.password", "rspamd.timeout", "rspamd.url"]
+
+
+def test_smarthost_with_credentials_defaults_to_starttls_required(tmp_path, capsys):
+    """Security review: with a username and the old default (opportunistic), AUTH PLAIN went to
+    a smarthost that offered no STARTTLS."""
+    from relay.cli import main
+    from relay.config import load
+
+    (tmp_path / "pw").write_text("secret\n")
+    base = ("listen: {inbound: 127.0.0.1:2525}\nstorage: {maildirs: m, spool: s}\n"
+            "domains: {example.com: {primary: 127.0.0.1:2526}}\n")
+    with_user = base + ("outbound: {smarthost: {address: smtp.example.net:587, username: u, "
+                        "password_file: pw}}\n")
+    (tmp_path / "a.yaml").write_text(with_user)
+    assert load(tmp_path / "a.yaml").outbound.smarthost.starttls == "required"
+    (tmp_path / "b.yaml").write_text(base + "outbound: {smarthost: smtp.example.net:25}\n")
+    assert load(tmp_path / "b.yaml").outbound.smarthost.starttls == "opportunistic"
+    (tmp_path / "c.yaml").write_text(with_user.replace("password_file: pw",
+                                                       "password_file: pw, starttls: opportunistic"))
+    assert main(["check", "-c", str(tmp_path / "c.yaml")]) == 0
+    assert "outbound.smarthost.starttls: opportunistic with a username" in capsys.readouterr().out
