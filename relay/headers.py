@@ -18,7 +18,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
-__all__ = ["addresses", "append_to_subject", "has_suffix", "prepend", "remove", "set_header", "split",
+__all__ = ["addresses", "append_to_subject", "crlf", "has_suffix", "prepend", "remove", "set_header", "split",
            "values"]
 
 MAX_LINE = 998  # RFC 5322 2.1.1: octets per line, line ending excluded
@@ -30,6 +30,15 @@ _ENCODED_RUN = re.compile(rf"{_ENCODED_WORD.pattern}(?:[ \t]+{_ENCODED_WORD.patt
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ":" (RFC 5322 ftext)
 
 Field = list[bytes]  # the lines of one header field, each with its own line ending
+
+
+def crlf(data: bytes) -> bytes:
+    """`data` with every line ending as CRLF: a bare CR and a bare LF each become CRLF.
+
+    This is what aiosmtplib does to every message on the way out, so a check made on the result
+    sees the lines the receiving server will see (rule 11: a bare CR must not hide a header).
+    """
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def split(data: bytes) -> tuple[bytes, bytes]:

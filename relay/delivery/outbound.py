@@ -1,8 +1,9 @@
 """Sending: what every path a user sends through (submission, the Outbox folder, webmail)
 shares, so the checks, the queue, the Sent copy and the "(CS-SENT)" replay are the same.
 
-`Sender.submit()` (blocking) checks that the From: header is the user's own address, then
-makes durable, in this order:
+`Sender.submit()` (blocking) first makes every line end CRLF (a bare CR or LF included, as the
+SMTP client will on the way out, so every check sees the lines that leave) and refuses NUL;
+then it checks that the From: header is the user's own address, and makes durable, in order:
   1. one outbound queue entry per recipient (`<spool>/outbound/`), the message written once
      and hard-linked, Bcc: removed;
   2. a copy in the user's `.Sent` folder, as the user wrote it;
@@ -64,6 +65,11 @@ class Sender:
 
         `mail_options` and `rcpt_options` (per recipient) are what an SMTP client gave: SMTPUTF8,
         RFC 3461's RET, ENVID, NOTIFY and ORCPT; they travel with each copy to the smarthost."""
+        # Checks see the bytes that leave (rule 11): the SMTP client makes a bare CR or LF a
+        # line end, so "Subject: x\rFrom: ceo@..." must be two headers here too.
+        data = headers.crlf(data)
+        if b"\0" in data:
+            raise PermFail(554, "5.6.0 NUL characters are not allowed in a message")
         own_from(user, data)
         if not rcpts:
             raise PermFail(554, "5.5.1 No recipients")

@@ -266,3 +266,28 @@ def test_smarthost_credentials_never_go_out_in_clear(make_relay, tmp_path, caplo
         assert len(list((queue / "waiting").iterdir())) + len(list((queue / "active").iterdir())) == 1
     finally:
         smarthost.stop()
+
+
+def test_a_bare_cr_cannot_hide_a_forged_from(smarthost, make_relay):
+    """Security review 9.1: the header reader took a bare CR as part of a line, aiosmtplib made
+    it a line end, and the smarthost received `From: CEO <ceo@...>` from alice."""
+    from relay.errors import PermFail
+
+    relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+    attack = (b"Subject: x\rFrom: CEO <ceo@example.com>\r\rTo: victim@ext.test\r\n"
+              b"From: alice@example.com\r\n\r\nbody\r\n")
+    with pytest.raises(PermFail) as refused:
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["victim@ext.test"], attack)
+    assert refused.value.code == 553
+    with pytest.raises(PermFail) as nul:
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["victim@ext.test"], b"From: alice@example.com\r\n\r\nnul \0 here\r\n")
+    assert nul.value.code == 554
+    # A bare LF message is fine: it is stored and sent with CRLF, as it would leave anyway.
+    sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                            ["bob@example.org"], b"From: alice@example.com\nSubject: lf\n\nbody\n")
+    wait_for(lambda: len(smarthost.received) == 1)
+    assert smarthost.received[0].content == b"From: alice@example.com\r\nSubject: lf\r\n\r\nbody\r\n"
+    sent = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
+    assert sent[0].read_bytes() == smarthost.received[0].content

@@ -403,3 +403,10 @@ def test_prepend_puts_one_line_on_top_and_keeps_every_byte(data, expected):
 def test_prepend_refuses_injection(name, value):
     with pytest.raises(ValueError):
         headers.prepend(b"A: 1\r\n\r\n", name, value)
+
+
+def test_crlf_makes_every_line_end_crlf():
+    from relay.headers import crlf
+
+    assert crlf(b"a\rb\nc\r\nd\r\r\n") == b"a\r\nb\r\nc\r\nd\r\n\r\n"
+    assert crlf(b"") == b"" and crlf(b"no end") == b"no end"
