@@ -5,7 +5,7 @@ shares, so the checks, the queue, the Sent copy and the "(CS-SENT)" replay are t
 SMTP client will on the way out, so every check sees the lines that leave) and refuses NUL;
 then it checks that the From: header is the user's own address, and makes durable, in order:
   1. one outbound queue entry per recipient (`<spool>/outbound/`), the message written once
-     and hard-linked, Bcc: removed;
+     and hard-linked, Bcc: and Resent-Bcc: removed;
   2. a copy in the user's `.Sent` folder, as the user wrote it;
   3. a copy for the user's own mailbox on the primary, its Subject ending in " (CS-SENT)",
      in the domain's replay queue (replayed like inbound mail once the primary is back).
@@ -28,14 +28,18 @@ CS_SENT = " (CS-SENT)"
 
 
 def own_from(user: Mailbox, data: bytes) -> None:
-    """The From: header must name exactly the user's own address (RFC 5322 allows several)."""
-    found = headers.addresses(data, "From")
-    try:
-        ok = len(found) == 1 and parse_mailbox(found[0]) == user
-    except AddressError:
-        ok = False
-    if not ok:
-        raise PermFail(553, f"5.7.1 The From: header must be your own address <{user}>")
+    """The From: header must name exactly the user's own address (RFC 5322 allows several), and
+    so must a Sender: header, which mail clients show as "on behalf of"."""
+    for name, required in (("From", True), ("Sender", False)):
+        found = headers.addresses(data, name)
+        if not found and not required and not headers.values(data, name):
+            continue
+        try:
+            ok = len(found) == 1 and parse_mailbox(found[0]) == user
+        except AddressError:
+            ok = False
+        if not ok:
+            raise PermFail(553, f"5.7.1 The {name}: header must be your own address <{user}>")
 
 
 def options_for(data: bytes, sender: str, rcpt: str, requested: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -73,7 +77,7 @@ class Sender:
         own_from(user, data)
         if not rcpts:
             raise PermFail(554, "5.5.1 No recipients")
-        outgoing = headers.remove(data, "Bcc")
+        outgoing = headers.remove(headers.remove(data, "Bcc"), "Resent-Bcc")
         now = time.time()
         per_rcpt = rcpt_options or {}
         ids = self.store.outbound.enqueue_many(outgoing, [

@@ -291,3 +291,21 @@ def test_a_bare_cr_cannot_hide_a_forged_from(smarthost, make_relay):
     assert smarthost.received[0].content == b"From: alice@example.com\r\nSubject: lf\r\n\r\nbody\r\n"
     sent = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
     assert sent[0].read_bytes() == smarthost.received[0].content
+
+
+def test_resent_bcc_is_removed_and_a_foreign_sender_header_refused(smarthost, make_relay):
+    """Security review 9.13: Resent-Bcc went out; a Sender: naming another address passed."""
+    from relay.errors import PermFail
+
+    relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+    alice = parse_mailbox("alice@example.com")
+    with pytest.raises(PermFail) as refused:
+        sender_of(relay).submit(alice, "alice@example.com", ["b@example.org"],
+                                b"From: alice@example.com\r\nSender: ceo@example.com\r\n\r\nx\r\n")
+    assert refused.value.code == 553 and "Sender:" in refused.value.text
+    sender_of(relay).submit(alice, "alice@example.com", ["b@example.org"],
+                            b"From: alice@example.com\r\nSender: Alice <alice@example.com>\r\n"
+                            b"Resent-Bcc: hidden@example.net\r\nSubject: r\r\n\r\nx\r\n")
+    wait_for(lambda: len(smarthost.received) == 1)
+    assert smarthost.received[0].content == (b"From: alice@example.com\r\nSender: Alice "
+                                             b"<alice@example.com>\r\nSubject: r\r\n\r\nx\r\n")
