@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +67,16 @@ class LoginResult:
 
 
 def login_address(login: str) -> Mailbox | None:
-    """The mailbox a login names (`Alice@Example.COM` -> alice@example.com), or None."""
+    """The mailbox a login names (`Alice@Example.COM` -> alice@example.com), or None.
+
+    This is the one normalisation of a login: the throttle, the password check and the log all
+    use its result. A login with blanks, control or format characters anywhere (a tab, U+000B, a
+    soft hyphen or zero-width space that IDNA would silently drop) names nobody: otherwise
+    `alice@exam\u00adple.com` would be a new throttle key for alice's own account. Blanks
+    around the whole login (pasted into a form) are dropped first."""
+    login = login.strip(" \t")
+    if any(unicodedata.category(char)[0] in "CZ" for char in login):
+        return None
     try:
         return parse_mailbox(login)
     except AddressError:
@@ -77,7 +87,13 @@ def account_key(login: str) -> str:
     """The name under which failures for `login` are counted: the normalised address when it is
     one, else the lower-cased text (so junk logins are counted too, but bounded in size)."""
     address = login_address(login)
-    return str(address) if address else login.strip().lower()[:MAX_KEY]
+    if address:
+        return str(address)
+    # Junk is counted under what it looks like without its invisible characters, so a tab or a
+    # soft hyphen added to a locked account's name is still that account.
+    visible = "".join(char for char in login if unicodedata.category(char)[0] != "C").strip()
+    address = login_address(visible)
+    return str(address) if address else visible.lower()[:MAX_KEY]
 
 
 async def check_password(directory: Directory, login: str, password: str) -> User | None:

@@ -26,7 +26,7 @@ from typing import Protocol
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from relay.addresses import AddressError, parse_mailbox, parse_sender
-from relay.auth import LoginThrottle, account_key, check_password
+from relay.auth import LoginThrottle, account_key, check_password, login_address
 from relay.config import Limits
 from relay.directory import Directory, User
 from relay.errors import PermFail
@@ -116,7 +116,7 @@ class SubmissionHandler:
         if len(parts) != 3:
             return _refuse(replies.AUTH_MALFORMED)
         authzid, login, password = parts
-        if authzid and account_key(_shown(authzid)) != account_key(_shown(login)):
+        if authzid and account_key(_utf8(authzid)) != account_key(_utf8(login)):
             event(log, "submission.auth_failed", logging.WARNING, peer=_peer(server.session),
                   user=_shown(login), mechanism="PLAIN", reason="authzid")
             return _refuse(replies.AUTH_FAILED)
@@ -142,14 +142,15 @@ class SubmissionHandler:
     async def _login(self, server: SMTP, mechanism: str, raw_login: bytes,
                      raw_password: bytes) -> AuthResult:
         peer = _peer(server.session)
-        shown = _shown(raw_login)
-        account = account_key(shown)
+        login, password = _utf8(raw_login), _utf8(raw_password)
+        account = account_key(login)     # the one normalisation: throttle, check and log
         if self.throttle.blocked(peer, account):
             event(log, "submission.auth_blocked", logging.WARNING, peer=peer, user=account)
             return _refuse(replies.AUTH_BLOCKED)
-        login, password = _utf8(raw_login), _utf8(raw_password)
         try:
-            user = await check_password(self.directory, login, password)
+            # A login that names no address is refused, after the same work as any refusal.
+            user = await check_password(self.directory, account if login_address(login) else "",
+                                        password)
         except Exception as exc:  # noqa: BLE001 - passwd-file or hash unreadable: our fault, 4xx
             event(log, "submission.auth_error", logging.ERROR, peer=peer, user=account,
                   error=type(exc).__name__, detail=exc)

@@ -285,6 +285,31 @@ def test_account_lock_applies_from_every_address(make_server, client_tls):
             assert auth_plain(client, "bob@example.com", PASSWORDS["bob@example.com"])[0] == 235
 
 
+@pytest.mark.parametrize("variant", ["\talice@example.com", "alice@example.com\x0b",
+                                     "alice@exam\u00adple.com", "alice@ex\u200bample.com",
+                                     " alice@example.com"])
+def test_a_locked_account_stays_locked_under_any_spelling(make_server, client_tls, variant):
+    """Security review 9.4: after the lock, these spellings got 535 (a fresh throttle key), and
+    one of them 235 with the right password, because the throttle and the password check
+    normalised the login differently."""
+    server = make_server(throttle=fast_throttle(account_limit=3, address_limit=50))
+    alice = PASSWORDS["alice@example.com"]
+    with tls_client(server.port, client_tls) as client:
+        assert [auth_plain(client, "alice@example.com", "guess")[0] for _ in range(3)] == [535] * 3
+        assert auth_plain(client, variant, alice)[0] == 454
+        assert auth_plain(client, variant, "guess")[0] == 454
+
+
+def test_a_login_that_is_no_address_never_logs_in(make_server, client_tls):
+    server = make_server(throttle=fast_throttle(account_limit=50, address_limit=50))
+    alice = PASSWORDS["alice@example.com"]
+    with tls_client(server.port, client_tls) as client:
+        for variant in ("alice@example.com\x0b", "alice@exam\u00adple.com", "alice@ex\u200bample.com",
+                        "alice@example.com\u00a0", "al ice@example.com"):
+            assert auth_plain(client, variant, alice)[0] == 535
+        assert auth_plain(client, "alice@example.com", alice)[0] == 235
+
+
 def test_address_lock_applies_to_every_account(make_server, client_tls):
     """Decision: `address_limit` failures from one address lock it for every account, even
     one it has never tried; the same accounts still work from elsewhere."""
