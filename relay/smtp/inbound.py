@@ -261,6 +261,12 @@ class InboundHandler:
         if sending := self._sending(session):
             return await sending.handle_DATA(server, session, envelope)
         assert isinstance(envelope, Transaction) and isinstance(session, RelaySession)
+        if isinstance(envelope.content, bytes) and b"\0" in envelope.content:
+            # RFC 5321 2.3.8 allows no NUL; the primary, Dovecot and rspamd each treat one
+            # differently, so none of them gets it (the primary's open transaction is reset
+            # by the next one).
+            event(log, "inbound.refused", id=envelope.id, code=550, reason="NUL")
+            return replies.NUL_REFUSED
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
         self._in_flight.add(task)

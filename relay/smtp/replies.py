@@ -20,6 +20,7 @@ PRIMARY_UNREACHABLE = "451 4.4.1 Mail server for {domain} not reachable, try aga
 SPLIT_OUTCOME = "451 4.3.0 Recipients cannot all be accepted now, try again later"
 LOCAL_ERROR = "451 4.3.0 Temporary local problem, try again later"
 BAD_PARAMETER = "501 5.5.4 Invalid parameter: {reason}"
+NUL_REFUSED = "550 5.6.0 Message refused: it contains NUL characters"
 
 # Submission (relay/smtp/submission.py)
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
@@ -45,7 +46,7 @@ IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle too long, closing connection"
 TOO_MANY_ERRORS = "421 4.7.0 {hostname} Too many errors, closing connection"
 
 ALL = (SENDER_OK, RECIPIENT_OK, QUEUED, DELIVERED, BAD_SENDER, BAD_RECIPIENT, RELAY_DENIED,
-       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER,
+       TOO_MANY_RECIPIENTS, PRIMARY_UNREACHABLE, SPLIT_OUTCOME, LOCAL_ERROR, BAD_PARAMETER, NUL_REFUSED,
        AUTH_FAILED, AUTH_BLOCKED, AUTH_UNAVAILABLE, AUTH_MALFORMED, AUTH_REQUIRED, SENDER_NOT_OWN,
        SENDING_DISABLED, AUTH_IN_TRANSACTION,
        SPAM_REJECTED, SPAM_REJECTED_BECAUSE, SPAM_DEFERRED, SPAM_DEFERRED_BECAUSE,

@@ -425,3 +425,18 @@ def test_a_utf8_user_at_a_smarthost_without_smtputf8_is_told_why(make_relay):
         assert b"5.6.7" in notice.read_bytes() and smarthost.received == []
     finally:
         smarthost.stop()
+
+
+def test_a_message_with_nul_is_refused_and_the_session_goes_on(primary, make_relay):
+    """Security review 9.1: NUL in inbound mail is refused (bare CR and LF are taken, as
+    Postfix's smtpd_forbid_bare_newline = normalize does)."""
+    relay = make_relay(primary.port)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        client.ehlo("sender.test")
+        client.mail("s@sender.test")
+        client.rcpt("alice@example.com")
+        assert client.data(b"Subject: nul\r\n\r\nbad \0 byte\r\n") == (
+            550, b"5.6.0 Message refused: it contains NUL characters")
+        assert client.sendmail("s@sender.test", ["alice@example.com"], b"Subject: ok\r\n\r\nfine\r\n") == {}
+    assert [r.content.endswith(b"fine\r\n") for r in primary.received] == [True]
+    assert not stored_files(relay.config.storage.maildirs)
