@@ -8,8 +8,10 @@
 lets it send, and without it the compose page says sending is off (see mail.py).
 
 Each request passes, outermost first: `error_middleware` (friendly pages, never a traceback),
-`session_middleware` (login.py: who is logged in), `csrf_middleware` (csrf.py: every POST must
-carry the session's token), then the handler. Every response gets the security headers
+`body_limit_middleware` (a small body limit everywhere but the routes that take uploads, so an
+unauthenticated POST cannot make the relay hold megabytes), `session_middleware` (login.py:
+who is logged in), `csrf_middleware` (csrf.py: every POST must carry the session's token), then
+the handler. Every response gets the security headers
 (`_security_headers`, on response prepare, so error pages and files get them too).
 
 Routes come from the modules that hold them: login.py (`/`, `/login`, `/panel/login`,
@@ -53,6 +55,24 @@ SHUTDOWN_TIMEOUT = 5.0      # seconds a request in hand may take to finish when 
 LINGERING_TIME = 2.0
 FORM_MAX_SIZE = 2 * 1024 * 1024     # bytes of a request body (the CSV upload) without the webmail
 FORM_MARGIN = 1024 * 1024           # with it: a message of message_size_limit plus the other fields
+
+
+SMALL_BODY = 64 * 1024               # any form without a file: login, password, user settings
+UPLOAD_ROUTES = {"/mail/compose": None, "/panel/import": FORM_MAX_SIZE}   # None: the app's limit
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every request body is bounded before anything reads it (the CSRF check reads the form):
+    `SMALL_BODY`, except on the upload routes. Over it, 413 (aiohttp stops reading there)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return await handler(request)
+    limit = UPLOAD_ROUTES.get(request.path, SMALL_BODY)
+    if limit is None:
+        return await handler(request)
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    return await handler(request.clone(client_max_size=limit))
 
 
 def body_limit(config: Config, webmail: bool) -> int:
@@ -108,7 +128,8 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
         secret = load_secret(config.web.secret_file)
     if client_max_size is None:
         client_max_size = body_limit(config, maildirs is not None)
-    app = web.Application(middlewares=[error_middleware, login.session_middleware, csrf_middleware],
+    app = web.Application(middlewares=[error_middleware, body_limit_middleware, login.session_middleware,
+                                       csrf_middleware],
                           client_max_size=client_max_size)
     app[mail.WEBMAIL] = mail.Webmail(maildirs, submit)
     app[SITE] = Site(
