@@ -186,7 +186,7 @@ async def start(config: Config) -> Running:
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   lambda user, notice: store.keep(user, "", notice), _credentials(config))
-        sender = Sender(store)
+        sender = Sender(store, config.max_recipients, config.message_size_limit)
         submit = _submit_pipeline(sender, outbound)
         runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,

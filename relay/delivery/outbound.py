@@ -59,8 +59,11 @@ def options_for(data: bytes, sender: str, rcpt: str, requested: tuple[str, ...] 
 class Sender:
     """The one way mail leaves on a user's behalf."""
 
-    def __init__(self, store: ContinuityStore) -> None:
+    def __init__(self, store: ContinuityStore, max_recipients: int | None = None,
+                 max_size: int | None = None) -> None:
         self.store = store
+        self.max_recipients = max_recipients     # `max_recipients`: every path, not only SMTP
+        self.max_size = max_size                 # `message_size_limit`, likewise
 
     def submit(self, user: Mailbox, sender: str, rcpts: list[str], data: bytes,
                mail_options: tuple[str, ...] = (),
@@ -77,6 +80,10 @@ class Sender:
         own_from(user, data)
         if not rcpts:
             raise PermFail(554, "5.5.1 No recipients")
+        if self.max_recipients is not None and len(rcpts) > self.max_recipients:
+            raise PermFail(550, f"5.5.3 Too many recipients: at most {self.max_recipients} a message")
+        if self.max_size is not None and len(data) > self.max_size:
+            raise PermFail(552, f"5.3.4 Message too big: at most {self.max_size} bytes")
         outgoing = headers.remove(headers.remove(data, "Bcc"), "Resent-Bcc")
         now = time.time()
         per_rcpt = rcpt_options or {}

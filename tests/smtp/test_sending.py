@@ -309,3 +309,24 @@ def test_resent_bcc_is_removed_and_a_foreign_sender_header_refused(smarthost, ma
     wait_for(lambda: len(smarthost.received) == 1)
     assert smarthost.received[0].content == (b"From: alice@example.com\r\nSender: Alice "
                                              b"<alice@example.com>\r\nSubject: r\r\n\r\nx\r\n")
+
+
+def test_every_sending_path_keeps_to_the_limits(make_relay):
+    """Security review 9.9: Sender.submit, which every path goes through, enforces
+    max_recipients and message_size_limit (the Outbox read a 3 MB file past a 1 MiB limit)."""
+    from relay.errors import PermFail
+
+    relay = make_relay(free_port())
+    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    sender = Sender(store, max_recipients=2, max_size=100)
+    alice = parse_mailbox("alice@example.com")
+    small = b"From: alice@example.com\r\n\r\nhi\r\n"
+    with pytest.raises(PermFail) as many:
+        sender.submit(alice, "alice@example.com", ["a@x.org", "b@x.org", "c@x.org"], small)
+    assert many.value.code == 550 and "at most 2" in many.value.text
+    with pytest.raises(PermFail) as big:
+        sender.submit(alice, "alice@example.com", ["a@x.org"], small + b"x" * 100)
+    assert big.value.code == 552
+    assert store.outbound.list() == []
+    sender.submit(alice, "alice@example.com", ["a@x.org", "b@x.org"], small)
+    assert len(store.outbound.list()) == 2

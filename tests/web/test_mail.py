@@ -55,7 +55,8 @@ class MailServer(WebServer):
         self.store = ContinuityStore(self.maildirs, config.storage.spool)
         self.kicks = Kicks()
         if submit is None and sending:
-            submit = _submit_pipeline(Sender(self.store), self.kicks)
+            submit = _submit_pipeline(Sender(self.store, config.max_recipients,
+                                             config.message_size_limit), self.kicks)
         self.submit = submit
 
     def start(self) -> MailServer:
@@ -430,6 +431,16 @@ def test_a_local_fault_keeps_the_form_and_says_nothing_internal(make_mail):
     reply = post_form(alice, "/mail/compose", compose_fields(to="bob@example.org", subject="s", body="b"))
     assert reply.status == 500 and "could not send this just now" in reply.text
     assert "/secret/path" not in reply.body and field_value(reply, "subject") == "s"
+
+
+def test_the_webmail_keeps_to_max_recipients(mail, alice):
+    """Security review 9.9: the webmail sent to 42 recipients with max_recipients: 5."""
+    limit = mail.config.max_recipients
+    alice.get("/mail/compose")
+    many = ", ".join(f"u{n}@example.org" for n in range(limit + 1))
+    reply = post_form(alice, "/mail/compose", compose_fields(to=many, subject="all", body="x"), [])
+    assert reply.status == 400 and f"Too many recipients: at most {limit}" in reply.text
+    assert mail.store.outbound.list() == []
 
 
 def test_sending_disabled_says_so_and_offers_no_send_button(make_mail):
