@@ -122,12 +122,13 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
     if user is None or not user.active or not password_is_usable(password):
         await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
         return LoginResult()
-    outcome, detail = await asyncio.to_thread(ldap_bind, domain.ldap, address, password)
+    outcome, detail, gone = await asyncio.to_thread(ldap_bind, domain.ldap, address, password)
     _note_ldap(domain, outcome, detail)
     if outcome is Outcome.ACCEPTED:
         return LoginResult(await asyncio.to_thread(_keep_password, directory, user, password))
     if outcome is Outcome.REFUSED:
         event(log, "auth.ldap_refused", user=user.email, detail=detail)
+        await asyncio.to_thread(_forget_stale, directory, user, password, gone)
         return LoginResult()
     if not user.password_hash:
         return LoginResult(problem=NOT_SYNCED)
@@ -162,6 +163,23 @@ def _keep_password(directory: Directory, user: User, password: str) -> User | No
         return user
     event(log, "auth.password_synced", user=user.email)
     return fresh if fresh.active else None
+
+
+def _forget_stale(directory: Directory, user: User, password: str, gone: bool) -> None:
+    """After the directory's no: the stored hash goes at once when it is stale, so IMAP, POP3
+    and the Outbox stop taking a password the directory no longer does. Stale means the account
+    is gone, disabled or locked, or the stored hash still takes the password just refused (it
+    was changed in the directory). A mistyped password proves nothing: the cache stays."""
+    if not user.password_hash or not (gone or _still_verifies(user.password_hash, password)):
+        return
+    try:
+        directory.forget_password(user.email)
+    except (DirectoryError, StorageError, OSError) as exc:
+        event(log, "auth.password_forget_failed", logging.ERROR, user=user.email,
+              error=type(exc).__name__, detail=exc)
+        return
+    event(log, "auth.password_forgotten", logging.WARNING, user=user.email,
+          reason="account refused" if gone else "password refused")
 
 
 def _check(directory: Directory, login: str, password: str) -> User | None:

@@ -254,6 +254,10 @@ class Directory:
         return self._change(email, lambda old, a: replace(self._existing(old, a),
                                                           password_hash=password_hash))
 
+    def forget_password(self, email: str) -> User:
+        """Remove the stored hash: the user can log in nowhere until one is set again."""
+        return self._change(email, lambda old, a: replace(self._existing(old, a), password_hash=""))
+
     def set_active(self, email: str, active: bool) -> User:
         return self._change(email, lambda old, a: replace(self._existing(old, a), active=active))
 

@@ -50,6 +50,8 @@ class Outcome(enum.Enum):
 class Answer(NamedTuple):
     outcome: Outcome
     detail: str = ""    # why, for the log; never holds a password
+    gone: bool = False  # REFUSED because the account is missing, disabled, locked or expired,
+                        # not only for a wrong password: no cached password may stand in for it
 
 
 # Bind result codes that are the directory's answer about the account, not a fault: wrong
@@ -57,6 +59,10 @@ class Answer(NamedTuple):
 # locked, disabled or expired (AD: 49 with a sub-code; OpenLDAP ppolicy and 389-DS: 19, 50, 53).
 # Any other code (busy 51, unavailable 52, confidentialityRequired 13, other 80...) is a fault.
 _ACCOUNT_CODES = {19, 32, 34, 48, 49, 50, 53}
+# Active Directory's 49 says why in its message: "data 52e" is a wrong password; these say the
+# account is unknown (525), restricted (530, 531), expired (532, 701), disabled (533), must
+# change its password (773) or is locked (775).
+_AD_ACCOUNT_DATA = re.compile(r"\bdata (525|530|531|532|533|701|773|775)\b")
 _SEARCH_OK = {0, 4}         # success, sizeLimitExceeded (more than one entry: refused below)
 _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 
@@ -166,7 +172,9 @@ def bind_failure(result: dict | None) -> Answer:
     code = result.get("result")
     detail = f"{result.get('description') or 'no result'} ({code})"
     if code in _ACCOUNT_CODES:
-        return Answer(Outcome.REFUSED, detail)
+        message = str(result.get("message") or "")
+        gone = code != 49 or bool(_AD_ACCOUNT_DATA.search(message))
+        return Answer(Outcome.REFUSED, detail, gone)
     return Answer(Outcome.UNREACHABLE, detail)
 
 
@@ -189,7 +197,7 @@ def _find_dn(server: Server, settings: LDAP, address: Mailbox) -> str | Answer:
     finally:
         _close(conn)
     if not found:
-        return Answer(Outcome.REFUSED, "no entry matches search_filter")
+        return Answer(Outcome.REFUSED, "no entry matches search_filter", gone=True)
     if len(found) > 1:
         return Answer(Outcome.REFUSED, "search_filter matches more than one entry")
     return found[0]

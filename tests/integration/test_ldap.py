@@ -172,9 +172,33 @@ def test_login_stores_the_directory_password_once(slapd, tmp_path, kind):
 def test_the_directory_is_the_truth_while_it_answers(slapd, tmp_path, kind):
     directory = make_directory(tmp_path, settings_yaml(kind, slapd, tmp_path))
     directory.set_password("alice@example.com", "an old cached password")
-    assert login(directory, "alice@example.com", "an old cached password") == LoginResult()
     assert login(directory, "alice@example.com", "wrong") == LoginResult()
+    # a mistyped password proves nothing about the cache: it stays
     assert verify_password(cached(directory, "alice@example.com"), "an old cached password")
+    # the directory refused what the cache takes: the cache was stale and goes (review 9.6)
+    assert login(directory, "alice@example.com", "an old cached password") == LoginResult()
+    assert cached(directory, "alice@example.com") == ""
+
+
+def test_a_password_changed_in_the_directory_stops_working_everywhere(own_slapd, tmp_path):
+    """Security review 9.6: after a change in LDAP the old password kept working over IMAP,
+    POP3 and the Outbox, which read the cached hash. The first refusal of it removes the hash."""
+    directory = make_directory(tmp_path, settings_yaml("bind_dn", own_slapd, tmp_path))
+    assert login(directory, "alice@example.com", ALICE.password).user is not None
+    own_slapd.set_password(ALICE, "changed by the administrator")
+    assert verify_password(cached(directory, "alice@example.com"), ALICE.password)   # until asked
+    assert login(directory, "alice@example.com", ALICE.password) == LoginResult()
+    assert cached(directory, "alice@example.com") == ""
+    assert directory.get(parse_mailbox("alice@example.com")).active    # still gets mail
+    assert login(directory, "alice@example.com", "changed by the administrator").user is not None
+
+
+def test_an_account_removed_from_the_directory_loses_its_cached_password(own_slapd, tmp_path):
+    directory = make_directory(tmp_path, settings_yaml("search", own_slapd, tmp_path))
+    assert login(directory, "alice@example.com", ALICE.password).user is not None
+    own_slapd.modify(f"dn: {ALICE.dn}\nchangetype: delete\n")
+    assert login(directory, "alice@example.com", "any typo at all") == LoginResult()
+    assert cached(directory, "alice@example.com") == ""
 
 
 def test_a_password_changed_in_the_directory_replaces_the_cache(own_slapd, tmp_path):

@@ -122,7 +122,8 @@ def test_bind_dn_outcomes(mock_directory, local, password, outcome):
     ("*", "alice pw", Outcome.REFUSED, "no entry matches search_filter"),
 ])
 def test_search_outcomes(mock_directory, search, local, password, outcome, detail):
-    assert ldap_bind(search, Mailbox(local, "example.com"), password) == Answer(outcome, detail)
+    gone = detail == "no entry matches search_filter"      # the account is not there at all
+    assert ldap_bind(search, Mailbox(local, "example.com"), password) == Answer(outcome, detail, gone)
 
 
 def test_unescaped_filter_would_let_a_wildcard_in(mock_directory, search, monkeypatch):
@@ -251,8 +252,10 @@ def test_accepted_stores_a_hash_once(directory, answers):
 def test_refused_is_final_even_when_the_cache_matches(directory, answers):
     directory.set_password("alice@example.com", "old pw")
     answers.outcome = Outcome.REFUSED
+    assert login(directory, "alice@example.com", "a typo") == auth.LoginResult()
+    assert verify_password(directory.get(ALICE).password_hash, "old pw")   # a typo proves nothing
     assert login(directory, "alice@example.com", "old pw") == auth.LoginResult()
-    assert verify_password(directory.get(ALICE).password_hash, "old pw")   # left as it was
+    assert directory.get(ALICE).password_hash == ""   # stale: gone at once (security review 9.6)
 
 
 def test_unreachable_falls_back_to_the_cache(directory, answers):
@@ -314,5 +317,21 @@ def test_directory_state_is_logged_when_it_changes(directory, answers, caplog):
             answers.outcome = outcome
             login(directory, "alice@example.com", "pw")
     events = [r.getMessage().split()[0] for r in caplog.records]
-    assert events == ["auth.ldap_ok", "auth.ldap_refused", "auth.ldap_unreachable", "auth.ldap_ok"]
+    assert events == ["auth.ldap_ok", "auth.ldap_refused", "auth.password_forgotten",
+                      "auth.ldap_unreachable", "auth.ldap_ok", "auth.password_synced"]
     assert "pw" not in [word.split("=", 1)[-1] for r in caplog.records for word in r.getMessage().split()]
+
+
+@pytest.mark.parametrize("result, gone", [
+    ({"result": 49, "message": "80090308: LdapErr: DSID-0C09044E, data 52e, v4563"}, False),
+    ({"result": 49, "message": "80090308: LdapErr: DSID-0C09044E, data 533, v4563"}, True),
+    ({"result": 49, "message": "80090308: LdapErr: DSID-0C09044E, data 775, v4563"}, True),
+    ({"result": 49, "message": ""}, False),
+    ({"result": 32}, True),
+    ({"result": 53}, True),
+])
+def test_a_refusal_says_whether_the_account_is_gone(result, gone):
+    from relay.ldap import bind_failure
+
+    answer = bind_failure({"description": "x", **result})
+    assert answer.outcome is Outcome.REFUSED and answer.gone is gone
