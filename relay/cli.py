@@ -25,6 +25,7 @@ from relay.errors import ConfigErrors, DirectoryError, RelayError, StorageError,
 from relay.log import setup
 from relay.storage.continuity import replay_queue_path
 from relay.storage.queue import Queue, waiting_by_user
+from relay.web.revoked import Revoked
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -88,7 +89,10 @@ def cmd_users_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_users_deactivate(args: argparse.Namespace) -> int:
-    print(f"deactivated {Directory(_config(args)).set_active(args.email, False).email}")
+    config = _config(args)
+    user = Directory(config).set_active(args.email, False)
+    Revoked(config.web.revoked_file, config.web.session_lifetime).end_account(user.email)
+    print(f"deactivated {user.email} (and ended their web sessions)")
     return 0
 
 

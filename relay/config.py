@@ -45,6 +45,7 @@ class Listen:
 class Web:
     tls: bool = False                  # serve HTTPS with tls.cert / tls.key (cookies Secure)
     secret_file: Path | None = None    # cookie signing key; made on first start when missing
+    revoked_file: Path | None = None   # sessions ended for good (logout, deactivation)
     session_lifetime: float = 8 * 3600.0
 
 
@@ -438,11 +439,12 @@ def _ldap_url(value: Any) -> str:
 
 
 def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
-    data = r.section(raw, "web", {"tls", "secret_file", "session_lifetime"})
+    data = r.section(raw, "web", {"tls", "secret_file", "revoked_file", "session_lifetime"})
     use_tls = r.value(data, "web", "tls", _boolean, False)
     if use_tls and tls is None:
         r.problem("web.tls", "needs tls.cert and tls.key")
     return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", "web.secret"),
+               revoked_file=r.path(data, "web", "revoked_file", "web.revoked"),
                session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
 
 

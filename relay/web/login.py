@@ -181,7 +181,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     site = site_of(request)
     session = session_of(request)
     if session.logged_in:
-        site.sessions.end(session)
+        await asyncio.to_thread(site.sessions.end, session)
         event(log, "web.logout", kind=session.kind, user=session.email)
         if session.kind == ADMIN:
             await site.record("admin", session.email or "", "logout")

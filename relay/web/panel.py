@@ -153,6 +153,8 @@ async def save_user(request: web.Request) -> web.StreamResponse:
             changed = True
         if state and (state == "active") != user.active:
             user = await asyncio.to_thread(site.directory.set_active, user.email, state == "active")
+            if not user.active:     # for good: re-activating later revives no old cookie
+                await asyncio.to_thread(site.sessions.revoked.end_account, user.email)
             await _record(request, "activate" if user.active else "deactivate", user=user.email)
             changed = True
     except DirectoryError as exc:

@@ -41,6 +41,7 @@ from relay.web import account, login, mail, panel
 from relay.web.audit import AuditLog
 from relay.web.csrf import csrf_middleware
 from relay.web.page import STATIC, environment, error_page
+from relay.web.revoked import Revoked
 from relay.web.session import Sessions, load_secret
 from relay.web.site import SITE, Site
 
@@ -135,7 +136,8 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
     app[SITE] = Site(
         config=config, directory=directory, admins=admins,
         throttle=throttle or LoginThrottle(),
-        sessions=Sessions(secret, config.web.session_lifetime, config.web.tls, clock),
+        sessions=Sessions(secret, config.web.session_lifetime, config.web.tls, clock,
+                          Revoked(config.web.revoked_file, config.web.session_lifetime, clock)),
         audit=AuditLog(config.audit_log or config.file.parent / "audit.log", clock),
         templates=environment(), clock=clock)
     app.on_response_prepare.append(_security_headers)

@@ -10,8 +10,8 @@ server keeps no session files. What keeps a cookie honest:
   - the fingerprint of the password hash it was issued for (see `fingerprint`): callers compare
     it with the current hash on every request, so a password change or a deactivation ends every
     session of that account at once;
-  - logging out remembers the session's id until it would have expired anyway (in memory: a
-    restart forgets it, so a copied cookie of a logged-out session works again until it expires).
+  - logging out, and deactivating the account, end sessions for good (revoked.py: a file, so a
+    restart or a re-activation does not revive a copied cookie).
 
 The secret file is made (32 random bytes, hex, mode 0600) on first start when missing; removing
 it and restarting ends every session.
@@ -34,6 +34,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from relay.errors import RelayError
 from relay.storage.durable import fsync_dir
+from relay.web.revoked import Revoked
 
 ADMIN, USER = "admin", "user"
 COOKIE, TLS_COOKIE = "relay_session", "__Host-relay_session"
@@ -89,7 +90,7 @@ class Sessions:
     """Makes sessions, turns them into cookie values and back, and ends them."""
 
     def __init__(self, secret: bytes, lifetime: float, secure: bool,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, revoked: Revoked | None = None) -> None:
         self._secret = secret
         self._serializer = URLSafeSerializer(secret, salt="relay.web.session",
                                              signer_kwargs={"digest_method": hashlib.sha256})
@@ -97,7 +98,7 @@ class Sessions:
         self.secure = secure
         self.clock = clock
         self.cookie = TLS_COOKIE if secure else COOKIE
-        self._ended: dict[str, float] = {}      # session id -> when it would expire anyway
+        self.revoked = revoked or Revoked(None, lifetime, clock)
 
     def new(self, kind: str | None = None, email: str | None = None, key: str = "") -> Session:
         """A fresh session with new id and CSRF token (never reuse one across a login)."""
@@ -123,16 +124,14 @@ class Sessions:
         except (BadSignature, TypeError, ValueError, json.JSONDecodeError):
             return None
         age = self.clock() - session.issued
-        if not 0 <= age <= self.lifetime or session.id in self._ended:
+        if not 0 <= age <= self.lifetime or self.revoked.refuses(session.id, session.email, session.issued):
             return None
         return session
 
     def end(self, session: Session) -> None:
-        """Logging out: this session's cookie is refused from now on, even if kept elsewhere."""
-        now = self.clock()
-        for sid in [s for s, until in self._ended.items() if until < now]:
-            del self._ended[sid]
-        self._ended[session.id] = session.issued + self.lifetime
+        """Logging out: this session's cookie is refused from now on, even if kept elsewhere, and
+        after a restart (blocking: a durable write)."""
+        self.revoked.end_session(session.id, session.issued + self.lifetime)
 
     def set_cookie(self, response: web.StreamResponse, session: Session) -> None:
         response.set_cookie(self.cookie, self.dumps(session), path="/", httponly=True,

@@ -167,3 +167,26 @@ def test_root_sends_each_kind_home(server, client, admin):
     assert client.get("/").location == "/account"
     assert client.get("/login").location == "/account"
     assert admin.get("/panel/login").location == "/panel"
+
+
+def test_a_logged_out_cookie_stays_dead_after_a_restart(make_server):
+    """Security review 9.11: logout was remembered in memory only, so a restart revived it."""
+    server = make_server()
+    admin = Client(server.port)
+    assert admin.login_admin().status == 303 and admin.get("/panel").status == 200
+    copied = dict(admin.cookies)
+    assert admin.post("/logout").status == 303
+    again = make_server(keep_files=True)      # a new process: nothing in memory, the same files
+    thief = Client(again.port)
+    thief.cookies = copied
+    assert thief.get("/panel").location == "/panel/login"
+
+
+def test_users_deactivate_on_the_command_line_ends_web_sessions_for_good(server, client):
+    from relay.cli import main
+
+    client.login_user()
+    assert client.get("/account").status == 200
+    assert main(["users", "deactivate", "alice@example.com", "-c", str(server.config.file)]) == 0
+    assert main(["users", "activate", "alice@example.com", "-c", str(server.config.file)]) == 0
+    assert client.get("/account").location == "/login"

@@ -230,3 +230,22 @@ def test_domain_page_reads_without_creating_anything(server, admin):
     admin.get("/panel/domains/example.org")
     assert not (server.config.storage.spool / "replay").exists()
     assert parse_mailbox("alice@example.com")
+
+
+def test_re_activating_a_user_revives_no_cookie_from_before(server, admin, clock):
+    """Security review 9.11: re-activating a user revived cookies stolen before the
+    deactivation (the session's password fingerprint was the same again)."""
+    from tests.web.conftest import Client
+
+    alice = Client(server.port)
+    assert alice.login_user().status == 303 and alice.get("/account").status == 200
+    stolen = dict(alice.cookies)
+    admin.get(ALICE)
+    assert admin.post(ALICE, {"password": "", "repeat": "", "state": "inactive"}).status == 303
+    assert admin.post(ALICE, {"state": "active"}).status == 303
+    thief = Client(server.port)
+    thief.cookies = stolen
+    assert thief.get("/account").location == "/login"
+    clock.now += 1
+    fresh = Client(server.port)                       # alice herself logs in again, later
+    assert fresh.login_user().status == 303 and fresh.get("/account").status == 200
