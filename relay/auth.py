@@ -128,9 +128,10 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
         return LoginResult(await asyncio.to_thread(_keep_password, directory, user, password))
     if outcome is Outcome.REFUSED:
         event(log, "auth.ldap_refused", user=user.email, detail=detail)
-        await asyncio.to_thread(_forget_stale, directory, user, password, gone)
+        await asyncio.to_thread(_forget_stale, directory, user, login, password, gone)
         return LoginResult()
     if not user.password_hash:
+        await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
         return LoginResult(problem=NOT_SYNCED)
     return LoginResult(await asyncio.to_thread(_check, directory, login, password))
 
@@ -165,12 +166,18 @@ def _keep_password(directory: Directory, user: User, password: str) -> User | No
     return fresh if fresh.active else None
 
 
-def _forget_stale(directory: Directory, user: User, password: str, gone: bool) -> None:
+def _forget_stale(directory: Directory, user: User, login: str, password: str, gone: bool) -> None:
     """After the directory's no: the stored hash goes at once when it is stale, so IMAP, POP3
     and the Outbox stop taking a password the directory no longer does. Stale means the account
     is gone, disabled or locked, or the stored hash still takes the password just refused (it
-    was changed in the directory). A mistyped password proves nothing: the cache stays."""
-    if not user.password_hash or not (gone or _still_verifies(user.password_hash, password)):
+    was changed in the directory). A mistyped password proves nothing: the cache stays.
+
+    Either way this costs one hash check, as every refusal does, so the time a refusal takes
+    does not tell a registered user from an unknown one (security review 9.8)."""
+    if not user.password_hash:
+        _check(directory, login, "")
+        return
+    if not (_still_verifies(user.password_hash, password) or gone):
         return
     try:
         directory.forget_password(user.email)
