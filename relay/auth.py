@@ -24,6 +24,7 @@ Used by the submission port (and, later, the control panel and the webmail):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 import unicodedata
@@ -217,8 +218,12 @@ class LoginThrottle:
     one call `succeeded(...)`, which forgets the account's failures (not the address's: one good
     account must not launder an address that guesses at others).
 
-    `account_limit` failures lock an account for every address, `address_limit` failures lock an
-    address for every account, until the oldest of them leaves the window. The delay grows
+    `account_limit` failures lock an account for the client network they came from (an IPv4
+    /24, an IPv6 /64), `address_limit` failures lock an address for every account, until the
+    oldest of them leaves the window. The lock is per network so that it is no lever against
+    the user: a stranger who types alice's address with wrong passwords locks out only their
+    own network, not alice at home or at the office. A guesser spread over many networks is
+    slowed by the delays and by `address_limit` at each address. The delay grows
     0, base, 2*base, 4*base ... up to `max_delay` with the larger of the two counts.
 
     Memory is bounded: each key keeps at most its limit of timestamps, keys whose failures all
@@ -254,11 +259,11 @@ class LoginThrottle:
 
     def failed(self, address: str, account: str) -> None:
         now = self.clock()
-        self._record(self._accounts, account_key(account), self.account_limit, now)
+        self._record(self._accounts, _account_from(account, address), self.account_limit, now)
         self._record(self._addresses, address, self.address_limit, now)
 
     def succeeded(self, address: str, account: str) -> None:
-        self._accounts.pop(account_key(account), None)
+        self._accounts.pop(_account_from(account, address), None)
 
     @property
     def tracked(self) -> int:
@@ -267,7 +272,7 @@ class LoginThrottle:
 
     def _counts(self, address: str, account: str) -> tuple[int, int]:
         now = self.clock()
-        return (self._count(self._accounts, account_key(account), now),
+        return (self._count(self._accounts, _account_from(account, address), now),
                 self._count(self._addresses, address, now))
 
     def _count(self, table: dict[str, deque[float]], key: str, now: float) -> int:
@@ -294,3 +299,20 @@ class LoginThrottle:
             if times[-1] > now - self.window and len(table) <= self.max_keys:
                 break
             del table[key]
+
+
+def client_network(address: str) -> str:
+    """The network a client address belongs to for the account lock: an IPv4 /24 or an IPv6
+    /64; anything that is not an IP address (a test's "unknown") stands for itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if isinstance(ip, ipaddress.IPv4Address) else 64
+    return str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
+def _account_from(account: str, address: str) -> str:
+    return f"{account_key(account)} from {client_network(address)}"

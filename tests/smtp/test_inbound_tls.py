@@ -227,7 +227,8 @@ def test_one_throttle_locks_submission_port_25_and_the_web_login(start_relay, cl
     submission_throttle = relay.running.submission[1].throttle
     assert relay.running.handler.submission.throttle is submission_throttle
     assert relay.running.web.app[SITE].throttle is submission_throttle
-    assert submission_throttle.blocked("198.51.100.7", ALICE)    # the web's key for alice too
+    assert submission_throttle.blocked("127.0.0.9", ALICE)        # the web's key for alice too
+    assert not submission_throttle.blocked("198.51.100.7", ALICE)  # locked for that network only
 
 
 # -- STARTTLS itself --------------------------------------------------------------------------------

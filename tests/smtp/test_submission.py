@@ -269,9 +269,9 @@ def test_malformed_auth_data(server, client_tls):
         assert auth_plain(client, "alice@example.com", PASSWORDS["alice@example.com"])[0] == 235
 
 
-def test_account_lock_applies_from_every_address(make_server, client_tls):
-    """Decision: `account_limit` failures lock the account for every client address (a
-    distributed guesser gets no more tries), until the oldest failure leaves the window."""
+def test_account_lock_applies_across_the_client_network(make_server, client_tls):
+    """Decision: `account_limit` failures lock the account for every address of the client
+    network they came from (an IPv4 /24), until the oldest failure leaves the window."""
     server = make_server(throttle=fast_throttle(account_limit=3, address_limit=50))
     alice = PASSWORDS["alice@example.com"]
     with tls_client(server.port, client_tls) as client:
@@ -307,6 +307,18 @@ def test_a_login_that_is_no_address_never_logs_in(make_server, client_tls):
         for variant in ("alice@example.com\x0b", "alice@exam\u00adple.com", "alice@ex\u200bample.com",
                         "alice@example.com\u00a0", "al ice@example.com"):
             assert auth_plain(client, variant, alice)[0] == 535
+        assert auth_plain(client, "alice@example.com", alice)[0] == 235
+
+
+def test_account_lock_is_no_lever_against_the_user_elsewhere(make_server, client_tls):
+    """Security review 9.4: whoever types alice's address with wrong passwords locks out only
+    their own network; alice from another network (127.0.1.x is another /24) still logs in."""
+    server = make_server(throttle=fast_throttle(account_limit=3, address_limit=50))
+    alice = PASSWORDS["alice@example.com"]
+    with tls_client(server.port, client_tls, source="127.0.0.5") as client:
+        assert [auth_plain(client, "alice@example.com", "guess")[0] for _ in range(3)] == [535] * 3
+        assert auth_plain(client, "alice@example.com", alice)[0] == 454
+    with tls_client(server.port, client_tls, source="127.0.1.1") as client:
         assert auth_plain(client, "alice@example.com", alice)[0] == 235
 
 

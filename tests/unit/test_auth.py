@@ -221,7 +221,7 @@ def test_timestamps_per_key_are_bounded(clock):
     throttle = LoginThrottle(account_limit=3, address_limit=5, clock=clock)
     for _ in range(100):
         throttle.failed("a", "alice@example.com")
-    assert len(throttle._accounts["alice@example.com"]) == 3
+    assert len(throttle._accounts["alice@example.com from a"]) == 3
     assert len(throttle._addresses["a"]) == 5
 
 
@@ -229,3 +229,19 @@ def test_junk_logins_are_counted_under_a_bounded_key():
     assert account_key(" Alice@Example.COM ") == "alice@example.com"
     assert account_key("NOT AN ADDRESS") == "not an address"
     assert len(account_key("x" * 10_000)) == auth.MAX_KEY
+
+
+def test_the_account_lock_holds_for_the_network_the_failures_came_from(clock):
+    """Security review 9.4: the lock is no lever against the user. Failures from one network
+    (IPv4 /24, IPv6 /64) lock the account there only."""
+    throttle = LoginThrottle(account_limit=3, address_limit=50, clock=clock)
+    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        throttle.failed(peer, "alice@example.com")
+    assert throttle.blocked("192.0.2.200", "alice@example.com")
+    assert not throttle.blocked("198.51.100.1", "alice@example.com")
+    for n in range(3):
+        throttle.failed(f"2001:db8:1:2::{n}", "bob@example.com")
+    assert throttle.blocked("2001:db8:1:2:ffff::1", "bob@example.com")
+    assert not throttle.blocked("2001:db8:1:3::1", "bob@example.com")
+    assert not throttle.blocked("::ffff:198.51.100.1", "alice@example.com")
+    assert throttle.blocked("::ffff:192.0.2.9", "alice@example.com")
