@@ -1,0 +1,149 @@
+"""The relay's own disk fails under the real process (security review 9, "fault injection"): the
+storage roots on a small tmpfs that fills up, then goes read-only. Inbound, submission and the
+webmail answer 4xx or a clear error, never a false 250, and `serve` stays up throughout.
+
+The tests run as root (FACTS: they may mount a tmpfs); the mount is taken down however the test
+ends."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import trustme
+import yaml
+
+try:
+    from . import relay_process as rp
+except ImportError:
+    import relay_process as rp
+
+from tests.web.conftest import Client
+
+pytestmark = pytest.mark.timeout(120)
+
+ALICE, PASSWORD = "alice@example.com", "alice disk pw"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "store"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def relay_config(tmp_path: Path, store: Path) -> tuple[Path, ssl.SSLContext]:
+    ca = trustme.CA()
+    pem = tmp_path / "tls.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    path = rp.write_config(tmp_path, primary_port=rp.free_port())
+    config = yaml.safe_load(path.read_text())
+    config["storage"].update(maildirs=str(store / "maildirs"), spool=str(store / "spool"))
+    config["listen"].update(submission=f"127.0.0.1:{rp.free_port()}", web=f"127.0.0.1:{rp.free_port()}")
+    config["tls"] = {"cert": str(pem), "key": str(pem)}
+    config["outbound"] = {"smarthost": {"address": f"127.0.0.1:{rp.free_port()}", "starttls": "off"}}
+    config["message_size_limit"] = "4MiB"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return path, context
+
+
+def message(n: int, size: int) -> bytes:
+    return (f"From: s@sender.test\r\nTo: {ALICE}\r\nMessage-ID: <disk-{n}@sender.test>\r\n"
+            f"Subject: {n}\r\n\r\n").encode() + (b"x" * 76 + b"\r\n") * (size // 78)
+
+
+def inbound(relay: rp.RelayProcess, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP(*relay.address, timeout=30) as client:
+        client.ehlo("sender.test")
+        client.mail("s@sender.test")
+        code, text = client.rcpt(ALICE)
+        if code != 250:
+            return code, text
+        return client.data(data)
+
+
+def submit(port: int, context: ssl.SSLContext, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=context)
+        client.login(ALICE, PASSWORD)
+        client.mail(ALICE)
+        client.rcpt("bob@example.org")
+        return client.data(data)
+
+
+def webmail_send(port: int, data_size: int) -> int:
+    browser = Client(port)
+    assert browser.login_user(ALICE, PASSWORD).status == 303
+    page = browser.get("/mail/compose")
+    assert page.status == 200
+    boundary = uuid.uuid4().hex
+    fields = {"csrf": browser.csrf or "", "to": "bob@example.org", "cc": "", "bcc": "",
+              "subject": "from the webmail", "body": "y" * data_size, "in_reply_to": "", "references": ""}
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                    for k, v in fields.items()) + f"--{boundary}--\r\n".encode()
+    reply = browser.request("POST", "/mail/compose", body,
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert reply.status != 303 or reply.location == "/mail/Sent"
+    if reply.status != 303:
+        assert re.search(r"could not send|Not sent", reply.text), reply.text[:500]
+    return reply.status
+
+
+def kept_ids(relay: rp.RelayProcess) -> set[str]:
+    found = set()
+    for path in (relay.maildirs / "example.com" / "alice").rglob("*"):
+        if path.is_file() and path.parent.name in ("new", "cur"):
+            match = re.search(rb"Message-ID: <(disk-\d+)@", path.read_bytes())
+            if match:
+                found.add(match.group(1).decode())
+    return found
+
+
+def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk):
+    cfg, context = relay_config(tmp_path, small_disk)
+    added = rp.run_cli(cfg, "users", "add", ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    raw = yaml.safe_load(cfg.read_text())
+    submission = int(raw["listen"]["submission"].rsplit(":", 1)[1])
+    web = int(raw["listen"]["web"].rsplit(":", 1)[1])
+    with rp.RelayProcess(cfg) as relay:
+        # 1. Fill the disk with kept mail: 250s while it fits, then 4xx; never a 5xx.
+        accepted, refused = [], []
+        for n in range(200):
+            code, text = inbound(relay, message(n, 60_000))
+            (accepted if code == 250 else refused).append((n, code, text))
+            if len(refused) >= 3:
+                break
+        assert accepted and len(refused) == 3, (accepted[-1:], refused)
+        assert all(400 <= code < 500 for _, code, _ in refused), refused
+        # every 250 is on disk, byte for byte readable; no refused one is
+        assert kept_ids(relay) == {f"disk-{n}" for n, _, _ in accepted}
+        # 2. Submission and the webmail on the full disk: a 4xx, or a clear error page.
+        code, _ = submit(submission, context, message(900, 300_000).replace(b"s@sender.test", ALICE.encode()))
+        assert 400 <= code < 500, code
+        assert webmail_send(web, 300_000) >= 400
+        # 3. The same on a read-only disk.
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        code, text = inbound(relay, message(999, 1_000))
+        assert 400 <= code < 500, (code, text)
+        code, _ = submit(submission, context, message(998, 1_000).replace(b"s@sender.test", ALICE.encode()))
+        assert 400 <= code < 500, code
+        assert webmail_send(web, 10) >= 400
+        assert relay.running
+        assert "disk-999" not in kept_ids(relay)
+        # 4. The disk comes back: mail is taken again, without a restart.
+        subprocess.run(["mount", "-o", "remount,rw,size=8m", str(small_disk)], check=True)
+        assert inbound(relay, message(1000, 1_000))[0] == 250
+        assert "disk-1000" in kept_ids(relay)
+        assert relay.running
