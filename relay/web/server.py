@@ -73,7 +73,11 @@ async def body_limit_middleware(request: web.Request, handler) -> web.StreamResp
         return await handler(request)
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await handler(request.clone(client_max_size=limit))
+    limited = request.clone(client_max_size=limit)
+    try:
+        return await handler(limited)
+    finally:
+        limited._finish()   # aiohttp closes uploaded files of the request it made, not a clone's
 
 
 def body_limit(config: Config, webmail: bool) -> int:
