@@ -117,6 +117,9 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
     raw = yaml.safe_load(cfg.read_text())
     submission = int(raw["listen"]["submission"].rsplit(":", 1)[1])
     web = int(raw["listen"]["web"].rsplit(":", 1)[1])
+    staged = small_disk / "outbox-message"      # on the same disk: renamed in once it is full
+    staged.write_bytes(f"From: {ALICE}\r\nTo: bob@example.org\r\nSubject: outbox\r\n\r\n".encode()
+                       + b"z" * 200_000 + b"\r\n")
     with rp.RelayProcess(cfg) as relay:
         # 1. Fill the disk with kept mail: 250s while it fits, then 4xx; never a 5xx.
         accepted, refused = [], []
@@ -133,6 +136,13 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
         code, _ = submit(submission, context, message(900, 300_000).replace(b"s@sender.test", ALICE.encode()))
         assert 400 <= code < 500, code
         assert webmail_send(web, 300_000) >= 400
+        # ... and the Outbox: the message waits there (logged), it is neither lost nor sent.
+        outbox = relay.maildirs / "example.com" / "alice" / ".Outbox" / "new"
+        outbox.mkdir(parents=True, exist_ok=True)
+        queued = outbox / "1800000000.M1P1Q1.disk-test"
+        staged.rename(queued)
+        rp.wait_for(lambda: "outbox.deferred" in relay.log_text(), 45, "outbox.deferred", relay.log_text)
+        assert queued.exists() and relay.running
         # 3. The same on a read-only disk.
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
         code, text = inbound(relay, message(999, 1_000))
@@ -146,4 +156,6 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(small_disk)], check=True)
         assert inbound(relay, message(1000, 1_000))[0] == 250
         assert "disk-1000" in kept_ids(relay)
+        rp.wait_for(lambda: not queued.exists() and "outbox.sent" in relay.log_text(), 45,
+                    "the Outbox message sent once there is room", relay.log_text)
         assert relay.running
