@@ -136,8 +136,9 @@ async def supervise(name: str, run: Callable[[], Coroutine[Any, Any, None]],
                     delay: float = RESTART_DELAY, max_delay: float = RESTART_DELAY_MAX) -> None:
     """Run `run()` until cancelled. When it fails (or returns: a runner loops until cancelled)
     log `app.runner_failed` and start it again after a delay that doubles with each failure in
-    a row, up to `max_delay`; the listeners and the other runners go on meanwhile (DESIGN.md
-    rule 12). An error in one entry is the runner's own business; this is for its loop."""
+    a row, up to `max_delay`; the listeners and the other runners go on meanwhile: one fault
+    never stops the service. An error in one entry is the runner's own business; this is for
+    its loop."""
     loop = asyncio.get_running_loop()
     failures = 0
     while True:
