@@ -84,7 +84,7 @@ def _safe_hostname() -> str:
 # so a crash leaves the message either where it was or where it went, never in both or neither.
 # Dovecot may rename a file at the same moment (new/ -> cur/, other flags): each operation then
 # looks the key up again in new/ and cur/ and tries once more. Unlinking a file never loses a
-# message still to be replayed: the replay queue holds its own hard link (DESIGN.md rule 7).
+# message still to be replayed: the replay queue holds its own hard link (docs/architecture.md rule 7).
 #
 # These methods block (directory scans, fsync): call them from `asyncio.to_thread`.
 

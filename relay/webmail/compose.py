@@ -3,7 +3,7 @@
 These are messages the user authors, so `email` writes them (policy SMTP: CRLF line ends,
 RFC 2047 encoded-words for non-ASCII headers, RFC 2231 for non-ASCII file names, a UTF-8 body
 quoted-printable when it is not ASCII). A message the user received is never re-serialised
-(DESIGN.md rule 3): a forward carries it byte for byte as a message/rfc822 attachment.
+(docs/architecture.md rule 3): a forward carries it byte for byte as a message/rfc822 attachment.
 
 Every header field that comes from the form is refused (ComposeError, a ValueError) when it
 holds CR, LF or another line-breaking or control character: no header injection. Recipients

@@ -1,7 +1,7 @@
 """Showing a stored message in the webmail: display headers, a text body, sanitised HTML and
 the attachments, with safe file names.
 
-Parsing here is for reading only (DESIGN.md rule 3): nothing parsed here is passed on. Display
+Parsing here is for reading only (docs/architecture.md rule 3): nothing parsed here is passed on. Display
 headers are read from the bytes with `relay.headers` (which copes with raw 8-bit and broken
 encoded-words); the MIME structure with `email` (policy.default). A message `email` cannot
 make sense of (a multipart without its boundary, a parser error) is shown as its raw text.

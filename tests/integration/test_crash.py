@@ -1,4 +1,4 @@
-"""Crash tests: the real relay process killed with SIGKILL, then restarted (DESIGN.md rules 1-3).
+"""Crash tests: the real relay process killed with SIGKILL, then restarted (docs/architecture.md rules 1-3).
 
 The primary server is down (nothing listens on its port), so every message for a registered
 user goes to that user's Maildir and the replay queue. Sender threads record, per message and

@@ -1,8 +1,9 @@
 """End to end: mail the relay kept during an outage, read back through a real Dovecot.
 
-The relay runs as root with `storage.owner: vmail` (as the tests must, see FACTS.md), users and
-passwords are set with the `continuity-relay users` commands, and Dovecot is started from
-contrib/dovecot/dovecot.conf on the very same Maildirs and passwd-file.
+The relay runs as root with `storage.owner: vmail` (as the tests must, see
+tests/integration/dovecot.py), users and passwords are set with the `continuity-relay users`
+commands, and Dovecot is started from contrib/dovecot/dovecot.conf on the very same Maildirs
+and passwd-file.
 """
 
 from __future__ import annotations

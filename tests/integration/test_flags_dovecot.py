@@ -3,7 +3,7 @@
 flags set over IMAP show in `MaildirStore.messages()`.
 
 Runs as root, like the other integration tests: `MaildirStore(root, Owner.named("vmail"))` hands
-what it creates to the mail user Dovecot serves as (FACTS.md).
+what it creates to the mail user Dovecot serves as (tests/integration/dovecot.py says why).
 """
 
 from __future__ import annotations

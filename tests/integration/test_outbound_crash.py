@@ -1,5 +1,5 @@
 """Crash while sending: the real relay process SIGKILLed while its outbound runner drains a full
-outbound queue to the smarthost, restarted, then counted (DESIGN.md rules 2 and 3; the outbound
+outbound queue to the smarthost, restarted, then counted (docs/architecture.md rules 2 and 3; the outbound
 runner sends one entry at a time, oldest first).
 
     fill     before the relay starts, a few hundred messages from alice are queued in-process

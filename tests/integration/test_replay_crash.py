@@ -1,5 +1,5 @@
 """Crash during replay: the real relay process SIGKILLed while it drains its replay queue to a
-recovered primary, restarted, then counted (DESIGN.md rules 2, 3 and 7).
+recovered primary, restarted, then counted (docs/architecture.md rules 2, 3 and 7).
 
     phase 1  the primary (a scripted fake) answers 451 at RCPT: every message for a registered
              user is kept (Maildir + replay queue) and the sender gets 250

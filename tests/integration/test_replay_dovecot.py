@@ -1,5 +1,6 @@
-"""A message the user deleted over IMAP, through a real Dovecot, is still replayed (DESIGN.md
-rule 7: user actions in the continuity mailbox never stop a message from being replayed).
+"""A message the user deleted over IMAP, through a real Dovecot, is still replayed
+(docs/architecture.md rule 7: user actions in the continuity mailbox never stop a message
+from being replayed).
 
 The relay runs in-process as root with `storage.owner: vmail` while nothing listens on the
 primary's port (unreachable); alice, registered with a password through the CLI, gets three

@@ -345,7 +345,7 @@ def test_trash_is_handed_to_the_mail_user(tmp_path):
 
 
 def test_deleting_a_kept_message_leaves_it_to_replay(tmp_path):
-    """DESIGN.md rule 7: the replay queue has its own hard link."""
+    """docs/architecture.md rule 7: the replay queue has its own hard link."""
     continuity = ContinuityStore(MaildirStore(tmp_path / "maildirs"), tmp_path / "spool")
     entry = continuity.keep(ALICE, "s@sender.test", b"Subject: x\r\n\r\nhi\r\n")
     store = continuity.maildirs
