@@ -7,8 +7,8 @@
     +-- StorageError       the relay's own disk failed (full, permission): always temporary
     +-- CorruptEntryError  a queue entry that cannot be read
     +-- DeliveryError      talking to another server failed
-        +-- TempFail       4xx, unreachable, timeout: try again later
-        +-- PermFail       5xx: the other side refused for good
+        +-- PermFail       5xx: refused for good (raised by the sending checks; a temporary
+                           failure is a `delivery.client.Reply`, never an exception)
 
 Anything not in this tree that reaches an SMTP session is answered as temporary (451).
 """
@@ -58,10 +58,6 @@ class DeliveryError(RelayError):
     def __init__(self, code: int, text: str) -> None:
         self.code, self.text = code, text
         super().__init__(f"{code} {text}")
-
-
-class TempFail(DeliveryError):
-    """A temporary failure: 4xx, no connection, timeout."""
 
 
 class PermFail(DeliveryError):

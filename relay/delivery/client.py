@@ -20,7 +20,6 @@ never sent over a connection without TLS.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from typing import Protocol
 import aiosmtplib
 
 from relay.config import HostPort
-
-log = logging.getLogger("relay.client")
 
 # The stages of a conversation, as `Reply.stage` names them.
 CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"

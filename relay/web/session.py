@@ -136,7 +136,3 @@ class Sessions:
     def set_cookie(self, response: web.StreamResponse, session: Session) -> None:
         response.set_cookie(self.cookie, self.dumps(session), path="/", httponly=True,
                             samesite="Strict", secure=self.secure or None)
-
-    def clear_cookie(self, response: web.StreamResponse) -> None:
-        response.del_cookie(self.cookie, path="/", secure=self.secure or None, httponly=True,
-                            samesite="Strict")
