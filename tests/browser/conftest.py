@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expec
 from relay.admins import Admins
 from relay.config import Config, HostPort, load
 from relay.directory import Directory, User
-from tests.smtp.fakes import FakePrimary, InProcessRelay, free_port, send, stored_files, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import FakePrimary, InProcessRelay, send, stored_files, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,13 +46,6 @@ web: {{secret_file: etc/web.secret, session_lifetime: 1h}}
 admins_file: etc/admins.passwd
 audit_log: log/audit.log
 """
-
-
-def wait_for(condition: Callable[[], object], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 # -- the relay -----------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+
 """Run a private, real Postfix 3.x instance for integration tests, in its own directory.
 
     mta = Postfix.sender(root, relay_port=relay.port)       # relays everything to the relay
@@ -36,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 POSTFIX = "/usr/sbin/postfix"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -91,12 +94,6 @@ def require_postfix() -> str:
     if out.returncode != 0 or not version.startswith("3."):
         raise PostfixError(f"need Postfix 3.x, postconf says {version!r} {out.stderr.strip()}")
     return version
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def strip_trace(data: bytes) -> tuple[list[bytes], bytes]:

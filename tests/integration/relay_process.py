@@ -1,3 +1,4 @@
+
 """Run the real relay (`python -m relay serve -c CONFIG`) as a child process, for integration tests.
 
     cfg = write_config(tmp_path, primary_port=free_port())
@@ -27,12 +28,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,17 +54,6 @@ class RelayProcessError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def free_port(host: str = "127.0.0.1", *, avoid: Iterable[int] = ()) -> int:
-    """A TCP port nothing listens on right now (also good as a "primary that is down")."""
-    avoid = set(avoid)
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in avoid:
-            return port
 
 
 def subscription(today: dt.date | None = None) -> dict[str, str]:
@@ -291,16 +282,6 @@ class RelayProcess:
 
     def __repr__(self) -> str:
         return f"RelayProcess({self.config}, pid={self.pid}, port={self.port})"
-
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str,
-             explain: Callable[[], str] = lambda: "") -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}\n{explain()}")
-        time.sleep(0.01)
 
 
 def stop_or_dump(relay: RelayProcess, timeout: float = STOP_TIMEOUT) -> tuple[int | None, str]:

@@ -1,3 +1,4 @@
+
 """Start a real OpenLDAP slapd (Debian's `slapd` package) on loopback for integration tests.
 
 Each instance lives in its own folder: a `slapd.conf` written here (mdb backend, suffix
@@ -19,6 +20,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.helpers import free_port
 
 SUFFIX = "dc=example,dc=com"
 PEOPLE = f"ou=people,{SUFFIX}"
@@ -62,12 +65,6 @@ def tool(name: str) -> str:
 def require_slapd() -> None:
     for name in TOOLS:
         tool(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ssha(password: str) -> str:

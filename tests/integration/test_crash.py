@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 try:  # tests/integration as a package ...
     from . import relay_process as rp
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
@@ -422,7 +424,7 @@ def log_findings(text: str) -> list[str]:
 
 @pytest.fixture
 def relay_config(tmp_path: Path) -> Path:
-    cfg = rp.write_config(tmp_path / "relay", primary_port=rp.free_port())
+    cfg = rp.write_config(tmp_path / "relay", primary_port=free_port())
     rp.import_users(cfg, USERS)
     return cfg
 

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
+from tests.helpers import free_port, wait_for
+
 try:  # tests/integration as a package ...
     from . import relay_process as rp
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
@@ -78,7 +80,7 @@ def banner(sock: socket.socket) -> bytes:
 def test_serve_survives_a_flood_under_1024_descriptors(tmp_path: Path):
     assert shutil.which("prlimit"), "prlimit (util-linux) is needed"
     own_descriptors(FLOOD + 200)
-    primary_port = rp.free_port()
+    primary_port = free_port()
     cfg = rp.write_config(tmp_path, primary_port=primary_port)
     raw = yaml.safe_load(cfg.read_text())
     # Far more than 1,024 descriptors allow, so the start-up sizing is what keeps serve alive;
@@ -110,7 +112,7 @@ def test_serve_survives_a_flood_under_1024_descriptors(tmp_path: Path):
         assert relay.running, relay.log_text()
 
         primary.start()                                  # the runners still have descriptors:
-        rp.wait_for(lambda: b"kept" in recorder.subjects or not relay.running, 60,
+        wait_for(lambda: b"kept" in recorder.subjects or not relay.running, 60,
                     "the kept message replayed during the flood", relay.log_text)
         assert relay.running, relay.log_text()
         assert "EMFILE" not in relay.log_text() and "Too many open files" not in relay.log_text()
@@ -118,7 +120,7 @@ def test_serve_survives_a_flood_under_1024_descriptors(tmp_path: Path):
         for sock in flood:
             sock.close()
     try:
-        rp.wait_for(lambda: "limits.available" in relay.log_text(), 30, "the flood's end",
+        wait_for(lambda: "limits.available" in relay.log_text(), 30, "the flood's end",
                     relay.log_text)
         assert send(relay, b"after")[0] == 250
         assert b"after" in recorder.subjects             # passed straight to the primary

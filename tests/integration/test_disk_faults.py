@@ -18,6 +18,8 @@ import pytest
 import trustme
 import yaml
 
+from tests.helpers import free_port, wait_for
+
 try:
     from . import relay_process as rp
 except ImportError:
@@ -45,12 +47,12 @@ def relay_config(tmp_path: Path, store: Path) -> tuple[Path, ssl.SSLContext]:
     ca = trustme.CA()
     pem = tmp_path / "tls.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    path = rp.write_config(tmp_path, primary_port=rp.free_port())
+    path = rp.write_config(tmp_path, primary_port=free_port())
     config = yaml.safe_load(path.read_text())
     config["storage"].update(maildirs=str(store / "maildirs"), spool=str(store / "spool"))
-    config["listen"].update(submission=f"127.0.0.1:{rp.free_port()}", web=f"127.0.0.1:{rp.free_port()}")
+    config["listen"].update(submission=f"127.0.0.1:{free_port()}", web=f"127.0.0.1:{free_port()}")
     config["tls"] = {"cert": str(pem), "key": str(pem)}
-    config["outbound"] = {"smarthost": {"address": f"127.0.0.1:{rp.free_port()}", "starttls": "off"}}
+    config["outbound"] = {"smarthost": {"address": f"127.0.0.1:{free_port()}", "starttls": "off"}}
     config["message_size_limit"] = "4MiB"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     context = ssl.create_default_context()
@@ -141,7 +143,7 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
         outbox.mkdir(parents=True, exist_ok=True)
         queued = outbox / "1800000000.M1P1Q1.disk-test"
         staged.rename(queued)
-        rp.wait_for(lambda: "outbox.deferred" in relay.log_text(), 45, "outbox.deferred", relay.log_text)
+        wait_for(lambda: "outbox.deferred" in relay.log_text(), 45, "outbox.deferred", relay.log_text)
         assert queued.exists() and relay.running
         # 3. The same on a read-only disk.
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
@@ -156,6 +158,6 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(small_disk)], check=True)
         assert inbound(relay, message(1000, 1_000))[0] == 250
         assert "disk-1000" in kept_ids(relay)
-        rp.wait_for(lambda: not queued.exists() and "outbox.sent" in relay.log_text(), 45,
+        wait_for(lambda: not queued.exists() and "outbox.sent" in relay.log_text(), 45,
                     "the Outbox message sent once there is room", relay.log_text)
         assert relay.running

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from relay.cli import main
-from tests.smtp.fakes import InProcessRelay, free_port, send, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import InProcessRelay, send, write_config
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import imaplib
 import os
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from relay.addresses import parse_mailbox
 from relay.directory import hash_password
 from relay.storage.durable import Owner, replace_file
 from relay.storage.maildir import MaildirStore
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,14 +37,6 @@ def ok(result: tuple[str, list]) -> list:
     status, data = result
     assert status == "OK", (status, data)
     return data
-
-
-def wait_for(condition: Callable[[], object], what: str, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Imap:
@@ -148,7 +139,7 @@ def test_flags_set_here_show_over_imap_and_back(world):
         second, fifth = session.flags(session.uid_of(2)), session.flags(session.uid_of(5))
         return "\\Flagged" in second and "\\Seen" not in second and {"\\Seen", "\\Answered"} <= fifth
 
-    wait_for(imap_sees_changes, "the open IMAP session to see the new flags")
+    wait_for(imap_sees_changes, 10, what="the open IMAP session to see the new flags")
     assert imap().select("INBOX") == 5  # the same five messages, nothing duplicated or lost
 
 
@@ -163,14 +154,15 @@ def test_moves_and_deletes_here_show_over_imap(world):
     assert store.move_message(ALICE, "INBOX", keys[1], "Archive") == keys[1]
     assert store.move_message(ALICE, "INBOX", keys[2], "Archive") == keys[2]
     wait_for(lambda: session.subjects() == ["message 3", "message 4", "message 5"],
-             "the moved messages to leave INBOX over IMAP")
+             10, what="the moved messages to leave INBOX over IMAP")
     archive = imap()
     assert archive.select("Archive") == 2
     assert archive.subjects() == ["message 1", "message 2"]
     assert "\\Seen" in archive.flags(archive.uid_of(1)) and "\\Seen" not in archive.flags(archive.uid_of(2))
 
     assert store.delete(ALICE, "INBOX", keys[3]) == keys[3]
-    wait_for(lambda: session.subjects() == ["message 4", "message 5"], "the deleted message to leave INBOX")
+    wait_for(lambda: session.subjects() == ["message 4", "message 5"], 10,
+             what="the deleted message to leave INBOX")
     assert "Trash" in imap().folders()
     vmail = Owner.named("vmail")
     for path in (store.path(ALICE) / ".Trash").rglob("*"):  # made here, as root: handed to vmail
@@ -178,7 +170,8 @@ def test_moves_and_deletes_here_show_over_imap(world):
     trash = imap()
     assert trash.select("Trash") == 1 and trash.subjects() == ["message 3"]
     assert store.delete(ALICE, "Trash", keys[3]) is None
-    wait_for(lambda: trash.subjects() == [], "the message deleted from Trash to disappear over IMAP")
+    wait_for(lambda: trash.subjects() == [], 10,
+             what="the message deleted from Trash to disappear over IMAP")
 
     # Dovecot's index files are in the tree by now: still neither folders nor messages here.
     home = store.path(ALICE)

@@ -42,6 +42,7 @@ from relay.addresses import parse_mailbox
 from relay.app import build_store
 from relay.config import load
 from relay.delivery.outbound import Sender
+from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
 
 try:  # tests/integration as a package ...
@@ -49,7 +50,6 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
-wait_for = rp.wait_for
 stop_or_dump = rp.stop_or_dump
 
 USER = f"alice@{rp.DOMAIN}"
@@ -140,7 +140,7 @@ def test_sigkill_with_full_outbound_queue_loses_nothing(tmp_path: Path, mode: st
     run = secrets.token_hex(4)
     smarthost = SlowSmarthost(rng.randint(*KILL_BETWEEN), hold=mode == "held")
 
-    cfg = rp.write_config(tmp_path / "relay", primary_port=rp.free_port())   # primary down
+    cfg = rp.write_config(tmp_path / "relay", primary_port=free_port())   # primary down
     raw = yaml.safe_load(cfg.read_text(encoding="utf-8"))
     raw["outbound"] = {"smarthost": {"address": f"127.0.0.1:{smarthost.server.port}", "starttls": "off"},
                        "retry_delay": "1s", "max_age": "5d"}

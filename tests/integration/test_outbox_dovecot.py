@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, Received, Script
 
 try:  # tests/integration as a package ...
@@ -38,7 +39,6 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
-wait_for = rp.wait_for
 stop_or_dump = rp.stop_or_dump
 
 pytestmark = pytest.mark.timeout(60)

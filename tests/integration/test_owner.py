@@ -7,7 +7,8 @@ import pwd
 
 from relay.config import load
 from relay.directory import Directory
-from tests.smtp.fakes import InProcessRelay, free_port, send, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import InProcessRelay, send, write_config
 
 
 def test_everything_created_belongs_to_the_mail_user(tmp_path):

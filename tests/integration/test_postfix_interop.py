@@ -24,6 +24,7 @@ import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
+from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import send
 
 try:  # tests/integration as a package ...
@@ -94,7 +95,7 @@ def recorder():
 
     def start() -> tuple[int, RecordingHandler]:
         handler = RecordingHandler()
-        port = rp.free_port()
+        port = free_port()
         controller = Controller(handler, hostname="127.0.0.1", port=port, decode_data=False,
                                 enable_SMTPUTF8=True)
         controller.start()
@@ -198,7 +199,7 @@ def test_replay_to_postfix_primary_is_byte_identical(mail_tmp_path, postfix_fact
 
         # Postfix comes up: the next probe replays both, in order.
         primary.start()
-        rp.wait_for(lambda: len(primary.delivered(ALICE)) == 2 and not entries(relay, "waiting")
+        wait_for(lambda: len(primary.delivered(ALICE)) == 2 and not entries(relay, "waiting")
                     and not entries(relay, "active"), WAIT, "both replayed to Postfix", explain)
 
     delivered = primary.delivered(ALICE)
@@ -228,7 +229,7 @@ def test_utf8_sender_kept_then_replayed_to_postfix_with_smtputf8(mail_tmp_path, 
             assert client.data(message(7, sender=sender))[0] == 250
         assert len(kept(relay, ALICE)) == 1, explain()
         primary.start()
-        rp.wait_for(lambda: len(primary.delivered(ALICE)) == 1 and not entries(relay, "waiting")
+        wait_for(lambda: len(primary.delivered(ALICE)) == 1 and not entries(relay, "waiting")
                     and not entries(relay, "active"), WAIT, "replayed to Postfix", explain)
     (got,) = primary.delivered(ALICE)
     assert got.startswith(f"Return-Path: <{sender}>\n".encode()), got[:80]
@@ -255,7 +256,7 @@ def test_postfix_sender_8bitmime_passes_through_intact(mail_tmp_path, postfix_fa
             client.sendmail(SENDER, [ALICE], sent[3], mail_options=["BODY=8BITMIME"])
         mta.sendmail(SENDER, [ALICE], sent[9], "-B", "8BITMIME")
         mta.wait_queue_empty(WAIT, explain)
-        rp.wait_for(lambda: len(primary.got) == 2, WAIT, "both messages at the primary", explain)
+        wait_for(lambda: len(primary.got) == 2, WAIT, "both messages at the primary", explain)
         log = mta.log_text()
 
     by_id = {int(g.content.split(b"Message-ID: <interop-")[1].split(b"@")[0]): g for g in primary.got}
@@ -281,7 +282,7 @@ def test_postfix_sender_smtputf8(mail_tmp_path, postfix_factory, recorder):
             client.ehlo("client.test")
             client.sendmail(sender, [rcpt], sent, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
         mta.wait_queue_empty(WAIT, explain)
-        rp.wait_for(lambda: primary.got, WAIT, "the message at the primary", explain)
+        wait_for(lambda: primary.got, WAIT, "the message at the primary", explain)
 
     (got,) = primary.got
     assert (got.mail_from, got.rcpt_tos) == (sender, [rcpt])
@@ -307,9 +308,9 @@ def test_busy_mailbox_does_not_stop_the_others(mail_tmp_path, postfix_factory):
         assert [e["rcpt"] for e in entries(relay, "waiting").values()] == [BUSY, ALICE, CAROL]
 
         primary.start()
-        rp.wait_for(lambda: primary.delivered(ALICE) and primary.delivered(CAROL), WAIT,
+        wait_for(lambda: primary.delivered(ALICE) and primary.delivered(CAROL), WAIT,
                     "alice's and carol's messages replayed past the busy mailbox", explain)
-        rp.wait_for(lambda: "4.2.1" in " ".join(e.get("note") or "" for e in
+        wait_for(lambda: "4.2.1" in " ".join(e.get("note") or "" for e in
                                                  entries(relay, "waiting").values()),
                     WAIT, "busy's entry back in waiting with Postfix's 450", explain)
         waiting = list(entries(relay, "waiting").values())
@@ -334,7 +335,7 @@ def test_bare_lf_message_reaches_postfix_that_rejects_bare_lf(mail_tmp_path, pos
         assert copy.endswith(body) and b"Subject: bare LF\nMessage-ID" in copy, copy  # as received
 
         primary.start()
-        rp.wait_for(lambda: primary.delivered(ALICE) and not entries(relay, "waiting")
+        wait_for(lambda: primary.delivered(ALICE) and not entries(relay, "waiting")
                     and not entries(relay, "active"), WAIT, "the bare-LF message replayed", explain)
         (got,) = primary.delivered(ALICE)
         assert got.endswith(lf(body)), got
@@ -375,7 +376,7 @@ def test_swaks_pipelined_session(mail_tmp_path, postfix_factory):
         batch = (f" -> MAIL FROM:<{SENDER}>\n -> RCPT TO:<{ALICE}>\n -> RCPT TO:<{CAROL}>\n"
                  " -> DATA\n<-  250 ")
         assert batch in run.stdout, run.stdout
-        rp.wait_for(lambda: primary.delivered(ALICE) and primary.delivered(CAROL), WAIT,
+        wait_for(lambda: primary.delivered(ALICE) and primary.delivered(CAROL), WAIT,
                     "the pipelined message at both Postfix mailboxes", explain)
     for rcpt in (ALICE, CAROL):
         (got,) = primary.delivered(rcpt)
@@ -413,7 +414,7 @@ def test_postfix_sender_requiring_tls_delivers(mail_tmp_path, postfix_factory, r
         explain = explainer(relay, mta)
         sent = message(8)
         mta.sendmail(SENDER, [ALICE], sent, "-B", "8BITMIME")
-        rp.wait_for(lambda: primary.got or "status=deferred" in mta.log_text(), WAIT,
+        wait_for(lambda: primary.got or "status=deferred" in mta.log_text(), WAIT,
                     "the message at the primary, or Postfix deferring it", explain)
         assert primary.got, f"Postfix deferred the message:\n{explain()}"
         log = mta.log_text()
@@ -460,7 +461,7 @@ def test_swaks_auth_on_port_25_after_starttls(mail_tmp_path, recorder, relay_tls
         run = swaks(*at, *auth, "--from", ALICE, "--to", outside,
                     "--header", "Subject: sent on port 25")
         assert run.returncode == 0, run.stdout + run.stderr + explain()
-        rp.wait_for(lambda: smarthost.got, WAIT, "the message at the smarthost", explain)
+        wait_for(lambda: smarthost.got, WAIT, "the message at the smarthost", explain)
         assert password not in relay.log_text()
 
     (got,) = smarthost.got

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, Received, Script
 
 try:  # tests/integration as a package ...
@@ -42,7 +43,6 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
-wait_for = rp.wait_for
 
 CONCURRENCY = 4
 MSGID_RE = re.compile(rb"\r\nMessage-ID: <([^>\r\n]+)>\r\n")

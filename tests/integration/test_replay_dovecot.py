@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, send
 
 try:  # tests/integration as a package ...
@@ -26,7 +27,6 @@ try:  # tests/integration as a package ...
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
     import relay_process as rp
 
-wait_for = rp.wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

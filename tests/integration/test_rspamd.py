@@ -7,7 +7,8 @@ import pytest
 
 from relay.config import load
 from relay.directory import Directory
-from tests.smtp.fakes import InProcessRelay, free_port, send, stored_files, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import InProcessRelay, send, stored_files, write_config
 
 try:
     from .rspamd import GTUBE

@@ -12,6 +12,8 @@ import pytest
 import trustme
 import yaml
 
+from tests.helpers import free_port, wait_for
+
 try:  # tests/integration as a package ...
     from . import relay_process as rp
 except ImportError:  # ... or as a rootdir-less test directory (pytest prepends it to sys.path)
@@ -37,7 +39,7 @@ def test_sighup_reloads_the_certificate_and_keeps_the_old_one_when_the_new_is_br
             .write_to_path(str(pem))
 
     issue("first")
-    path = rp.write_config(tmp_path, primary_port=rp.free_port())
+    path = rp.write_config(tmp_path, primary_port=free_port())
     config = yaml.safe_load(path.read_text())
     config["tls"] = {"cert": str(pem), "key": str(pem)}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -48,12 +50,12 @@ def test_sighup_reloads_the_certificate_and_keeps_the_old_one_when_the_new_is_br
         assert served_name(relay.address, context) == "first"
         issue("second")
         relay.proc.send_signal(signal.SIGHUP)
-        rp.wait_for(lambda: "tls.reloaded" in relay.log_text(), 20, "tls.reloaded", relay.log_text)
+        wait_for(lambda: "tls.reloaded" in relay.log_text(), 20, "tls.reloaded", relay.log_text)
         assert served_name(relay.address, context) == "second"
 
         pem.write_text("renewal went wrong\n")
         relay.proc.send_signal(signal.SIGHUP)
-        rp.wait_for(lambda: "tls.reload_failed" in relay.log_text(), 20, "tls.reload_failed",
+        wait_for(lambda: "tls.reload_failed" in relay.log_text(), 20, "tls.reload_failed",
                     relay.log_text)
         assert relay.running
         assert served_name(relay.address, context) == "second"

@@ -7,7 +7,8 @@ import trustme
 
 from relay.config import load
 from relay.directory import Directory
-from tests.smtp.fakes import FakePrimary, InProcessRelay, free_port, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import FakePrimary, InProcessRelay, write_config
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import ssl
 import textwrap
 import threading
@@ -16,12 +15,7 @@ from aiosmtpd.controller import Controller
 
 from relay import app
 from relay.config import Config, HostPort, load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 @dataclass

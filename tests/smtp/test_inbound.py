@@ -9,7 +9,8 @@ import time
 import pytest
 
 from relay.delivery.health import read_state
-from tests.smtp.fakes import FakePrimary, Script, free_port, send, stored_files
+from tests.helpers import free_port
+from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 

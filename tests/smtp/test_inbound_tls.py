@@ -22,8 +22,9 @@ from relay.addresses import parse_mailbox
 from relay.directory import User
 from relay.smtp import replies
 from relay.web.site import SITE
-from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, free_port, write_config
-from tests.smtp.test_sending import files, outbound_config, wait_for
+from tests.helpers import free_port, wait_for
+from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, write_config
+from tests.smtp.test_sending import files, outbound_config
 from tests.smtp.test_submission import (
     PASSWORDS,
     auth_plain,

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, Script, send
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,17 +57,6 @@ def greeting(port: int) -> tuple[Client, bytes]:
     return client, client.reply()
 
 
-def until(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_per_client_limit_refuses_the_next_and_admits_one_after_a_close(make_relay):
     relay = make_relay(extra="limits: {connections_per_client: 3}\n")
     clients = [greeting(relay.port) for _ in range(3)]
@@ -88,7 +78,7 @@ def test_per_client_limit_refuses_the_next_and_admits_one_after_a_close(make_rel
         client.close()
         return None
 
-    later = until(admitted, 10, "a connection admitted after one closed")
+    later = wait_for(admitted, 10, "a connection admitted after one closed")
     assert later.command("EHLO sender.test").startswith(b"250-relay.test")
     for client in [later] + [c for c, _ in clients[1:]]:
         client.close()
@@ -184,7 +174,7 @@ def test_a_failing_runner_is_restarted_and_the_listener_answers(make_relay, capl
         return [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("app.runner_failed runner=replay")]
 
-    until(lambda: len(failures()) >= 2, 20, "the replay runner failing twice (so restarted once)")
+    wait_for(lambda: len(failures()) >= 2, 20, "the replay runner failing twice (so restarted once)")
     first, second = failures()[:2]
     assert "error=\"NotADirectoryError: [Errno 20] Not a directory" in first
     assert first.endswith("failures=1 restart_in=1s") and second.endswith("failures=2 restart_in=2s")
@@ -217,12 +207,12 @@ def test_starttls_session_is_counted_once_and_released_once(tmp_path):
     server.start()
     try:
         for _ in range(2):      # the second is admitted only if the first was released
-            client = until(lambda: admitted_smtp(server.port), 10, "a submission session")
+            client = wait_for(lambda: admitted_smtp(server.port), 10, "a submission session")
             assert client.starttls(context=client_tls)[0] == 220
             assert client.ehlo()[0] == 250 and client.sock.version() is not None
             assert limits.open == 1
             client.quit()
-        until(lambda: limits.open == 0, 10, "the session released")
+        wait_for(lambda: limits.open == 0, 10, "the session released")
     finally:
         server.stop()
 

@@ -13,19 +13,13 @@ import pytest
 
 from relay.delivery.health import read_state
 from relay.delivery.outbound import options_for
-from tests.smtp.fakes import FakePrimary, Script, free_port, send, stored_files
+from tests.helpers import free_port, wait_for
+from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 
 pytestmark = pytest.mark.timeout(90)
 
 FAST = "replay: {probe_interval: 1s, concurrency: 2}\n"
 EIGHT_BIT = "From: s@sender.test\r\nSubject: caf\u00e9\r\n\r\nna\u00efve body\r\n".encode()
-
-
-def wait_for(condition, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def entries(relay, state: str = "waiting", queue: str = "replay/example.com") -> list:

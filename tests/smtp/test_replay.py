@@ -13,6 +13,7 @@ from relay.app import build_store
 from relay.cli import main
 from relay.config import load
 from relay.delivery.health import read_state
+from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,13 +24,6 @@ FAST = "replay: {probe_interval: 1s, concurrency: 3}\n"
 def message(n: int, user: str) -> bytes:
     return (f"From: s@sender.test\r\nTo: {user}\r\nMessage-ID: <m{n}@sender.test>\r\n"
             f"Subject: number {n}\r\n\r\nbody {n}\r\n").encode()
-
-
-def wait_for(condition, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def queue(relay, state: str = "waiting") -> list:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from tests.smtp.fakes import FakePrimary, Script, free_port, send, stored_files
+from tests.helpers import free_port
+from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,20 +16,14 @@ from relay.addresses import parse_mailbox
 from relay.cli import main
 from relay.delivery.outbound import Sender
 from relay.storage.continuity import ContinuityStore
-from tests.smtp.fakes import FakePrimary, Script, free_port
+from tests.helpers import free_port, wait_for
+from tests.smtp.fakes import FakePrimary, Script
 
 pytestmark = pytest.mark.timeout(60)
 
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
            b"Cc: carol@example.net\r\nBcc: secret@example.net\r\n"
            b"Subject: =?UTF-8?B?w6l0w6k=?=\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
-
-
-def wait_for(condition, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def outbound_config(smarthost_port: int, **extra: str) -> str:

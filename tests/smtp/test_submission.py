@@ -25,7 +25,8 @@ from relay.errors import PermFail, RelayError, StorageError
 from relay.smtp import replies
 from relay.smtp.submission import SubmissionHandler, make_server_factory
 from relay.smtp.tls import ServerTLS, tls_context
-from tests.smtp.fakes import free_port, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import write_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -30,7 +30,8 @@ from relay.config import Config, HostPort, load
 from relay.directory import Directory, User
 from relay.smtp.tls import tls_context
 from relay.web import start_web
-from tests.smtp.fakes import free_port, write_config
+from tests.helpers import free_port
+from tests.smtp.fakes import write_config
 
 ADMIN, ADMIN_PASSWORD = "root@admins.example.net", "admin pass 1"
 USERS = {"alice@example.com": "alice pass 1", "bob@example.com": "bob pass 1"}

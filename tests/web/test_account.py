@@ -12,7 +12,7 @@ from relay.addresses import parse_mailbox
 from relay.auth import NOT_SYNCED, LoginThrottle
 from relay.config import LDAP
 from relay.directory import parse_line, verify_password
-from tests.smtp.fakes import free_port
+from tests.helpers import free_port
 from tests.web.conftest import USERS, Client
 
 pytestmark = pytest.mark.timeout(60)
