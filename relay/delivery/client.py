@@ -187,13 +187,8 @@ class Upstream:
                                              encoding="utf-8" if self._utf8 else "ascii")
             self._in_transaction = True
             return Reply(response.code, response.message, stage=MAIL)
-        except UnicodeError:
-            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = _translate(exc, step)
-            if not reply.reached:
-                self.close()
-            return reply
+        except (UnicodeError, aiosmtplib.SMTPException, OSError) as exc:
+            return self._failed(exc, step)
 
     def _supported(self, option: str) -> bool:
         """Whether to pass on a MAIL FROM option our client gave us (SIZE is recomputed)."""
@@ -217,13 +212,18 @@ class Upstream:
         try:
             response = await self._smtp.rcpt(recipient, options=passed, encoding="utf-8")
             return Reply(response.code, response.message, stage=RCPT)
-        except UnicodeError:
-            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=RCPT)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = _translate(exc, RCPT)
-            if not reply.reached:
-                self.close()
-            return reply
+        except (UnicodeError, aiosmtplib.SMTPException, OSError) as exc:
+            return self._failed(exc, RCPT)
+
+    def _failed(self, exc: BaseException, step: str) -> Reply:
+        """The Reply for a command that raised; a connection that is gone is closed. An address
+        that could not be encoded needed SMTPUTF8: a permanent failure, never "not reached"."""
+        if isinstance(exc, UnicodeError):
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=step)
+        reply = _translate(exc, step)
+        if not reply.reached:
+            self.close()
+        return reply
 
     def _note_name(self) -> None:
         """The host name the server gave in its EHLO (or HELO) reply, for DSNs' Remote-MTA."""
@@ -245,10 +245,7 @@ class Upstream:
             response = await self._smtp.data(message)
             return Reply(response.code, response.message, stage=DATA)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = _translate(exc, DATA)
-            if not reply.reached:
-                self.close()
-            return reply
+            return self._failed(exc, DATA)
         finally:
             self._in_transaction = False
 
