@@ -115,6 +115,9 @@ class OutboxRunner:
             self._watch(observer, hint, self.maildirs.root / domain)
         for user, home in self._homes():
             self._watch(observer, hint, home)
+            # The Outbox itself too: a client makes .Outbox, then new/ in it, then the message;
+            # a scan between the first two steps would watch neither new/ nor see its birth.
+            self._watch(observer, hint, home / ".Outbox")
             for sub in ("new", "cur"):
                 directory = home / ".Outbox" / sub
                 self._watch(observer, hint, directory)
