@@ -50,7 +50,7 @@ def _account(site: Site, session: Session) -> User | None:
         account = site.directory.get(address) if address else None
     else:
         return None
-    if account is None or not account.can_log_in:
+    if account is None or not account.can_log_in or site.sessions.ended(session):
         return None
     current = site.sessions.fingerprint(account.password_hash)
     return account if hmac.compare_digest(current, session.key) else None

@@ -116,7 +116,7 @@ class Sessions:
         return self._serializer.dumps(asdict(session))
 
     def loads(self, value: str | None) -> Session | None:
-        """The session in a cookie value; None when missing, forged, expired or ended."""
+        """The session in a cookie value; None when missing, forged or expired (see `ended`)."""
         if not value:
             return None
         try:
@@ -124,9 +124,14 @@ class Sessions:
         except (BadSignature, TypeError, ValueError, json.JSONDecodeError):
             return None
         age = self.clock() - session.issued
-        if not 0 <= age <= self.lifetime or self.revoked.refuses(session.id, session.email, session.issued):
+        if not 0 <= age <= self.lifetime:
             return None
         return session
+
+    def ended(self, session: Session) -> bool:
+        """Whether a logged-in session was ended for good (logout, deactivation). Blocking: a
+        stat of `web.revoked_file`, so callers ask from a worker thread."""
+        return self.revoked.refuses(session.id, session.email, session.issued)
 
     def end(self, session: Session) -> None:
         """Logging out: this session's cookie is refused from now on, even if kept elsewhere, and
