@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,13 +18,14 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from relay import __version__, app
+from relay import __version__, app, headers
 from relay.admins import Admins
 from relay.config import Config, load
 from relay.delivery.health import read_state
 from relay.directory import Directory
-from relay.errors import ConfigErrors, DirectoryError, RelayError, StorageError, UsageError
+from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
+from relay.storage import spool
 from relay.storage.continuity import replay_queue_path
 from relay.storage.queue import Queue, waiting_by_user
 from relay.web.revoked import Revoked
@@ -186,6 +189,110 @@ async def _replay(config: Config, names: list[str]) -> int:
     return status
 
 
+# -- queue management, as Postfix's postqueue and postsuper -------------------------------------
+
+def _selection(config: Config, args: argparse.Namespace) -> list:
+    domain = getattr(args, "domain", None)
+    if domain and domain not in config.domains:
+        raise UsageError(f"--domain {domain}: not a configured domain")
+    return spool.queues(config.storage.spool, config.domains, getattr(args, "queue", None), domain)
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    found = list(spool.rows(_selection(config, args), args.state))
+    if args.json:
+        for row in found:
+            print(json.dumps(dataclasses.asdict(row), ensure_ascii=False))
+        return 0
+    print(f"{'id':32} {'queue':8} {'domain':20} {'state':8} {'size':>8} {'age':>6} {'tries':>5}  "
+          f"sender -> recipient; last error")
+    for row in found:
+        print(f"{row.id:32} {row.queue:8} {row.domain or '-':20} {row.state:8} {row.size:>8} "
+              f"{_age(row.age):>6} {row.attempts:>5}  {_shown(row.sender)} -> {_shown(row.recipient)}"
+              + (f"; {_shown(row.last_error)}" if row.last_error else ""))
+    print(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    name, domain, queue, state = spool.find(_selection(config, args), args.id)
+    envelope, data = queue.read(args.id, state)
+    print(f"id: {args.id}\nqueue: {name}\ndomain: {domain or '-'}\nstate: {state}")
+    for key, value in dataclasses.asdict(envelope).items():
+        if key != "skip":
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            print(f"{key}: {_shown(text)}")
+    print()
+    shown = data if args.body else headers.split(data)[0]
+    for line in shown.decode("utf-8", "replace").splitlines():   # no terminal escapes from mail
+        print(_shown(line, limit=100_000))
+    return 0
+
+
+def _each(args: argparse.Namespace, action: str) -> int:
+    """hold / release / retry / delete on the ids given, or on every entry of --domain."""
+    config = _config(args)
+    selected = _selection(config, args)
+    targets = [spool.find(selected, entry)[2:] + (entry,) for entry in args.ids]
+    if getattr(args, "domain", None) and not args.ids:
+        targets = [(queue, row.state, row.id) for name, d, queue in selected if name == "replay"
+                   for row in spool.rows([(name, d, queue)]) if row.state != "active"]
+    if not targets:
+        raise UsageError(f"queue {action}: name entry ids, or --domain")
+    if action == "delete" and not args.yes:
+        answer = input(f"delete {len(targets)} entr{'y' if len(targets) == 1 else 'ies'} for good? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    failed = 0
+    for queue, _state, entry in targets:
+        try:
+            was = getattr(queue, action)(entry)
+        except EntryError as exc:
+            print(f"continuity-relay: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{entry}: {action} (was {was})")
+    return 1 if failed else 0
+
+
+def cmd_queue_hold(args: argparse.Namespace) -> int:
+    return _each(args, "hold")
+
+
+def cmd_queue_release(args: argparse.Namespace) -> int:
+    return _each(args, "release")
+
+
+def cmd_queue_retry(args: argparse.Namespace) -> int:
+    return _each(args, "retry")
+
+
+def cmd_queue_delete(args: argparse.Namespace) -> int:
+    return _each(args, "delete")
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> int:
+    """Like `postqueue -f`: every deferred entry is due now, and the replay queues are swept."""
+    config = _config(args)
+    selected = _selection(config, args)
+    for name, domain, queue in selected:
+        for row in spool.rows([(name, domain, queue)], "deferred"):
+            try:
+                queue.retry(row.id)
+            except EntryError:
+                continue          # taken by a runner meanwhile
+    names = [domain for name, domain, _queue in selected if name == "replay"]
+    setup(config.log_level)
+    return asyncio.run(_replay(config, names)) if names else 0
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="continuity-relay",
                                      description="Self-hosted e-mail continuity relay.")
@@ -232,7 +339,34 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--password-stdin", action="store_true", required=True,
                          help="read the password from the first line of standard input")
     command(admins, "list", cmd_admins_list, "list administrators")
+    _queue_commands(commands, command)
     return parser
+
+
+def _queue_commands(commands, command) -> None:
+    queue = commands.add_parser("queue", help="list and manage queued mail (like postqueue and "
+                                "postsuper)").add_subparsers(dest="queue_command", required=True)
+    lst = command(queue, "list", cmd_queue_list, "list queue entries (never a message body)")
+    lst.add_argument("--domain")
+    lst.add_argument("--queue", choices=spool.QUEUES)
+    lst.add_argument("--state", choices=spool.SHOWN_STATES)
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = command(queue, "show", cmd_queue_show, "an entry's envelope and headers")
+    show.add_argument("id")
+    show.add_argument("--body", action="store_true", help="the whole message, not only its headers")
+    for name, func, help_text in (
+            ("hold", cmd_queue_hold, "set entries aside: no runner touches them until released"),
+            ("release", cmd_queue_release, "put held entries back to waiting, due now"),
+            ("retry", cmd_queue_retry, "put failed or deferred entries back to waiting, due now"),
+            ("delete", cmd_queue_delete, "remove entries for good (a Maildir copy stays)")):
+        sub = command(queue, name, func, help_text)
+        sub.add_argument("ids", nargs="*", metavar="ID")
+        if name in ("hold", "release"):
+            sub.add_argument("--domain", help="every entry of this domain's replay queue")
+        if name == "delete":
+            sub.add_argument("--yes", action="store_true", help="do not ask")
+    flush = command(queue, "flush", cmd_queue_flush, "try deferred mail now (like postqueue -f)")
+    flush.add_argument("--domain")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

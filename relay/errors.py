@@ -6,6 +6,8 @@
     +-- DirectoryError     a user-directory operation that cannot be done (exit 1)
     +-- StorageError       the relay's own disk failed (full, permission): always temporary
     +-- CorruptEntryError  a queue entry that cannot be read
+    +-- EntryError         an administrator's queue action on an entry that is not there, or
+                           not in a state that action takes (exit 1)
     +-- DeliveryError      talking to another server failed
         +-- PermFail       5xx: refused for good (raised by the sending checks; a temporary
                            failure is a `delivery.client.Reply`, never an exception)
@@ -50,6 +52,10 @@ class StorageError(RelayError):
 
 class CorruptEntryError(RelayError):
     """A queue entry whose files cannot be read back."""
+
+
+class EntryError(RelayError):
+    """A queue entry that is missing, or in the wrong state for what was asked."""
 
 
 class DeliveryError(RelayError):

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from relay.errors import CorruptEntryError, StorageError
+from relay.errors import CorruptEntryError, EntryError, StorageError
 from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
 
 STATES = ("waiting", "active", "failed", "hold")
@@ -190,7 +190,8 @@ class Queue:
             tmp.unlink(missing_ok=True)
             write_new(tmp, envelope.to_bytes(), owner=self.owner)
             os.rename(tmp, dst)
-            src.unlink()
+            if src != dst:          # rewriting an envelope in place replaces it, nothing to drop
+                src.unlink()
         else:
             os.rename(src, dst)
         fsync_dir(self._dir(target))
@@ -209,6 +210,54 @@ class Queue:
         (self._dir(state) / entry).unlink()
         fsync_dir(self._dir(state))
         (self._dir("msg") / entry).unlink(missing_ok=True)
+
+    # -- the administrator's moves (`continuity-relay queue ...`) ------------------------------
+
+    def state_of(self, entry: str) -> str | None:
+        """The state an entry is in, or None when this queue has no such entry."""
+        for state in STATES:
+            if (self._dir(state) / entry).exists():
+                return state
+        return None
+
+    def hold(self, entry: str) -> str:
+        """Set aside a waiting or failed entry: no runner touches it until released."""
+        return self._admin_move(entry, ("waiting", "failed"), "hold", lambda e: e)
+
+    def release(self, entry: str) -> str:
+        """Back to waiting from hold, due now, its crash count forgotten."""
+        return self._admin_move(entry, ("hold",), "waiting",
+                                lambda e: replace(e, crashes=0, extra=_due_now(e.extra)))
+
+    def retry(self, entry: str) -> str:
+        """A failed or deferred entry back to waiting, due now (like `postsuper -r`)."""
+        return self._admin_move(entry, ("failed", "waiting"), "waiting",
+                                lambda e: replace(e, extra=_due_now(e.extra)))
+
+    def delete(self, entry: str) -> str:
+        """Remove an entry for good (not while a runner holds it). Only the queue's own files
+        go: a Maildir copy the message file is linked to stays."""
+        state = self.state_of(entry)
+        if state is None or state == "active":
+            raise EntryError(f"{entry}: " + ("being delivered right now" if state else "no such entry"))
+        if state == "waiting" and not self.claim(entry):
+            raise EntryError(f"{entry}: a runner took it just now")
+        self.finish(entry, "active" if state == "waiting" else state)
+        return state
+
+    def _admin_move(self, entry: str, sources: tuple[str, ...], target: str,
+                    change: Callable[[Envelope], Envelope]) -> str:
+        state = self.state_of(entry)
+        if state not in sources:
+            where = f"it is {state}" if state else "no such entry"
+            raise EntryError(f"{entry}: {where}; this works on {' or '.join(sources)} entries")
+        held = state
+        if state == "waiting":      # claim it first, as a runner would: never both at once
+            if not self.claim(entry):
+                raise EntryError(f"{entry}: a runner took it just now")
+            held = "active"
+        self.move(entry, held, target, change(self.envelope(entry, held)))
+        return state
 
     def recover(self) -> dict[str, int]:
         """Start-up rescan: put the queue back in a state the runners can trust."""
@@ -265,3 +314,7 @@ def due_by_user(queue: Queue, now: float | None) -> tuple[dict[str, list[str]], 
             continue
         users.setdefault(rcpt, []).append(entry)
     return users, next_due
+
+
+def _due_now(extra: dict) -> dict:
+    return {k: v for k, v in extra.items() if k != "next_try"}
