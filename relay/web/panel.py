@@ -9,6 +9,8 @@
     POST /panel/domains/{domain}/users/{local}/generate    allocate a generated password
     GET  /panel/import                             form: import users from a CSV file
     POST /panel/import                             the import, with a report per refused line
+    GET  /panel/domains/{domain}/queue             the replay queue, paged, filterable by state
+    POST /panel/domains/{domain}/queue/{id}/{action}   hold, release, retry or delete (audited)
 
 Every change goes through `Directory` (the passwd-file is rewritten at once, so Dovecot, the
 submission port and the webmail take the new password) and then into the audit log. Refused
@@ -31,8 +33,9 @@ from relay.addresses import AddressError, parse_mailbox
 from relay.config import Config, Domain
 from relay.delivery.health import State, read_state
 from relay.directory import Directory, User
-from relay.errors import DirectoryError
+from relay.errors import DirectoryError, EntryError
 from relay.log import event
+from relay.storage import spool
 from relay.storage.continuity import replay_queue_path
 from relay.storage.queue import STATES, Queue
 from relay.web import password
@@ -118,6 +121,57 @@ async def domain_page(request: web.Request) -> web.StreamResponse:
         lambda: (domain_view(site.config, name), site.directory.list(name)))
     return render(request, "panel/domain.html", view=view, users=users, user_url=user_url,
                   done=DONE.get(request.query.get("done", "")))
+
+
+# -- a domain's replay queue, as `continuity-relay queue` shows and moves it ----------------------
+
+QUEUE_PAGE = 50
+QUEUE_DONE = {"hold": "Set aside: no runner touches it until released.",
+              "release": "Released: waiting again, due now.", "retry": "Due now: it is tried again.",
+              "delete": "Deleted from the queue (the user's continuity copy stays)."}
+
+
+@admin_only
+async def queue_page(request: web.Request) -> web.StreamResponse:
+    return await _queue_view(request)
+
+
+async def _queue_view(request: web.Request, status: int = 200,
+                      error: str | None = None) -> web.StreamResponse:
+    site, name = site_of(request), _domain(request)
+    state = request.query.get("state") or None
+    if state not in (None, *spool.SHOWN_STATES):
+        state, status, error = None, 400, "Choose one of the states listed."
+    try:
+        page = max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        page = 1
+    selected = spool.queues(site.config.storage.spool, [name], "replay", name)
+    rows = await asyncio.to_thread(lambda: list(spool.rows(selected, state)))
+    pages = max(1, -(-len(rows) // QUEUE_PAGE))
+    shown = rows[(page - 1) * QUEUE_PAGE: page * QUEUE_PAGE]
+    return render(request, "panel/queue.html", status, domain=name, rows=shown, total=len(rows),
+                  state=state, states=spool.SHOWN_STATES, page=min(page, pages), pages=pages,
+                  error=error, done=None if error else QUEUE_DONE.get(request.query.get("done", "")))
+
+
+@admin_only
+async def queue_action(request: web.Request) -> web.StreamResponse:
+    """hold, release, retry or delete one entry of this domain's replay queue (audited). A
+    delete needs its confirmation box ticked; the user's Maildir copy always stays."""
+    site, name = site_of(request), _domain(request)
+    entry, action = request.match_info["entry"], request.match_info["action"]
+    form = await request.post()
+    if action == "delete" and _text(form, "confirm") != "yes":
+        return await _queue_view(request, 400, "Tick the box to confirm the delete.")
+    selected = spool.queues(site.config.storage.spool, [name], "replay", name)
+    try:
+        queue = spool.find(selected, entry)[2]
+        was = await asyncio.to_thread(getattr(queue, action), entry)
+    except EntryError as exc:
+        return await _queue_view(request, 409, str(exc))
+    await _record(request, f"queue_{action}", domain=name, id=entry, was=was)
+    return redirect(f"/panel/domains/{name}/queue?done={action}")
 
 
 # -- one user ------------------------------------------------------------------------------------
@@ -284,5 +338,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/panel/domains/{domain}/users/{local}", user_page, name="panel_user")
     r.add_post("/panel/domains/{domain}/users/{local}", save_user)
     r.add_post("/panel/domains/{domain}/users/{local}/generate", generate_password, name="panel_generate")
+    r.add_get("/panel/domains/{domain}/queue", queue_page, name="panel_queue")
+    r.add_post("/panel/domains/{domain}/queue/{entry}/{action:hold|release|retry|delete}", queue_action)
     r.add_get("/panel/import", import_form, name="panel_import")
     r.add_post("/panel/import", import_users)

@@ -49,3 +49,33 @@ def test_admin_sets_a_password_and_activates_a_user(relay, open_tab):
     assert f"admin={ADMIN} action=set_password user={BOB}" in audit
     assert f"admin={ADMIN} action=activate user={BOB}" in audit
     assert BOB_PASSWORD not in audit
+
+
+def test_admin_holds_releases_and_deletes_a_queued_message(relay, open_tab):
+    """The replay queue page (issue 10, point 2): the same actions as `continuity-relay queue`,
+    behind CSRF tokens, each audited; the user's continuity copy stays after a delete."""
+    relay.add_admin()
+    relay.add_user("alice@example.com", "alice pw 1")
+    relay.receive("alice@example.com", b"Subject: queued for replay\r\n\r\nprivate\r\n")
+    tab = open_tab()
+    tab.log_in_admin()
+    tab.goto("/panel/domains/example.com")
+    tab.page.get_by_text("Every entry, with hold, release, retry and delete").click()
+    row = tab.page.locator("#queue-entries tbody tr")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("alice@example.com")
+    expect(row).to_contain_text("waiting")
+    row.get_by_role("button", name="hold").click()
+    expect(tab.page.locator("#queue-entries tbody tr")).to_contain_text("hold")
+    tab.shot("panel-queue-held")
+    tab.page.locator("#queue-entries tbody tr").get_by_role("button", name="release").click()
+    expect(tab.page.locator("#queue-entries tbody tr")).to_contain_text("waiting")
+    entry = tab.page.locator("#queue-entries tbody tr")
+    entry.get_by_label("sure").check()
+    entry.get_by_role("button", name="delete").click()
+    expect(tab.page.locator("main")).to_contain_text("Nothing in this queue")
+    assert len(relay.stored("alice@example.com")) == 1          # the continuity copy stays
+    audit = relay.config.audit_log.read_text()
+    for action in ("queue_hold", "queue_release", "queue_delete"):
+        assert f"action={action} domain=example.com" in audit
+    assert tab.dialogs == [] and tab.errors == [] and tab.remote_requests == []

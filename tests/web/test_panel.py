@@ -249,3 +249,60 @@ def test_re_activating_a_user_revives_no_cookie_from_before(server, admin, clock
     clock.now += 1
     fresh = Client(server.port)                       # alice herself logs in again, later
     assert fresh.login_user().status == 303 and fresh.get("/account").status == 200
+
+
+# -- the replay queue page (issue 10, point 2) -----------------------------------------------------
+
+def _queued(server, states=("waiting", "deferred", "failed", "hold")) -> dict[str, str]:
+    from dataclasses import replace as changed
+
+    queue = Queue(replay_queue_path(server.config.storage.spool, "example.com"))
+    ids = {}
+    for state in states:
+        entry = queue.enqueue_bytes(b"Subject: q\r\n\r\nprivate body\r\n",
+                                    Envelope("s@sender.test", "alice@example.com", time.time()))
+        if state != "waiting":
+            queue.claim(entry)
+            envelope = changed(queue.envelope(entry, "active"), attempts=1, note="452 4.2.2 full")
+            queue.move(entry, "active", "waiting" if state == "deferred" else state, envelope)
+        ids[state] = entry
+    return ids
+
+
+def test_the_queue_page_lists_filters_and_never_shows_a_body(server, admin):
+    ids = _queued(server)
+    page = admin.get("/panel/domains/example.com/queue")
+    assert page.status == 200 and all(entry in page.text for entry in ids.values())
+    assert "private body" not in page.text and "4 entries" in page.text
+    failed = admin.get("/panel/domains/example.com/queue?state=failed")
+    assert ids["failed"] in failed.text and ids["waiting"] not in failed.text
+    assert admin.get("/panel/domains/example.com/queue?state=bogus").status == 400
+    assert admin.get("/panel/domains/nowhere.test/queue").status == 404
+    assert 'href="/panel/domains/example.com/queue"' in admin.get("/panel/domains/example.com").body
+
+
+def test_queue_actions_move_entries_are_audited_and_need_the_token(server, admin):
+    ids = _queued(server)
+    queue = Queue(replay_queue_path(server.config.storage.spool, "example.com"))
+    base = "/panel/domains/example.com/queue"
+    admin.get(base)
+    assert admin.post(f"{base}/{ids['waiting']}/hold", csrf=False).status == 403
+    assert queue.state_of(ids["waiting"]) == "waiting"
+    reply = admin.post(f"{base}/{ids['waiting']}/hold")
+    assert (reply.status, reply.location) == (303, f"{base}?done=hold")
+    assert queue.state_of(ids["waiting"]) == "hold"
+    admin.get(base)
+    assert admin.post(f"{base}/{ids['failed']}/retry").status == 303
+    assert queue.state_of(ids["failed"]) == "waiting"
+    admin.get(base)
+    assert admin.post(f"{base}/{ids['hold']}/delete").status == 400          # not confirmed
+    assert queue.state_of(ids["hold"]) == "hold"
+    admin.get(base)
+    assert admin.post(f"{base}/{ids['hold']}/delete", {"confirm": "yes"}).status == 303
+    assert queue.state_of(ids["hold"]) is None
+    admin.get(base)
+    assert admin.post(f"{base}/nonesuch/release").status == 409
+    actions = [line for line in server.audit_lines() if "action=queue_" in line]
+    assert [a.split("action=")[1].split()[0] for a in actions] == [
+        "queue_hold", "queue_retry", "queue_delete"]
+    assert all("domain=example.com" in a and "admin=" in a for a in actions)
