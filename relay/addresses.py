@@ -3,10 +3,13 @@
 An address that passes `parse_mailbox` is safe to use as `<domain>/<localpart>` under a storage
 root: no `/`, `\\`, NUL, control characters, `..`, leading dots, and within RFC 5321 lengths.
 Local parts and domains are lower-cased, as Dovecot's `%Lu` does with user names.
+
+`client_network` groups client IP addresses, for the connection limits and the login lock.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +106,18 @@ def parse_sender(text: str) -> str:
     if any(ord(c) < 33 or ord(c) == 127 for c in address) or "@" not in address:
         raise AddressError("malformed sender address")
     return address
+
+
+def client_network(host: str, v4_prefix: int = 32) -> str | None:
+    """The network a client IP address counts as: its IPv4 /`v4_prefix` (an IPv4-mapped IPv6
+    address counts as IPv4), or its IPv6 /64 (what one subscriber usually gets). None for
+    something that is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = v4_prefix if isinstance(ip, ipaddress.IPv4Address) else 64
+    network = ipaddress.ip_network((ip, prefix), strict=False)
+    return str(ip) if network.num_addresses == 1 else str(network)

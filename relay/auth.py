@@ -24,7 +24,6 @@ Used by the submission port (and, later, the control panel and the webmail):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 import unicodedata
@@ -32,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.addresses import AddressError, Mailbox, parse_mailbox
+from relay.addresses import AddressError, Mailbox, client_network, parse_mailbox
 from relay.config import Domain
 from relay.directory import Directory, User, password_is_usable, verify_password
 from relay.errors import DirectoryError, StorageError
@@ -301,18 +300,5 @@ class LoginThrottle:
             del table[key]
 
 
-def client_network(address: str) -> str:
-    """The network a client address belongs to for the account lock: an IPv4 /24 or an IPv6
-    /64; anything that is not an IP address (a test's "unknown") stands for itself."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    prefix = 24 if isinstance(ip, ipaddress.IPv4Address) else 64
-    return str(ipaddress.ip_network((ip, prefix), strict=False))
-
-
 def _account_from(account: str, address: str) -> str:
-    return f"{account_key(account)} from {client_network(address)}"
+    return f"{account_key(account)} from {client_network(address, 24) or address}"

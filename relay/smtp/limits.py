@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import resource
 from collections import Counter
@@ -40,6 +39,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP
 
+from relay.addresses import client_network
 from relay.config import Limits
 from relay.log import event
 from relay.smtp import replies
@@ -67,17 +67,7 @@ class Refusal(Enum):
 def client_key(peer: Any) -> str:
     """The client a peer address (`transport.get_extra_info("peername")`) counts as."""
     host = peer[0] if isinstance(peer, tuple) and peer else None
-    if not isinstance(host, str):
-        return UNKNOWN
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return UNKNOWN
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    return (client_network(host) if isinstance(host, str) else None) or UNKNOWN
 
 
 class ConnectionLimits:
