@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import html
 import http.client
-import logging
 import re
 import ssl
 import threading
@@ -31,6 +30,7 @@ from relay.directory import Directory, User
 from relay.smtp.tls import tls_context
 from relay.web import start_web
 from tests.helpers import free_port
+from tests.loopwatch import no_blocking_calls_on_loops, watch_thread
 from tests.smtp.fakes import write_config
 
 ADMIN, ADMIN_PASSWORD = "root@admins.example.net", "admin pass 1"
@@ -58,35 +58,21 @@ class Clock:
         return self.now
 
 
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio debug mode's reports of a callback that held the loop too long."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Executing") and "took" in message:
-            self.seen.append(message)
-
-
 @contextlib.contextmanager
 def watching_the_loop(started: list) -> Iterator[None]:
-    """Stop every server started inside, then fail if asyncio debug mode saw the loop blocked."""
-    slow = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(slow)
-    try:
-        yield
-    finally:
-        for server in started:
-            server.stop()
-        logging.getLogger("asyncio").removeHandler(slow)
-    assert slow.seen == [], "the event loop was blocked"
+    """Stop every server started inside, then fail if one of them made a blocking call (a hash
+    check, an fsync, a file read) on its event loop's thread."""
+    with no_blocking_calls_on_loops() as blocking:
+        try:
+            yield
+        finally:
+            for server in started:
+                server.stop()
+        assert blocking == [], "blocking calls on the event loop"
 
 
 class WebServer:
-    """`start_web` on its own loop in a thread (asyncio debug mode: a blocking call shows up)."""
+    """`start_web` on its own loop in a thread, watched for blocking calls."""
 
     def __init__(self, config: Config, throttle: LoginThrottle, clock: Clock,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -97,13 +83,12 @@ class WebServer:
         self.clock = clock
         self.ssl_context = ssl_context
         self.loop = asyncio.new_event_loop()
-        self.loop.set_debug(True)
-        self.loop.slow_callback_duration = 0.15     # a hash check on the loop would show up
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.runner = None
 
     def start(self) -> WebServer:
         self.thread.start()
+        watch_thread(self.thread)
         self.runner = asyncio.run_coroutine_threadsafe(start_web(
             self.config, self.directory, self.admins, self.throttle, ssl_context=self.ssl_context,
             clock=self.clock), self.loop).result(10)

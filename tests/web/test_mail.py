@@ -25,6 +25,7 @@ from relay.storage.continuity import ContinuityStore
 from relay.storage.maildir import MaildirStore
 from relay.web import start_web
 from relay.web.mail import FRAME_POLICY, SENDING_DISABLED
+from tests.loopwatch import watch_thread
 from tests.smtp.fakes import FakePrimary, InProcessRelay
 from tests.web.conftest import Client, Reply, WebServer, prepare, watching_the_loop
 
@@ -61,6 +62,7 @@ class MailServer(WebServer):
 
     def start(self) -> MailServer:
         self.thread.start()
+        watch_thread(self.thread)
         self.runner = asyncio.run_coroutine_threadsafe(start_web(
             self.config, self.directory, self.admins, self.throttle, clock=self.clock,
             maildirs=self.maildirs, submit=self.submit), self.loop).result(10)

@@ -1,0 +1,57 @@
+"""The loop watch the web and submission tests rely on: it reports a hash check or file read
+made on a watched loop's thread, not the same work done in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import bcrypt
+
+from relay.directory import verify_password
+from tests.loopwatch import no_blocking_calls_on_loops, watch_thread
+
+HASH = "{BLF-CRYPT}" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+
+
+def _on_a_watched_loop(coroutine_function) -> list[str]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    with no_blocking_calls_on_loops() as blocking:
+        thread.start()
+        watch_thread(thread)
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine_function(), loop).result(10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+        return list(blocking)
+
+
+def test_a_hash_check_on_the_loop_is_reported_with_the_project_line_that_made_it():
+    async def check() -> None:
+        assert verify_password(HASH, "pw")
+
+    seen = _on_a_watched_loop(check)
+    assert seen and seen[0].startswith("bcrypt.checkpw at directory.py:")
+
+
+def test_a_file_read_on_the_loop_is_reported(tmp_path):
+    (tmp_path / "f").write_text("x")
+
+    async def read() -> None:
+        (tmp_path / "f").read_text()
+
+    assert _on_a_watched_loop(read) == [f"open({str(tmp_path / 'f')!r})"]
+
+
+def test_the_same_work_in_a_worker_thread_is_not_reported(tmp_path):
+    (tmp_path / "f").write_text("x")
+
+    async def offloaded() -> None:
+        assert await asyncio.to_thread(verify_password, HASH, "pw")
+        await asyncio.to_thread((tmp_path / "f").read_text)
+
+    assert _on_a_watched_loop(offloaded) == []
+
