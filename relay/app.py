@@ -17,7 +17,7 @@ from aiohttp.web import AppRunner
 from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
-from relay.delivery.health import Health
+from relay.delivery.health import REFRESH, Health
 from relay.delivery.outbound import Sender
 from relay.delivery.rspamd import Rspamd
 from relay.directory import Directory, User
@@ -25,6 +25,7 @@ from relay.errors import RelayError
 from relay.log import event
 from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
+from relay.runners.queue_runner import Notice
 from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp import inbound as inbound_smtp
 from relay.smtp import submission as submission_smtp
@@ -101,6 +102,7 @@ class Running:
         while not self.runners.done():
             self.runners.cancel()
             await asyncio.wait([self.runners], timeout=2)
+        await asyncio.to_thread(self.replay.health.flush)
         if not self.runners.cancelled() and self.runners.exception() is not None:
             raise self.runners.exception()
 
@@ -180,24 +182,27 @@ async def start(config: Config) -> Running:
     await asyncio.to_thread(recover, config, store)
     directory = Directory(config)
     health = Health(config.storage.spool, owner)
-    replay = _replay_runner(config, store, health)
+    await asyncio.to_thread(health.refresh, list(config.domains))   # from memory from now on
+    await asyncio.to_thread(directory.refresh)
+    replay = _replay_runner(config, store, health, directory)
     health.listen(replay.kick)
-    runners: list[Runner] = [("replay", replay.run)]   # run once every listener is up
+    runners: list[Runner] = [("replay", replay.run),     # run once every listener is up
+                             ("refresh", lambda: _refresh(health, directory))]
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
-                                  lambda user, notice: store.keep(user, "", notice), _credentials(config))
+                                  _notices(config, store, directory), _credentials(config))
         sender = Sender(store, config.max_recipients, config.message_size_limit)
         submit = _submit_pipeline(sender, outbound)
         runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
-            outbound.kick, config.hostname, max_size=config.message_size_limit).run)]
+            outbound.kick, config.hostname, store.notify, max_size=config.message_size_limit).run)]
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
     sending = SubmissionHandler(config.hostname, directory, submit, config.max_recipients,
                                 throttle) if tls else None
-    handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
+    handler = InboundHandler(config.domains, config.hostname, health, directory.is_known,
                              store.keep, config.max_recipients, sending, _screen(config))
     log_accept_errors(asyncio.get_running_loop())
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
@@ -212,6 +217,14 @@ async def start(config: Config) -> Running:
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web, tls)
+
+
+async def _refresh(health: Health, directory: Directory) -> None:
+    """Keep the hot path's answers (health states, the passwd-file) fresh, off the loop."""
+    while True:
+        await asyncio.sleep(REFRESH)
+        await asyncio.to_thread(health.refresh)
+        await asyncio.to_thread(directory.refresh)
 
 
 def _screen(config: Config) -> Screen | None:
@@ -255,10 +268,15 @@ async def _web(config: Config, directory: Directory, maildirs: MaildirStore,
                            maildirs=maildirs, submit=submit)
 
 
-def _replay_runner(config: Config, store: ContinuityStore, health: Health) -> ReplayRunner:
+def _notices(config: Config, store: ContinuityStore, directory: Directory) -> Notice:
+    """Where a runner's DSN goes: `ContinuityStore.bounce` (a registered user: `notify`)."""
+    return lambda notice, rcpt: store.bounce(notice, rcpt, config.domains, directory.is_registered)
+
+
+def _replay_runner(config: Config, store: ContinuityStore, health: Health,
+                   directory: Directory) -> ReplayRunner:
     return ReplayRunner(config.domains, config.replay, health, store.replay_queue,
-                        lambda notice, rcpt: store.bounce(notice, rcpt, config.domains),
-                        config.hostname)
+                        _notices(config, store, directory), config.hostname)
 
 
 async def replay_once(config: Config, domain: str, progress: Callable[[int], None]) -> Sweep:
@@ -268,13 +286,14 @@ async def replay_once(config: Config, domain: str, progress: Callable[[int], Non
     """
     store = build_store(config)
     health = Health(config.storage.spool, Owner.named(config.storage.owner))
-    result = await _replay_runner(config, store, health).sweep(config.domains[domain], progress,
-                                                               force=True)
+    runner = _replay_runner(config, store, health, Directory(config))
+    result = await runner.sweep(config.domains[domain], progress, force=True)
     if result.fault:
         health.primary_failed(domain, result.fault)
     elif result.total and not await asyncio.to_thread(store.replay_queue(domain).count):
         health.primary_ok(domain)
         health.replay_done(domain)
+    await asyncio.to_thread(health.flush)
     return result
 
 

@@ -21,13 +21,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from relay import __version__, app, headers
 from relay.admins import Admins
 from relay.config import Config, load
-from relay.delivery.health import read_state
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
 from relay.storage import spool
 from relay.storage.continuity import replay_queue_path
 from relay.storage.queue import Queue, waiting_by_user
+from relay.storage.state import domain_status
 from relay.web.revoked import Revoked
 
 
@@ -142,17 +142,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'domain':28} {'state':9} {'since':19} {'waiting':>7} {'active':>6} {'failed':>6} "
           f"{'held':>5} {'oldest':>6}  continuity")
     for name, domain in sorted(config.domains.items()):
-        state = read_state(config.storage.spool / "state", name)
+        status = domain_status(config, name)
+        state = status.health
         since = (dt.datetime.fromtimestamp(state.since).strftime("%Y-%m-%d %H:%M:%S")
                  if state.since else "-")
-        queue = Queue(replay_queue_path(config.storage.spool, name))
-        counts = [queue.count(s) for s in ("waiting", "active", "failed", "hold")]
-        oldest = queue.oldest_age("waiting")
+        counts = [status.queue[s] for s in ("waiting", "active", "failed", "hold")]
+        oldest = status.oldest
         sub = domain.continuity
         if sub is None:
             cover = "none"
         else:
-            cover = f"{'active' if domain.continuity_active() else 'inactive'} {sub.since}..{sub.until}"
+            cover = f"{'active' if status.subscribed else 'inactive'} {sub.since}..{sub.until}"
         print(f"{name:28} {state.state:9} {since:19} {counts[0]:>7} {counts[1]:>6} {counts[2]:>6} "
               f"{counts[3]:>5} {_age(oldest) if oldest is not None else '-':>6}  {cover}")
     return 0

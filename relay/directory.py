@@ -165,7 +165,8 @@ def _report(file: Path, number: int, raw: bytes, exc: Exception) -> None:
 
 
 class PasswdCache:
-    """A passwd-file's accounts, re-read only when the file changed (one stat per call)."""
+    """A passwd-file's accounts, re-read only when the file changed (one stat per `get`);
+    `current()` is the last answer, from memory (for the event loop)."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -175,11 +176,15 @@ class PasswdCache:
         try:
             st = os.stat(self.file)
         except FileNotFoundError:
+            self._cached = None
             return {}
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cached is None or self._cached[0] != stamp:
             self._cached = (stamp, read_passwd(self.file))
         return self._cached[1]
+
+    def current(self) -> dict[str, User]:
+        return self._cached[1] if self._cached is not None else {}
 
     def forget(self) -> None:
         self._cached = None
@@ -206,6 +211,15 @@ class Directory:
     def is_registered(self, address: Mailbox) -> bool:
         return str(address) in self.users()
 
+    def is_known(self, address: Mailbox) -> bool:
+        """`is_registered` from memory, as of the last `refresh()`: for the SMTP hot path, which
+        must not stat a file on the event loop (serve refreshes every second, off the loop)."""
+        return str(address) in self._cache.current()
+
+    def refresh(self) -> None:
+        """Reread the passwd-file if it changed (blocking)."""
+        self._cache.get()
+
     def list(self, domain: str | None = None) -> list[User]:
         return sorted((u for u in self.users().values() if domain in (None, u.address.domain)),
                       key=lambda u: (u.address.domain, u.address.local))
@@ -228,6 +242,7 @@ class Directory:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         replace_file(self.file, body, 0o640, Owner.named(self.config.storage.owner), bump_mtime=True)
         self._cache.forget()
+        self._cache.get()        # memory (`is_known`) never goes empty after a write
 
     def _change(self, email: str, change) -> User:
         address = self._address(email)

@@ -4,8 +4,8 @@ The web and submission servers promise that a password check, a durable write or
 never runs on the event loop. asyncio debug mode's slow-callback report checks that by the clock,
 and the clock also fires when a loaded machine, or the test thread holding the GIL, delays an
 innocent callback (CI saw `_call_connection_lost ... took 0.159 seconds`). This watch records the
-blocking calls themselves instead: a bcrypt or argon2 hash or check, an fsync, a file opened or a
-directory listed, on a thread registered with `watch_thread`. What it reports always happened.
+blocking calls themselves instead: a bcrypt or argon2 hash or check, an fsync or stat, a file
+opened or a directory listed, on a thread registered with `watch_thread`. What it reports always happened.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ def _record(what: str) -> None:
         _seen.append(what + _where())
 
 
+def _python_file(path: object) -> bool:
+    """A .py file is linecache reading source for asyncio debug mode's tracebacks, a .pyc a
+    module's first import (a codec, say): both once per process, not per request."""
+    return isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).endswith((".py", ".pyc"))
+
+
 def _audit(event: str, args: tuple) -> None:
-    # a .py file is linecache reading source for asyncio debug mode's tracebacks, a .pyc a
-    # module's first import (a codec, say): both once per process, not per request
-    if event in _AUDITED and threading.get_ident() in _watched \
-            and not str(args[0]).endswith((".py", ".pyc")):
+    if event in _AUDITED and threading.get_ident() in _watched and not _python_file(args[0]):
         _record(f"{event}({args[0]!r})")
 
 
@@ -54,7 +57,8 @@ sys.addaudithook(_audit)      # hooks cannot be removed: it stays, and costs a s
 
 def _blocking(name: str, call):
     def watched(*args, **kwargs):
-        _record(name)
+        if not (args and _python_file(args[0])):
+            _record(name)
         return call(*args, **kwargs)
     return watched
 
@@ -70,7 +74,7 @@ def no_blocking_calls_on_loops() -> Iterator[list[str]]:
     """Patch the blocking calls for the duration; yield the list of those made on a watched
     thread. The caller asserts it is empty once its servers are stopped."""
     with pytest.MonkeyPatch.context() as patch:
-        for module, name in ((bcrypt, "checkpw"), (bcrypt, "hashpw"), (os, "fsync"),
+        for module, name in ((bcrypt, "checkpw"), (bcrypt, "hashpw"), (os, "fsync"), (os, "stat"),
                              (argon2.PasswordHasher, "hash"), (argon2.PasswordHasher, "verify")):
             patch.setattr(module, name, _blocking(f"{getattr(module, '__name__', module)}.{name}",
                                                   getattr(module, name)))

@@ -8,72 +8,107 @@ normal -> outage on a temporary failure; outage -> replaying when a probe or a d
 succeeds; replaying -> normal once the domain's replay queue is empty; replaying -> outage on
 a temporary failure during replay. Each change is logged once, when it happens.
 
-The state lives in `<spool>/state/<domain>.json` (written atomically), so `status` and the
-`replay` command, run from other processes, see it, and a restart remembers it. A process
-re-reads the file when another one changed it.
+`get()` answers from memory: the SMTP hot path asks on every reply from a primary, so it must
+not stat or read a file on the event loop. A change takes effect in memory at once and is
+written (`storage/state.py`, so `status` and the `replay` command, run from other processes,
+see it, and a restart remembers it) by one writer thread, in order. `refresh()` (blocking, from
+a worker thread every `REFRESH` seconds while serving) picks up a change another process
+wrote, unless one of ours happened meanwhile.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from relay.log import event
-from relay.storage.durable import Owner, make_dirs, replace_file
+from relay.storage.durable import Owner
+from relay.storage.state import (
+    NORMAL,
+    OUTAGE,
+    REPLAYING,
+    State,
+    read_state,
+    state_dir,
+    state_stamp,
+    write_state,
+)
+
+__all__ = ["NORMAL", "OUTAGE", "REPLAYING", "REFRESH", "Health", "State"]
 
 log = logging.getLogger("relay.health")
 
-NORMAL, OUTAGE, REPLAYING = "normal", "outage", "replaying"
-
-
-@dataclass(frozen=True)
-class State:
-    state: str = NORMAL
-    since: float = 0.0
-    reason: str = ""
+REFRESH = 1.0      # seconds between rereads of the state files while serving
 
 
 class Health:
-    """Tracks each domain's state; cheap to call on every reply from a primary."""
+    """Tracks each domain's state; `get` is a dictionary lookup."""
 
     def __init__(self, spool: Path, owner: Owner = Owner()) -> None:
-        self.dir = spool / "state"
+        self.dir = state_dir(spool)
         self.owner = owner
         self._states: dict[str, tuple[tuple[int, int] | None, State]] = {}
+        self._changes = 0                       # our own changes so far (see refresh)
+        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="health")
+        self._written: Future | None = None
         self._listeners: list[Callable[[str, State], None]] = []
 
     def listen(self, callback: Callable[[str, State], None]) -> None:
         """Call `callback(domain, new_state)` after every change (in the changing thread)."""
         self._listeners.append(callback)
 
-    def _path(self, domain: str) -> Path:
-        return self.dir / f"{domain}.json"
-
     def get(self, domain: str) -> State:
-        try:
-            st = os.stat(self._path(domain))
-            stamp: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            stamp = None
         cached = self._states.get(domain)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, read_state(self.dir, domain))
-            self._states[domain] = cached
+        if cached is None:             # first ask (start-up, or a command): read it once
+            self.refresh([domain])
+            cached = self._states[domain]
         return cached[1]
 
+    def refresh(self, domains: list[str] | None = None) -> None:
+        """Reread the state files that changed on disk (blocking)."""
+        for domain in domains if domains is not None else list(self._states):
+            with self._lock:
+                changes = self._changes
+            stamp = state_stamp(self.dir, domain)
+            cached = self._states.get(domain)
+            if cached is not None and cached[0] == stamp:
+                continue
+            state = read_state(self.dir, domain)
+            with self._lock:
+                if self._changes == changes:    # none of ours since we looked: the file wins
+                    self._states[domain] = (stamp, state)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every change so far is on disk (blocking: commands, tests, shutdown)."""
+        written = self._written
+        if written is not None:
+            written.result(timeout)
+
     def _set(self, domain: str, state: State, **fields: object) -> None:
-        make_dirs(self.dir, self.owner)
-        replace_file(self._path(domain), json.dumps(state.__dict__).encode("utf-8"), 0o600, self.owner)
-        self._states.pop(domain, None)
+        with self._lock:
+            self._changes += 1
+            self._states[domain] = (None, state)
+            self._written = self._writer.submit(self._write, domain, state)
         level = logging.WARNING if state.state == OUTAGE else logging.INFO
         event(log, f"health.{state.state}", level, domain=domain, **fields)
         for callback in self._listeners:
             callback(domain, state)
+
+    def _write(self, domain: str, state: State) -> None:
+        try:
+            write_state(self.dir, domain, state, self.owner)
+        except OSError as exc:     # memory stays right; the next change writes again
+            event(log, "health.write_failed", logging.ERROR, domain=domain, error=exc.strerror or exc)
+            return
+        with self._lock:
+            current = self._states.get(domain)
+            if current is not None and current[1] == state:
+                self._states[domain] = (state_stamp(self.dir, domain), state)
 
     def primary_failed(self, domain: str, reason: str) -> None:
         """The primary answered 4xx or could not be reached."""
@@ -91,12 +126,3 @@ class Health:
         """Nothing is left to replay."""
         if self.get(domain).state != NORMAL:
             self._set(domain, State(NORMAL, time.time()))
-
-
-def read_state(directory: Path, domain: str) -> State:
-    """The stored state of one domain; `normal` when nothing was ever recorded."""
-    try:
-        raw = json.loads((directory / f"{domain}.json").read_text(encoding="utf-8"))
-        return State(raw["state"], float(raw["since"]), raw.get("reason", ""))
-    except (OSError, ValueError, KeyError, TypeError):
-        return State()

@@ -5,7 +5,8 @@ through Dovecot lands there, by rename from tmp/) is sent to the addresses in it
 Bcc headers through the same path as submission (`Sender.submit`: From check, outbound queue,
 Sent copy, "(CS-SENT)" replay), then removed from the Outbox. A message whose From is not the
 user's own (or that names no recipient) is not sent: it moves to the user's Drafts folder and
-an explanation arrives in INBOX, so it is not tried again.
+an explanation takes the notice route (`ContinuityStore.notify`: INBOX now, the user's mailbox on
+the primary after replay), so it is not tried again.
 
 watchdog's inotify events are only a hint: every Outbox is rescanned at start-up, on each hint
 and every `RESCAN` seconds, and the directories are the truth. A crash between the send and
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
 import logging
 import os
 import stat
@@ -40,7 +40,7 @@ from relay.headers import addresses
 from relay.log import event
 from relay.runners.wake import sleep_until_kick
 from relay.storage.durable import UnsafePathError, open_dir, open_file
-from relay.storage.maildir import MaildirStore, refusing_symlinks
+from relay.storage.maildir import MaildirStore, refusing_symlinks, remove_sent
 
 log = logging.getLogger("relay.outbox")
 
@@ -67,13 +67,15 @@ class _Hint(FileSystemEventHandler):
 class OutboxRunner:
     def __init__(self, maildirs: MaildirStore, sender: Sender, domains: Callable[[], list[str]],
                  is_registered: Callable[[Mailbox], bool], on_sent: Callable[[], None],
-                 hostname: str, rescan: float = RESCAN, max_size: int | None = None) -> None:
+                 hostname: str, notify: Callable[[Mailbox, bytes], object],
+                 rescan: float = RESCAN, max_size: int | None = None) -> None:
         self.maildirs = maildirs
         self.sender = sender
         self.domains = domains
         self.is_registered = is_registered
         self.on_sent = on_sent
         self.hostname = hostname
+        self.notify = notify
         self.rescan = rescan
         self.max_size = max_size
         self._kick = asyncio.Event()
@@ -201,14 +203,13 @@ class OutboxRunner:
         except StorageError as exc:
             event(log, "outbox.deferred", logging.ERROR, user=user, error=exc)
             return 0
-        _remove(fd, name)
+        remove_sent(fd, name)
         event(log, "outbox.sent", user=user, id=entry, rcpts=len(rcpts))
         return 1
 
     def _refuse(self, user: Mailbox, path: Path, exc: PermFail) -> None:
         self.maildirs.move(path, user, "Drafts")
-        notice = _explanation(self.hostname, user, exc.text)
-        self.maildirs.deliver(user, notice)
+        self.notify(user, _explanation(self.hostname, user, exc.text))
         event(log, "outbox.refused", logging.WARNING, user=user, reason=exc.text)
 
 
@@ -217,37 +218,6 @@ def _is_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _remove(fd: int, name: str) -> None:
-    """Unlink a sent Outbox message from the directory `fd`; when Dovecot renamed it meanwhile
-    (new flags in cur/, or new/ -> cur/), the file with the same key there."""
-    try:
-        os.unlink(name, dir_fd=fd)
-    except FileNotFoundError:
-        base = name.split(":2,")[0]
-        for sub in ("../new", "../cur"):
-            try:
-                other = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                    continue
-                raise
-            try:
-                for found in os.listdir(other):
-                    if found.split(":2,")[0] == base:
-                        _unlink_quietly(found, other)
-                os.fsync(other)
-            finally:
-                os.close(other)
-    os.fsync(fd)
-
-
-def _unlink_quietly(name: str, fd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=fd)
-    except FileNotFoundError:
-        pass
 
 
 def _explanation(hostname: str, user: Mailbox, reason: str) -> bytes:

@@ -17,8 +17,8 @@ user's Maildir copy stays). What a 4xx means depends on where it came (`Reply.se
     growing delay (`retry_delay` from `probe_interval`, at most an hour), and the others go on
 Either way the entry goes back to waiting with its place in line. A 5xx sends a delivery status
 notification to the sender (none for `<>`, nor when its RCPT said NOTIFY without FAILURE) and
-moves the entry to failed/. An entry that cannot be read, or whose handling raised, is set
-aside after `MAX_CRASHES` tries.
+moves the entry to failed/. Claiming, the moves, crash counting and the DSN are the queue runner
+base's (runners/queue_runner.py); this module says what a reply means and keeps the order.
 """
 
 from __future__ import annotations
@@ -28,20 +28,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from relay.config import Domain, Replay
 from relay.delivery.client import Reply, Upstream, probe
-from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
-from relay.errors import CorruptEntryError
 from relay.log import event
-from relay.runners.wake import retry_delay, sleep_until_kick
-from relay.storage.queue import MAX_CRASHES, Envelope, Queue, due_by_user
+from relay.runners.queue_runner import Notice, QueueRunner, Verdict
+from relay.runners.wake import sleep_until_kick
+from relay.storage.queue import Envelope, Queue, due_by_user
 
 log = logging.getLogger("relay.replay")
-
-Bounce = Callable[[bytes, str], None]   # (DSN bytes, recipient): queue it, blocking
 
 
 @dataclass
@@ -75,17 +72,18 @@ class RateLimit:
             await asyncio.sleep(start - now)
 
 
-class ReplayRunner:
+class ReplayRunner(QueueRunner):
     """Probes and drains; one instance serves every domain."""
 
+    name = "replay"
+
     def __init__(self, domains: dict[str, Domain], settings: Replay, health: Health,
-                 queue_for: Callable[[str], Queue], bounce: Bounce, hostname: str) -> None:
+                 queue_for: Callable[[str], Queue], notice: Notice, hostname: str) -> None:
+        super().__init__(hostname, notice, settings.probe_interval)
         self.domains = domains
         self.settings = settings
         self.health = health
         self.queue_for = queue_for
-        self.bounce = bounce
-        self.hostname = hostname
         self._kicks: dict[str, asyncio.Event] = {name: asyncio.Event() for name in domains}
 
     # -- the loop inside serve ---------------------------------------------------------------
@@ -200,80 +198,35 @@ class ReplayRunner:
     async def _replay(self, domain: Domain, queue: Queue, upstream: Upstream, entry: str,
                       result: Sweep) -> bool:
         """Replay one entry; True when its mailbox was told to wait."""
-        if not await asyncio.to_thread(queue.claim, entry):
+        outcome = await self.attempt(queue, entry, upstream, lambda: upstream.server_name)
+        if outcome is None:
             return False  # another sweeper (the `replay` command, or serve) has it
-        try:
-            envelope, data = await asyncio.to_thread(queue.read, entry, "active")
-        except CorruptEntryError as exc:
-            await asyncio.to_thread(queue.move, entry, "active", "hold")
-            event(log, "replay.held", logging.ERROR, domain=domain.name, id=entry, error=exc)
-            result.held += 1
+        if outcome.verdict is None:
+            result.held += outcome.moved_to == "hold"
             return False
-        try:
-            reply = await self._send(upstream, envelope, data)
-            return await self._settle(domain, queue, entry, envelope, data, reply, result,
-                                      upstream.server_name)
-        except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
-            await self._crashed(domain, queue, entry, envelope, exc, result)
-            return False
-
-    @staticmethod
-    async def _send(upstream: Upstream, envelope: Envelope, data: bytes) -> Reply:
-        return await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
-                                   envelope.rcpt_options)
-
-    async def _settle(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope,
-                      data: bytes, reply: Reply, result: Sweep, server: str) -> bool:
-        if reply.ok:
-            await asyncio.to_thread(queue.finish, entry)
+        assert outcome.reply is not None and outcome.envelope is not None
+        if outcome.verdict is Verdict.DELIVERED:
             self.health.primary_ok(domain.name)  # the first delivery ends an outage
             result.delivered += 1
-            return False
-        note = f"{reply.code} {reply.text}"
-        if reply.permanent:
-            told = await asyncio.to_thread(self._refused, queue, entry, envelope, data, reply, server)
-            event(log, "replay.refused", logging.WARNING, domain=domain.name, id=entry,
-                  rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
+        elif outcome.verdict is Verdict.REFUSED:
             result.failed += 1
-            return False
-        attempts = envelope.attempts + 1
-        if reply.server_trouble:
-            later = replace(envelope, attempts=attempts, note=note)
-            await asyncio.to_thread(queue.move, entry, "active", "waiting", later)
-            result.fault = note
-            return False
-        delay = retry_delay(self.settings.probe_interval, attempts)
-        extra = {**envelope.extra, "next_try": time.time() + delay}
-        later = replace(envelope, attempts=attempts, note=note, extra=extra)
-        await asyncio.to_thread(queue.move, entry, "active", "waiting", later)
-        event(log, "replay.deferred", domain=domain.name, id=entry, rcpt=envelope.rcpt, reply=note,
-              attempts=attempts, retry_in=int(delay))
-        result.deferred += 1
-        result.waiting_users.add(envelope.rcpt)
-        return True
+        elif outcome.verdict is Verdict.STOP:
+            result.fault = f"{outcome.reply.code} {outcome.reply.text}"
+        else:
+            result.deferred += 1
+            result.waiting_users.add(outcome.envelope.rcpt)
+            return True
+        return False
 
-    def _refused(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, reply: Reply,
-                 server: str) -> bool:
-        """5xx: tell the sender first (unless it asked not to be told), then file the entry
-        under failed/ (blocking). True when a notice was queued."""
-        tell = bool(envelope.mail_from) and notify_says(envelope.rcpt_options, "FAILURE")
-        if tell:
-            self.bounce(build_dsn(reporting_mta=self.hostname, original=data,
-                                  mail_from=envelope.mail_from, rcpt=envelope.rcpt, code=reply.code,
-                                  text=reply.text, remote_mta=server, arrival=envelope.received_at,
-                                  envid=dsn_field(envelope.mail_options, "ENVID"),
-                                  orcpt=dsn_field(envelope.rcpt_options, "ORCPT")),
-                        envelope.mail_from)
-        failed = replace(envelope, attempts=envelope.attempts + 1, note=f"{reply.code} {reply.text}")
-        queue.move(entry, "active", "failed", failed)
-        return tell
+    async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
+        assert isinstance(connection, Upstream)
+        reply = await connection.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options),
+                                      data, envelope.rcpt_options)
+        if reply.ok:
+            return Verdict.DELIVERED, reply
+        if reply.permanent:
+            return Verdict.REFUSED, reply
+        return (Verdict.STOP if reply.server_trouble else Verdict.RETRY), reply
 
-    async def _crashed(self, domain: Domain, queue: Queue, entry: str, envelope: Envelope,
-                       exc: Exception, result: Sweep) -> None:
-        crashed = replace(envelope, crashes=envelope.crashes + 1, note=f"error: {type(exc).__name__}")
-        target = "hold" if crashed.crashes >= MAX_CRASHES else "waiting"
-        await asyncio.to_thread(queue.move, entry, "active", target, crashed)
-        event(log, "replay.error", logging.ERROR, domain=domain.name, id=entry,
-              error=type(exc).__name__, detail=exc, now_in=target)
-        if target == "hold":
-            result.held += 1
+    def fields(self, queue: Queue) -> dict[str, object]:
+        return {"domain": queue.root.name}

@@ -1,5 +1,4 @@
-"""How a runner sleeps: until a kick (a hint that work arrived) or its timer, whichever first;
-and how long an entry that failed for now waits before its next try (`retry_delay`).
+"""How a runner sleeps: until a kick (a hint that work arrived) or its timer, whichever first.
 
 It is also where a runner honours a cancellation that a library swallowed: on Python 3.11,
 `asyncio.wait_for` returns the result instead of raising when the awaited reply and the
@@ -10,13 +9,6 @@ shutdown. The task still counts the request (`cancelling()`), so the next sleep 
 from __future__ import annotations
 
 import asyncio
-
-MAX_DELAY = 3600.0
-
-
-def retry_delay(first: float, attempts: int) -> float:
-    """first, 2*first, 4*first ... capped at an hour (or at `first` when that is longer)."""
-    return min(first * 2 ** max(attempts - 1, 0), max(first, MAX_DELAY))
 
 
 async def sleep_until_kick(kick: asyncio.Event, seconds: float) -> None:

@@ -1,10 +1,17 @@
-"""Continuity storage: what the relay does with a message the primary could not take.
+"""Continuity storage: what the relay does with a message the primary could not take, and
+with a notice the relay writes to one of its users.
 
 `keep()` puts one recipient's copy into that user's Maildir INBOX (with `Return-Path:` and
 `Delivered-To:` on top, as a delivery agent writes them) and into the domain's replay queue,
 which takes a hard link to the very same file before it becomes visible in new/. The queue
 envelope records how many bytes of Maildir headers to skip, so replay sends the bytes that
 were received.
+
+`notify()` is the one route of every notice to a user (delivery status notifications, an
+Outbox refusal, and later alerts): like kept mail it goes to the continuity INBOX, so the user
+sees it now, and into the replay queue, so it reaches their mailbox on the primary too.
+`bounce()` routes a DSN by its recipient: a registered user -> `notify()`; another address in
+one of our domains -> that domain's replay queue; anyone else -> the outbound queue.
 
 Crash points (see maildir.py and queue.py for each store's own):
   - before the queue commit: at most a stray file; the sender got no 250 and will retry
@@ -16,7 +23,7 @@ Crash points (see maildir.py and queue.py for each store's own):
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
@@ -60,17 +67,23 @@ class ContinuityStore:
             raise StorageError(f"cannot keep mail for {user}: {exc.strerror or exc}") from exc
         return ids[0]
 
-    def bounce(self, notice: bytes, rcpt: str, local_domains: Collection[str]) -> str:
-        """Queue a delivery status notification (envelope sender `<>`) for `rcpt`. Blocking.
+    def notify(self, user: Mailbox, notice: bytes) -> str:
+        """A notice from the relay (envelope sender `<>`) to one of its users: into their
+        continuity INBOX and their domain's replay queue. Blocking; returns the queue id."""
+        options = () if notice.isascii() else ("BODY=8BITMIME",)
+        return self.keep(user, "", notice, options)
 
-        Notices to a user of one of our domains go to that user's primary through the replay
-        queue; the rest wait in the outbound queue for the smarthost.
-        """
+    def bounce(self, notice: bytes, rcpt: str, local_domains: Collection[str],
+               registered: Callable[[Mailbox], bool] = lambda user: False) -> str:
+        """Queue a delivery status notification (envelope sender `<>`) for `rcpt`. Blocking."""
+        try:
+            user: Mailbox | None = parse_mailbox(rcpt)
+        except AddressError:
+            user = None
+        if user is not None and user.domain in local_domains and registered(user):
+            return self.notify(user, notice)
         options = () if notice.isascii() else ("BODY=8BITMIME",)
         envelope = Envelope(mail_from="", rcpt=rcpt, received_at=time.time(), mail_options=options)
-        try:
-            domain = parse_mailbox(rcpt).domain
-        except AddressError:
-            domain = ""
-        queue = self.replay_queue(domain) if domain in local_domains else self.outbound
+        local = user is not None and user.domain in local_domains
+        queue = self.replay_queue(user.domain) if local else self.outbound
         return queue.enqueue_bytes(notice, envelope)

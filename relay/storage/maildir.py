@@ -595,3 +595,36 @@ class MaildirStore:
             received=received[0] + received[1] / 1e6,
             from_=_display(headers.values(head, "From")), to=_display(headers.values(head, "To")),
             subject=_display(headers.values(head, "Subject")), date=_date(headers.values(head, "Date")))
+
+
+# -- the Outbox: a message the Outbox runner sent -------------------------------------------------
+
+def remove_sent(fd: int, name: str) -> None:
+    """Unlink a message the Outbox runner sent from the Outbox directory `fd`; when Dovecot
+    renamed it meanwhile (new flags in cur/, or new/ -> cur/), the file with the same key there."""
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        base = name.split(":2,")[0]
+        for sub in ("../new", "../cur"):
+            try:
+                other = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue
+                raise
+            try:
+                for found in os.listdir(other):
+                    if found.split(":2,")[0] == base:
+                        _unlink_quietly(found, other)
+                os.fsync(other)
+            finally:
+                os.close(other)
+    os.fsync(fd)
+
+
+def _unlink_quietly(name: str, fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass

@@ -10,6 +10,12 @@ One queue is one directory (for example `<spool>/replay/<domain>/`):
     failed/<id>    refused for good; kept for `status` and the administrator
     hold/<id>      set aside after crashing the runner `MAX_CRASHES` times; never retried alone
 
+The retry and hold policy is written here once (`retry_delay`, `MAX_CRASHES`) and applied by the
+moves a runner makes (`crashed`, `defer`, `requeue`, `fail`, `set_aside`) and by `recover()`.
+A deferred entry waits in waiting/ with `extra["next_try"]`; `pending()` remembers each
+envelope it read by the file's identity (inode, mtime), so a sweep rereads only the envelopes
+that changed since the last one: a rewrite (a runner's or the administrator's) is a new file.
+
 Ids sort by arrival time, so "oldest first" is a sort of file names.
 
 What a crash leaves, and what `recover()` (run at start-up) does with it:
@@ -35,7 +41,13 @@ from relay.errors import CorruptEntryError, EntryError, StorageError
 from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
 
 STATES = ("waiting", "active", "failed", "hold")
-MAX_CRASHES = 3
+MAX_CRASHES = 3            # an entry that crashed a runner this often is set aside in hold/
+MAX_DELAY = 3600.0         # the longest wait between two tries of one entry
+
+
+def retry_delay(first: float, attempts: int) -> float:
+    """first, 2*first, 4*first ... capped at an hour (or at `first` when that is longer)."""
+    return min(first * 2 ** max(attempts - 1, 0), max(first, MAX_DELAY))
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,15 @@ def _read_plain(path: Path) -> bytes:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A waiting entry as a sweep sees it: whom it is for and when it may be tried."""
+
+    id: str
+    rcpt: str
+    next_try: float
+
+
 class Queue:
     """One queue directory; safe to use from several threads of one process."""
 
@@ -86,6 +107,7 @@ class Queue:
         self._counter = itertools.count()
         self._made = False
         self._lock = threading.Lock()
+        self._known: dict[str, tuple[tuple[int, int], Pending]] = {}   # see pending()
 
     def _dir(self, name: str) -> Path:
         return self.root / name
@@ -205,6 +227,69 @@ class Queue:
             return False
         return True
 
+    def pending(self) -> list[Pending]:
+        """Every waiting entry, oldest first (blocking). An envelope is read only when its file
+        is new or changed since the last call; one that cannot be read shows as due for no one,
+        so whoever claims it sets it aside."""
+        found: list[Pending] = []
+        known: dict[str, tuple[tuple[int, int], Pending]] = {}
+        for entry in self.list("waiting"):
+            try:
+                st = os.stat(self._dir("waiting") / entry, follow_symlinks=False)
+            except FileNotFoundError:
+                continue            # claimed meanwhile
+            stamp = (st.st_ino, st.st_mtime_ns)
+            with self._lock:
+                cached = self._known.get(entry)
+            if cached is not None and cached[0] == stamp:
+                item = cached[1]
+            else:
+                item = self._pending(entry)
+            known[entry] = (stamp, item)
+            found.append(item)
+        with self._lock:
+            self._known = known
+        return found
+
+    def _pending(self, entry: str) -> Pending:
+        try:
+            envelope = self.envelope(entry)
+            return Pending(entry, envelope.rcpt, float(envelope.extra.get("next_try", 0)))
+        except (CorruptEntryError, TypeError, ValueError):
+            return Pending(entry, "", 0.0)
+
+    # -- a runner's moves of the entry it claimed: the retry and hold policy --------------------
+
+    def set_aside(self, entry: str) -> None:
+        """An entry whose envelope or bytes cannot be read: active -> hold as it is."""
+        self.move(entry, "active", "hold")
+
+    def crashed(self, entry: str, envelope: Envelope, error: str, state: str = "active") -> str:
+        """Handling the entry raised (or the process died holding it): counted, then back to
+        waiting, or to hold after `MAX_CRASHES`; returns where it went."""
+        counted = replace(envelope, crashes=envelope.crashes + 1, note=error or envelope.note)
+        target = "hold" if counted.crashes >= MAX_CRASHES else "waiting"
+        self.move(entry, state, target, counted)
+        return target
+
+    def defer(self, entry: str, envelope: Envelope, note: str, first_delay: float) -> float:
+        """A temporary failure for this entry: back to waiting, not tried again before a delay
+        that grows with its attempts; returns the delay."""
+        attempts = envelope.attempts + 1
+        delay = retry_delay(first_delay, attempts)
+        extra = {**envelope.extra, "next_try": time.time() + delay}
+        self.move(entry, "active", "waiting", replace(envelope, attempts=attempts, note=note, extra=extra))
+        return delay
+
+    def requeue(self, entry: str, envelope: Envelope, note: str) -> None:
+        """A temporary failure of the destination: back to waiting with its place in line (the
+        runner paces the next try of the destination, not of the entry)."""
+        self.move(entry, "active", "waiting", replace(envelope, attempts=envelope.attempts + 1, note=note))
+
+    def fail(self, entry: str, envelope: Envelope, note: str) -> None:
+        """Refused for good: active -> failed, kept for the administrator."""
+        self.move(entry, "active", "failed", replace(envelope, attempts=envelope.attempts + 1, note=note))
+
     def finish(self, entry: str, state: str = "active") -> None:
         """Done: drop the envelope (the commit marker) first, then the bytes."""
         (self._dir(state) / entry).unlink()
@@ -271,12 +356,10 @@ class Queue:
             try:
                 envelope = self.envelope(entry, "active")
             except CorruptEntryError:
-                self.move(entry, "active", "hold")
+                self.set_aside(entry)
                 held += 1
                 continue
-            envelope = replace(envelope, crashes=envelope.crashes + 1)
-            target = "hold" if envelope.crashes >= MAX_CRASHES else "waiting"
-            self.move(entry, "active", target, envelope)
+            target = self.crashed(entry, envelope, "")
             held += target == "hold"
             requeued += target == "waiting"
         committed = set().union(*(self.list(state) for state in STATES))
@@ -295,24 +378,19 @@ def waiting_by_user(queue: Queue) -> dict[str, list[str]]:
 
 def due_by_user(queue: Queue, now: float | None) -> tuple[dict[str, list[str]], float | None]:
     """Waiting entries grouped by recipient, each group oldest first, leaving out the recipients
-    whose oldest entry was deferred (`extra["next_try"]`) past `now` (None: leave out none);
-    and the earliest such `next_try`, or None (blocking)."""
+    whose oldest entry was deferred past `now` (None: leave out none); and the earliest such
+    `next_try`, or None (blocking)."""
     users: dict[str, list[str]] = {}
     deferred: set[str] = set()
     next_due: float | None = None
-    for entry in queue.list("waiting"):
-        try:
-            envelope = queue.envelope(entry)
-            rcpt, next_try = envelope.rcpt, float(envelope.extra.get("next_try", 0))
-        except (CorruptEntryError, TypeError, ValueError):
-            rcpt, next_try = "", 0.0  # gone meanwhile, or unreadable: whoever claims it sets it aside
-        if rcpt in deferred:
+    for item in queue.pending():
+        if item.rcpt in deferred:
             continue
-        if now is not None and rcpt not in users and next_try > now:
-            deferred.add(rcpt)
-            next_due = next_try if next_due is None else min(next_due, next_try)
+        if now is not None and item.rcpt not in users and item.next_try > now:
+            deferred.add(item.rcpt)
+            next_due = item.next_try if next_due is None else min(next_due, item.next_try)
             continue
-        users.setdefault(rcpt, []).append(entry)
+        users.setdefault(item.rcpt, []).append(item.id)
     return users, next_due
 
 

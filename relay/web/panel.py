@@ -31,13 +31,11 @@ from aiohttp import web
 
 from relay.addresses import AddressError, parse_mailbox
 from relay.config import Config, Domain
-from relay.delivery.health import State, read_state
 from relay.directory import Directory, User
 from relay.errors import DirectoryError, EntryError
 from relay.log import event
 from relay.storage import spool
-from relay.storage.continuity import replay_queue_path
-from relay.storage.queue import STATES, Queue
+from relay.storage.state import DomainStatus, domain_status
 from relay.web import password
 from relay.web.login import account_of, admin_only
 from relay.web.page import redirect, render
@@ -50,25 +48,22 @@ DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User reg
 
 @dataclass(frozen=True)
 class DomainView:
-    """What the panel shows about one domain."""
+    """What the panel shows about one domain: its configuration and its status."""
 
     domain: Domain
-    subscribed: bool            # the continuity subscription covers today
-    health: State
-    queue: dict[str, int]       # replay queue entries per state (waiting, active, failed, hold)
-    oldest: float | None        # age in seconds of the oldest waiting entry
+    status: DomainStatus
 
     @property
     def name(self) -> str:
         return self.domain.name
 
+    def __getattr__(self, name: str) -> object:       # health, subscribed, queue, oldest
+        return getattr(self.status, name)
+
 
 def domain_view(config: Config, name: str) -> DomainView:
-    """Read one domain's health state and replay queue (blocking: a few directory listings)."""
-    domain = config.domains[name]
-    queue = Queue(replay_queue_path(config.storage.spool, name))
-    return DomainView(domain, domain.continuity_active(), read_state(config.storage.spool / "state", name),
-                      {state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+    """One domain's configuration and status (blocking: a few directory listings)."""
+    return DomainView(config.domains[name], domain_status(config, name))
 
 
 def user_url(user: User) -> str:
@@ -166,8 +161,7 @@ async def queue_action(request: web.Request) -> web.StreamResponse:
         return await _queue_view(request, 400, "Tick the box to confirm the delete.")
     selected = spool.queues(site.config.storage.spool, [name], "replay", name)
     try:
-        queue = spool.find(selected, entry)[2]
-        was = await asyncio.to_thread(getattr(queue, action), entry)
+        was = await asyncio.to_thread(lambda: getattr(spool.find(selected, entry)[2], action)(entry))
     except EntryError as exc:
         return await _queue_view(request, 409, str(exc))
     await _record(request, f"queue_{action}", domain=name, id=entry, was=was)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relay.delivery.health import read_state
+from relay.storage.state import read_state
 from tests.helpers import free_port
 from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from relay.delivery.health import read_state
 from relay.delivery.outbound import options_for
+from relay.storage.state import read_state
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 

@@ -12,7 +12,7 @@ from relay.addresses import parse_mailbox
 from relay.app import build_store
 from relay.cli import main
 from relay.config import load
-from relay.delivery.health import read_state
+from relay.storage.state import read_state
 from tests.helpers import wait_for
 from tests.smtp.fakes import FakePrimary, Script, send, stored_files
 
@@ -121,10 +121,15 @@ def test_refused_message_from_null_sender_and_local_sender(make_relay):
         fake.script.rcpt = "250 2.1.5 Ok"
         fake.script.data_for = (lambda c: "550 5.1.1 refused" if b"multipart/report" not in c
                                 else "250 2.0.0 Ok")
-        # The notice to bob (one of ours) goes to the primary through the replay queue.
+        # The notice to bob (one of ours) takes the notice route: his continuity INBOX now,
+        # and his mailbox on the primary through the replay queue.
         wait_for(lambda: len(fake.received) == 1 and not queue(relay) and len(queue(relay, "failed")) == 2)
         (got,) = fake.received
         assert got.mail_from == "<>" and got.rcpt_tos == ["bob@example.com"]
+        (kept,) = stored_files(relay.config.storage.maildirs / "example.com" / "bob")
+        notice = email.message_from_bytes(kept.read_bytes())
+        assert notice["Return-Path"] == "<>" and notice.get_content_type() == "multipart/report"
+        assert notice["Message-ID"] == email.message_from_bytes(got.content)["Message-ID"]
         assert not (relay.config.storage.spool / "outbound" / "waiting").exists() or \
             not list((relay.config.storage.spool / "outbound" / "waiting").iterdir())
     finally:
@@ -207,14 +212,14 @@ def test_a_few_thousand_messages_byte_for_byte(primary, make_relay):
 def test_entry_that_crashes_the_runner_three_times_is_set_aside(outage, capsys):
     fake, relay, _ = outage
     runner = relay.running.replay
-    real_send = runner._send
+    real_deliver = runner.deliver
 
-    async def send_or_crash(upstream, envelope, data):
+    async def deliver_or_crash(envelope, data, upstream):
         if b"<m5@" in data:
             raise RuntimeError("a bug met by this one message")
-        return await real_send(upstream, envelope, data)
+        return await real_deliver(envelope, data, upstream)
 
-    runner._send = send_or_crash
+    runner.deliver = deliver_or_crash
     fake.script.rcpt = "250 2.1.5 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active") and len(fake.received) == 29)
     (held,) = queue(relay, "hold")
@@ -278,7 +283,8 @@ def test_a_sweep_stopped_by_4xx_waits_a_probe_interval(outage, caplog):
     fake.script.rcpt = "250 2.1.5 Ok"
     fake.script.data_for = lambda content: "421 4.3.0 flap" if next(flips) % 2 else "250 2.0.0 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active"), 90)
-    changes = [(r.getMessage().split()[0], r.created) for r in caplog.records]
+    changes = [(r.getMessage().split()[0], r.created) for r in caplog.records
+               if r.name == "relay.health"]
     gaps = [later[1] - earlier[1] for earlier, later in zip(changes, changes[1:], strict=False)
             if earlier[0] == "health.outage" and later[0] == "health.replaying"]
     assert gaps and min(gaps) >= 0.9  # probe_interval is 1s

@@ -143,6 +143,11 @@ def test_outbox_message_with_foreign_from_is_not_sent(smarthost, make_relay):
     (draft,) = files(home / ".Drafts" / "cur")
     assert draft.read_bytes() == forged
     assert not files(home / ".Outbox" / "new") and smarthost.received == []
+    # the notice takes the one notice route: it is also queued for alice's mailbox on the primary
+    replay = relay.config.storage.spool / "replay" / "example.com"
+    (queued,) = files(replay / "waiting")
+    assert b'"rcpt": "alice@example.com"' in queued.read_bytes()
+    assert (replay / "msg" / queued.name).read_bytes() == notice.read_bytes()
 
 
 def test_check_says_sending_is_disabled_without_smarthost(make_relay, capsys):

@@ -23,7 +23,7 @@ from tests.helpers import wait_for
 def test_a_new_folder_inside_the_outbox_is_heard_of(tmp_path: Path) -> None:
     store = ContinuityStore(MaildirStore(tmp_path / "maildirs"), tmp_path / "spool")
     runner = OutboxRunner(store.maildirs, Sender(store), lambda: ["example.com"], lambda user: True,
-                          lambda: None, "relay.test")
+                          lambda: None, "relay.test", store.notify)
     home = tmp_path / "maildirs" / "example.com" / "alice"
     (home / ".Outbox").mkdir(parents=True)           # the client's first step
 

@@ -87,3 +87,38 @@ def test_enqueue_many_writes_once_and_links(tmp_path):
     queue.claim(ids[0])
     queue.finish(ids[0])  # one delivered: the others keep their bytes
     assert queue.read(ids[1])[1] == b"shared bytes"[3:]
+
+
+def test_pending_reads_an_envelope_again_only_when_its_file_changed(tmp_path, monkeypatch):
+    """A sweep used to reread every waiting envelope each time (the outbound runner's `_due`);
+    now an unchanged file is answered from memory, and any rewrite is seen."""
+    queue = Queue(tmp_path / "q")
+    first = queue.enqueue_bytes(b"one", envelope("a@example.com"))
+    second = queue.enqueue_bytes(b"two", envelope("b@example.com"))
+    reads: list[str] = []
+    real = Queue.envelope
+    monkeypatch.setattr(Queue, "envelope", lambda self, entry, state="waiting":
+                        reads.append(entry) or real(self, entry, state))
+    assert [p.id for p in queue.pending()] == [first, second] and reads == [first, second]
+    assert [p.rcpt for p in queue.pending()] == ["a@example.com", "b@example.com"]
+    assert reads == [first, second]                      # the second sweep read nothing
+    assert queue.claim(second)
+    delay = queue.defer(second, real(queue, second, "active"), "452 4.2.2 full", 60.0)
+    (later,) = [p for p in queue.pending() if p.id == second]
+    assert reads[2:] == [second] and later.next_try > 0 and delay == 60.0
+    queue.retry(second)                                  # the administrator: due now
+    assert [p.next_try for p in queue.pending() if p.id == second] == [0.0]
+
+
+def test_the_retry_and_hold_policy_is_the_queues(tmp_path):
+    """Deferral doubles per attempt up to an hour; a crash is counted and the third goes to
+    hold; the same count as recovery after a process died holding the entry."""
+    from relay.storage.queue import retry_delay
+    assert [retry_delay(60, n) for n in (1, 2, 3, 7, 20)] == [60, 120, 240, 3600, 3600]
+    queue = Queue(tmp_path / "q")
+    entry = queue.enqueue_bytes(b"x", envelope())
+    for expected in ["waiting"] * (MAX_CRASHES - 1) + ["hold"]:
+        assert queue.claim(entry)
+        assert queue.crashed(entry, queue.envelope(entry, "active"), "error: RuntimeError") == expected
+    held = queue.envelope(entry, "hold")
+    assert held.crashes == MAX_CRASHES and held.note == "error: RuntimeError"

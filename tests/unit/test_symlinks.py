@@ -122,7 +122,7 @@ MESSAGE = (b"From: Bob <bob@example.com>\r\nTo: carol@example.org\r\nSubject: hi
 def runner(tmp_path: Path, vmail: Owner) -> OutboxRunner:
     store = ContinuityStore(MaildirStore(tmp_path / "maildirs", vmail), tmp_path / "spool", vmail)
     return OutboxRunner(store.maildirs, Sender(store), lambda: ["example.com"], lambda user: True,
-                        lambda: None, "relay.test", max_size=1024)
+                        lambda: None, "relay.test", store.notify, max_size=1024)
 
 
 def drop(home: Path, name: str, data: bytes) -> Path:

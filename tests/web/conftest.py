@@ -88,10 +88,10 @@ class WebServer:
 
     def start(self) -> WebServer:
         self.thread.start()
-        watch_thread(self.thread)
         self.runner = asyncio.run_coroutine_threadsafe(start_web(
             self.config, self.directory, self.admins, self.throttle, ssl_context=self.ssl_context,
             clock=self.clock), self.loop).result(10)
+        watch_thread(self.thread)       # requests on, start-up (one-off) not
         return self
 
     @property

@@ -62,10 +62,10 @@ class MailServer(WebServer):
 
     def start(self) -> MailServer:
         self.thread.start()
-        watch_thread(self.thread)
         self.runner = asyncio.run_coroutine_threadsafe(start_web(
             self.config, self.directory, self.admins, self.throttle, clock=self.clock,
             maildirs=self.maildirs, submit=self.submit), self.loop).result(10)
+        watch_thread(self.thread)       # requests on, start-up (one-off) not
         return self
 
     def box(self, user=ALICE) -> Path:

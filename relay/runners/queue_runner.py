@@ -1,0 +1,133 @@
+"""The queue runner base: one entry's life, the same for every queue (Mailman's runner).
+
+`QueueRunner.attempt()` claims an entry (waiting -> active), reads it, hands it to the
+subclass's `deliver()` and settles what came back; the subclass says only how one entry goes
+out and what a failure means:
+
+    Verdict.DELIVERED   the destination said 250: the entry's files go
+    Verdict.RETRY       temporary, for this entry: deferred, `retry_delay` growing per attempt
+    Verdict.STOP        temporary, for the destination: back to waiting with its place in line,
+                        and the sweep stops (the runner paces the destination)
+    Verdict.REFUSED     for good: the sender is told (`tell`), then the entry goes to failed/
+
+The base also owns what no subclass should write again: an entry that cannot be read goes to
+hold/, one whose handling raised is counted and goes to hold/ after `MAX_CRASHES`
+(`Queue.crashed`, the same count `recover()` keeps), and the one log line per outcome,
+`<name>.sent|deferred|failed|held|error`, from the logger `relay.<name>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.delivery.client import Reply
+from relay.delivery.dsn import build_dsn, dsn_field, notify_says
+from relay.errors import CorruptEntryError
+from relay.log import event
+from relay.storage.queue import Envelope, Queue
+
+Notice = Callable[[bytes, str], None]
+"""(DSN bytes, recipient): route the notice (`ContinuityStore.bounce`), blocking."""
+
+
+class Verdict(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    STOP = "stop"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to (None from `attempt()`: nothing was tried)."""
+
+    verdict: Verdict | None     # None: set aside or crashed
+    reply: Reply | None = None
+    envelope: Envelope | None = None
+    retry_in: float = 0.0       # RETRY: seconds until the entry's next try
+    told: bool = False          # REFUSED: a notice went to the sender
+    moved_to: str = ""          # set aside or crashed: hold or waiting
+
+
+class QueueRunner:
+    """Subclasses set `name` and implement `deliver`; `tell_whom` picks a refusal's reader."""
+
+    name = "queue"
+
+    def __init__(self, hostname: str, notice: Notice, first_delay: float) -> None:
+        self.hostname = hostname
+        self.notice = notice
+        self.first_delay = first_delay
+        self.log = logging.getLogger(f"relay.{self.name}")
+
+    async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
+        raise NotImplementedError
+
+    def tell_whom(self, envelope: Envelope) -> str | None:
+        """Who hears of a refusal: the envelope sender (None for `<>`)."""
+        return envelope.mail_from or None
+
+    def fields(self, queue: Queue) -> dict[str, object]:
+        """Fields that name the queue in each log line (the replay runner adds the domain)."""
+        return {}
+
+    async def attempt(self, queue: Queue, entry: str, connection: object,
+                      server: Callable[[], str] = lambda: "") -> Outcome | None:
+        """Claim, read, deliver and settle one entry; None when another worker had it."""
+        if not await asyncio.to_thread(queue.claim, entry):
+            return None
+        try:
+            envelope, data = await asyncio.to_thread(queue.read, entry, "active")
+        except CorruptEntryError as exc:
+            await asyncio.to_thread(queue.set_aside, entry)
+            event(self.log, f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
+            return Outcome(None, moved_to="hold")
+        try:
+            verdict, reply = await self.deliver(envelope, data, connection)
+            return await asyncio.to_thread(self._settle, queue, entry, envelope, data, verdict, reply,
+                                           server())
+        except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
+            target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
+            event(self.log, f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
+                  error=type(exc).__name__, detail=exc, now_in=target)
+            return Outcome(None, envelope=envelope, moved_to=target)
+
+    def _settle(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, verdict: Verdict,
+                reply: Reply, server: str) -> Outcome:
+        """Blocking: the move the verdict asks for, and its log line."""
+        where, note = self.fields(queue), f"{reply.code} {reply.text}"
+        attempts = envelope.attempts + 1
+        if verdict is Verdict.DELIVERED:
+            queue.finish(entry)
+            event(self.log, f"{self.name}.sent", **where, id=entry, rcpt=envelope.rcpt, attempts=attempts)
+            return Outcome(verdict, reply, envelope)
+        if verdict is Verdict.REFUSED:
+            told = self._tell(envelope, data, reply, server)
+            queue.fail(entry, envelope, note)
+            event(self.log, f"{self.name}.failed", logging.WARNING, **where, id=entry,
+                  rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
+            return Outcome(verdict, reply, envelope, told=told)
+        if verdict is Verdict.STOP:       # the runner logs the destination's trouble, once
+            queue.requeue(entry, envelope, note)
+            return Outcome(verdict, reply, envelope)
+        delay = queue.defer(entry, envelope, note, self.first_delay)
+        event(self.log, f"{self.name}.deferred", **where, id=entry, rcpt=envelope.rcpt, reply=note,
+              attempts=attempts, retry_in=int(delay))
+        return Outcome(verdict, reply, envelope, retry_in=delay)
+
+    def _tell(self, envelope: Envelope, data: bytes, reply: Reply, server: str) -> bool:
+        """Fail and notify: a DSN to whoever `tell_whom` names, unless their RCPT said NOTIFY
+        without FAILURE. True when one was queued."""
+        whom = self.tell_whom(envelope)
+        if whom is None or not notify_says(envelope.rcpt_options, "FAILURE"):
+            return False
+        self.notice(build_dsn(reporting_mta=self.hostname, original=data, mail_from=whom,
+                              rcpt=envelope.rcpt, code=reply.code if reply.code >= 400 else 451,
+                              text=reply.text, remote_mta=server, arrival=envelope.received_at,
+                              envid=dsn_field(envelope.mail_options, "ENVID"),
+                              orcpt=dsn_field(envelope.rcpt_options, "ORCPT")), whom)
+        return True
