@@ -250,14 +250,23 @@ class _Reader:
             self.problem(f"{key}.{name}" if key else name, str(exc))
             return default
 
-    def path(self, data: dict, key: str, name: str, default: str | None = None) -> Path | None:
-        raw = data.get(name, default)
-        if raw is None:
+    def path(self, data: dict, key: str, name: str, default: Path | None = None) -> Path | None:
+        """The path written, else `default`; relative ones resolve against the file's folder.
+
+        Written as null it is None, whatever the default.
+        """
+        if name not in data:
+            path = default
+        elif data[name] is None:
             return None
-        if not isinstance(raw, str) or not raw.strip():
+        elif not isinstance(data[name], str) or not data[name].strip():
             self.problem(f"{key}.{name}" if key else name, "expected a path")
             return None
-        return (self.file.parent / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        else:
+            path = Path(data[name])
+        if path is None or path.is_absolute():
+            return path
+        return (self.file.parent / path).resolve()
 
 
 def _choice(options: tuple[str, ...]):
@@ -443,8 +452,8 @@ def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
     use_tls = r.value(data, "web", "tls", _boolean, False)
     if use_tls and tls is None:
         r.problem("web.tls", "needs tls.cert and tls.key")
-    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", "web.secret"),
-               revoked_file=r.path(data, "web", "revoked_file", "web.revoked"),
+    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", Path("web.secret")),
+               revoked_file=r.path(data, "web", "revoked_file", Path("web.revoked")),
                session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
 
 
@@ -539,7 +548,7 @@ def load(path: str | Path) -> Config:
             spool=r.path(storage, "storage", "spool"),
             owner=r.value(storage, "storage", "owner", _owner),
         ),
-        users_file=r.path(top, "", "users_file", "users.passwd"),
+        users_file=r.path(top, "", "users_file", Path("users.passwd")),
         password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES), "BLF-CRYPT"),
         message_size_limit=r.value(top, "", "message_size_limit", parse_size, 50 * 1024**2),
         max_recipients=r.value(top, "", "max_recipients", _positive_int, 100),
@@ -553,8 +562,8 @@ def load(path: str | Path) -> Config:
         tls=(tls := _tls(r, top.get("tls"), needed="submission" in listen)),
         outbound=_outbound(r, top.get("outbound")),
         web=_web(r, top.get("web"), tls),
-        admins_file=r.path(top, "", "admins_file", "admins.passwd"),
-        audit_log=r.path(top, "", "audit_log", "audit.log"),
+        admins_file=r.path(top, "", "admins_file", Path("admins.passwd")),
+        audit_log=r.path(top, "", "audit_log", Path("audit.log")),
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
     )

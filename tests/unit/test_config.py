@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay.cli import main
 from relay.config import add_months, load, parse_duration, parse_size
@@ -192,3 +193,23 @@ def test_smarthost_with_credentials_defaults_to_starttls_required(tmp_path, caps
                                                        "password_file: pw, starttls: opportunistic"))
     assert main(["check", "-c", str(tmp_path / "c.yaml")]) == 0
     assert "outbound.smarthost.starttls: opportunistic with a username" in capsys.readouterr().out
+
+
+MINIMAL = {"listen": {"inbound": "127.0.0.1:2525"}, "storage": {"maildirs": "m", "spool": "s"},
+           "domains": {"example.com": {"primary": {"address": "127.0.0.1:2526"}}}}
+
+
+def test_path_settings(tmp_path):
+    """Relative to the configuration's folder, absolute as written, null: none."""
+    base = yaml.safe_dump(MINIMAL)
+    config = load(write(tmp_path, base + "web: {secret_file: null, revoked_file: /var/lib/r}\n"
+                                         "admins_file: etc/admins\n"))
+    assert config.web.secret_file is None
+    assert config.web.revoked_file == Path("/var/lib/r")
+    assert config.admins_file == tmp_path / "etc" / "admins"
+    assert config.audit_log == tmp_path / "audit.log"
+    path = write(tmp_path, base + "web: {secret_file: 5}\naudit_log: ''\n")
+    with pytest.raises(ConfigErrors) as info:
+        load(path)
+    assert sorted(str(info.value).splitlines()) == [f"{path}: audit_log: expected a path",
+                                                    f"{path}: web.secret_file: expected a path"]
