@@ -4,6 +4,11 @@
 one per line, as `FILE: dotted.key: what is wrong`. Unknown keys are errors. Relative paths
 resolve against the folder of the configuration file. Durations read like `30s`, `15m`, `90d`;
 sizes like `50MiB`; listen addresses like `127.0.0.1:2525`.
+
+A setting's default is written once, as its dataclass field's default, which the reader below
+takes when the key is absent (`Web.session_lifetime`: a dataclass field's default is its class
+attribute). A default path is relative and, like a relative path written in the file, resolves
+against the configuration file's folder: a loaded Config holds absolute paths.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ class Listen:
 @dataclass(frozen=True)
 class Web:
     tls: bool = False                  # serve HTTPS with tls.cert / tls.key (cookies Secure)
-    secret_file: Path | None = None    # cookie signing key; made on first start when missing
-    revoked_file: Path | None = None   # sessions ended for good (logout, deactivation)
+    # Cookie signing key, made on first start when missing; None: a key for this process only.
+    secret_file: Path | None = Path("web.secret")
+    # Sessions ended for good (logout, deactivation); None: remembered in memory only.
+    revoked_file: Path | None = Path("web.revoked")
     session_lifetime: float = 8 * 3600.0
 
 
@@ -174,8 +181,8 @@ class Config:
     tls: TLS | None = None
     outbound: Outbound = Outbound()
     web: Web = Web()
-    admins_file: Path | None = None
-    audit_log: Path | None = None
+    admins_file: Path | None = Path("admins.passwd")
+    audit_log: Path | None = Path("audit.log")
     rspamd: Rspamd = Rspamd()
     limits: Limits = Limits()
 
@@ -452,8 +459,8 @@ def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
     use_tls = r.value(data, "web", "tls", _boolean, False)
     if use_tls and tls is None:
         r.problem("web.tls", "needs tls.cert and tls.key")
-    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", Path("web.secret")),
-               revoked_file=r.path(data, "web", "revoked_file", Path("web.revoked")),
+    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", Web.secret_file),
+               revoked_file=r.path(data, "web", "revoked_file", Web.revoked_file),
                session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
 
 
@@ -562,8 +569,8 @@ def load(path: str | Path) -> Config:
         tls=(tls := _tls(r, top.get("tls"), needed="submission" in listen)),
         outbound=_outbound(r, top.get("outbound")),
         web=_web(r, top.get("web"), tls),
-        admins_file=r.path(top, "", "admins_file", Path("admins.passwd")),
-        audit_log=r.path(top, "", "audit_log", Path("audit.log")),
+        admins_file=r.path(top, "", "admins_file", Config.admins_file),
+        audit_log=r.path(top, "", "audit_log", Config.audit_log),
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
     )
