@@ -234,9 +234,9 @@ def test_an_unset_setting_takes_the_dataclass_default(tmp_path, settings):
 
     rows = list(unset_settings(config, settings))
     keys = {key for key, _, _ in rows}
-    assert {"web.secret_file", "web.session_lifetime", "admins_file", "audit_log",
+    assert {"web.secret_file", "web.session_lifetime", "admins_file", "audit_log", "users_file",
             "outbound.retry_delay", "limits.idle_timeout", "rspamd.on_failure",
-            "domains.example.com.primary.timeout"} <= keys
+            "max_recipients", "replay.concurrency", "domains.example.com.primary.timeout"} <= keys
     if settings is SECTIONS:
         assert {"outbound.smarthost.connect_timeout", "domains.example.org.ldap.search_filter"} <= keys
     assert [(key, value, default) for key, value, default in rows if value != expected(default)] == []
