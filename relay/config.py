@@ -4,6 +4,11 @@
 one per line, as `FILE: dotted.key: what is wrong`. Unknown keys are errors. Relative paths
 resolve against the folder of the configuration file. Durations read like `30s`, `15m`, `90d`;
 sizes like `50MiB`; listen addresses like `127.0.0.1:2525`.
+
+A setting's default is written once, as its dataclass field's default, which the reader below
+takes when the key is absent (`Web.session_lifetime`: a dataclass field's default is its class
+attribute). A default path is relative and, like a relative path written in the file, resolves
+against the configuration file's folder: a loaded Config holds absolute paths.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ class Listen:
 @dataclass(frozen=True)
 class Web:
     tls: bool = False                  # serve HTTPS with tls.cert / tls.key (cookies Secure)
-    secret_file: Path | None = None    # cookie signing key; made on first start when missing
-    revoked_file: Path | None = None   # sessions ended for good (logout, deactivation)
+    # Cookie signing key, made on first start when missing; None: a key for this process only.
+    secret_file: Path | None = Path("web.secret")
+    # Sessions ended for good (logout, deactivation); None: remembered in memory only.
+    revoked_file: Path | None = Path("web.revoked")
     session_lifetime: float = 8 * 3600.0
 
 
@@ -78,7 +85,7 @@ class Outbound:
 class Storage:
     maildirs: Path
     spool: Path
-    owner: str | None
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,18 +171,18 @@ class Config:
     hostname: str
     listen: Listen
     storage: Storage
-    users_file: Path
-    password_scheme: str
-    message_size_limit: int
-    max_recipients: int
-    replay: Replay
+    users_file: Path = Path("users.passwd")
+    password_scheme: str = "BLF-CRYPT"
+    message_size_limit: int = 50 * 1024**2
+    max_recipients: int = 100
+    replay: Replay = Replay()
     domains: dict[str, Domain] = field(default_factory=dict)
     log_level: str = "INFO"
     tls: TLS | None = None
     outbound: Outbound = Outbound()
     web: Web = Web()
-    admins_file: Path | None = None
-    audit_log: Path | None = None
+    admins_file: Path | None = Path("admins.passwd")
+    audit_log: Path | None = Path("audit.log")
     rspamd: Rspamd = Rspamd()
     limits: Limits = Limits()
 
@@ -250,14 +257,23 @@ class _Reader:
             self.problem(f"{key}.{name}" if key else name, str(exc))
             return default
 
-    def path(self, data: dict, key: str, name: str, default: str | None = None) -> Path | None:
-        raw = data.get(name, default)
-        if raw is None:
+    def path(self, data: dict, key: str, name: str, default: Path | None = None) -> Path | None:
+        """The path written, else `default`; relative ones resolve against the file's folder.
+
+        Written as null it is None, whatever the default.
+        """
+        if name not in data:
+            path = default
+        elif data[name] is None:
             return None
-        if not isinstance(raw, str) or not raw.strip():
+        elif not isinstance(data[name], str) or not data[name].strip():
             self.problem(f"{key}.{name}" if key else name, "expected a path")
             return None
-        return (self.file.parent / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        else:
+            path = Path(data[name])
+        if path is None or path.is_absolute():
+            return path
+        return (self.file.parent / path).resolve()
 
 
 def _choice(options: tuple[str, ...]):
@@ -329,11 +345,11 @@ def _primary(r: _Reader, raw: Any, key: str) -> Primary | None:
         return None
     return Primary(
         address=address,
-        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES), "opportunistic"),
-        verify_cert=r.value(data, key, "verify_cert", _boolean, True),
-        ca_file=r.path(data, key, "ca_file"),
-        timeout=r.value(data, key, "timeout", parse_duration, 60.0),
-        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, 10.0),
+        starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES), Primary.starttls),
+        verify_cert=r.value(data, key, "verify_cert", _boolean, Primary.verify_cert),
+        ca_file=r.path(data, key, "ca_file", Primary.ca_file),
+        timeout=r.value(data, key, "timeout", parse_duration, Primary.timeout),
+        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, Primary.connect_timeout),
     )
 
 
@@ -347,20 +363,20 @@ def _smarthost(r: _Reader, raw: Any, key: str) -> Smarthost | None:
     address = r.value(data, key, "address", parse_hostport)
     if address is None:
         return None
-    username = r.value(data, key, "username", str)
-    password_file = r.path(data, key, "password_file")
+    username = r.value(data, key, "username", str, Smarthost.username)
+    password_file = r.path(data, key, "password_file", Smarthost.password_file)
     if (username is None) != (password_file is None):
         r.problem(f"{key}.username", "username and password_file go together")
     return Smarthost(
         address=address,
         # With credentials the default is STARTTLS required: they never go out in clear.
         starttls=r.value(data, key, "starttls", _choice(STARTTLS_MODES),
-                         "required" if username else "opportunistic"),
-        verify_cert=r.value(data, key, "verify_cert", _boolean, True),
-        ca_file=r.path(data, key, "ca_file"),
+                         "required" if username else Smarthost.starttls),
+        verify_cert=r.value(data, key, "verify_cert", _boolean, Smarthost.verify_cert),
+        ca_file=r.path(data, key, "ca_file", Smarthost.ca_file),
         username=username, password_file=password_file,
-        timeout=r.value(data, key, "timeout", parse_duration, 60.0),
-        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, 10.0),
+        timeout=r.value(data, key, "timeout", parse_duration, Smarthost.timeout),
+        connect_timeout=r.value(data, key, "connect_timeout", parse_duration, Smarthost.connect_timeout),
     )
 
 
@@ -368,22 +384,20 @@ def _outbound(r: _Reader, raw: Any) -> Outbound:
     data = r.section(raw, "outbound", {"smarthost", "max_age", "retry_delay"})
     return Outbound(
         smarthost=_smarthost(r, data.get("smarthost"), "outbound.smarthost"),
-        max_age=r.value(data, "outbound", "max_age", parse_duration, 5 * 86400.0),
-        retry_delay=r.value(data, "outbound", "retry_delay", parse_duration, 60.0),
+        max_age=r.value(data, "outbound", "max_age", parse_duration, Outbound.max_age),
+        retry_delay=r.value(data, "outbound", "retry_delay", parse_duration, Outbound.retry_delay),
     )
 
 
 def _limits(r: _Reader, raw: Any) -> Limits:
     data = r.section(raw, "limits", {"connections", "connections_per_client", "idle_timeout",
                                      "max_errors"})
-    default = Limits()
     return Limits(
-        connections=r.value(data, "limits", "connections", _positive_int, default.connections),
+        connections=r.value(data, "limits", "connections", _positive_int, Limits.connections),
         connections_per_client=r.value(data, "limits", "connections_per_client", _positive_int,
-                                       default.connections_per_client),
-        idle_timeout=r.value(data, "limits", "idle_timeout", _positive_duration,
-                             default.idle_timeout),
-        max_errors=r.value(data, "limits", "max_errors", _positive_int, default.max_errors),
+                                       Limits.connections_per_client),
+        idle_timeout=r.value(data, "limits", "idle_timeout", _positive_duration, Limits.idle_timeout),
+        max_errors=r.value(data, "limits", "max_errors", _positive_int, Limits.max_errors),
     )
 
 
@@ -414,21 +428,22 @@ def _ldap(r: _Reader, raw: Any, key: str) -> LDAP | None:
                                 "service_password_file", "starttls", "verify_cert", "ca_file",
                                 "timeout"}, {"url"})
     url = r.value(data, key, "url", _ldap_url)
-    bind_dn, search_base = data.get("bind_dn"), data.get("search_base")
+    bind_dn, search_base = data.get("bind_dn", LDAP.bind_dn), data.get("search_base", LDAP.search_base)
     if (bind_dn is None) == (search_base is None):
         r.problem(f"{key}.bind_dn", "give either bind_dn or search_base (with search_filter)")
-    service_dn, service_password = data.get("service_dn"), r.path(data, key, "service_password_file")
+    service_dn = data.get("service_dn", LDAP.service_dn)
+    service_password = r.path(data, key, "service_password_file", LDAP.service_password_file)
     if (service_dn is None) != (service_password is None):
         r.problem(f"{key}.service_dn", "service_dn and service_password_file go together")
     if url is None:
         return None
     return LDAP(url=url, bind_dn=bind_dn, search_base=search_base,
-                search_filter=str(data.get("search_filter", "(mail={user})")), service_dn=service_dn,
+                search_filter=str(data.get("search_filter", LDAP.search_filter)), service_dn=service_dn,
                 service_password_file=service_password,
-                starttls=r.value(data, key, "starttls", _boolean, False),
-                verify_cert=r.value(data, key, "verify_cert", _boolean, True),
-                ca_file=r.path(data, key, "ca_file"),
-                timeout=r.value(data, key, "timeout", parse_duration, 5.0))
+                starttls=r.value(data, key, "starttls", _boolean, LDAP.starttls),
+                verify_cert=r.value(data, key, "verify_cert", _boolean, LDAP.verify_cert),
+                ca_file=r.path(data, key, "ca_file", LDAP.ca_file),
+                timeout=r.value(data, key, "timeout", parse_duration, LDAP.timeout))
 
 
 def _ldap_url(value: Any) -> str:
@@ -440,19 +455,21 @@ def _ldap_url(value: Any) -> str:
 
 def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
     data = r.section(raw, "web", {"tls", "secret_file", "revoked_file", "session_lifetime"})
-    use_tls = r.value(data, "web", "tls", _boolean, False)
+    use_tls = r.value(data, "web", "tls", _boolean, Web.tls)
     if use_tls and tls is None:
         r.problem("web.tls", "needs tls.cert and tls.key")
-    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", "web.secret"),
-               revoked_file=r.path(data, "web", "revoked_file", "web.revoked"),
-               session_lifetime=r.value(data, "web", "session_lifetime", parse_duration, 8 * 3600.0))
+    return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", Web.secret_file),
+               revoked_file=r.path(data, "web", "revoked_file", Web.revoked_file),
+               session_lifetime=r.value(data, "web", "session_lifetime", parse_duration,
+                                        Web.session_lifetime))
 
 
 def _rspamd(r: _Reader, raw: Any) -> Rspamd:
     data = r.section(raw, "rspamd", {"url", "timeout", "on_failure"})
-    return Rspamd(url=r.value(data, "rspamd", "url", _http_url),
-                  timeout=r.value(data, "rspamd", "timeout", _positive_duration, 10.0),
-                  on_failure=r.value(data, "rspamd", "on_failure", _choice(RSPAMD_ON_FAILURE), "keep"))
+    return Rspamd(url=r.value(data, "rspamd", "url", _http_url, Rspamd.url),
+                  timeout=r.value(data, "rspamd", "timeout", _positive_duration, Rspamd.timeout),
+                  on_failure=r.value(data, "rspamd", "on_failure", _choice(RSPAMD_ON_FAILURE),
+                                     Rspamd.on_failure))
 
 
 def _positive_duration(value: Any) -> float:
@@ -532,29 +549,32 @@ def load(path: str | Path) -> Config:
         file=file,
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
         listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport),
-                      submission=r.value(listen, "listen", "submission", parse_hostport),
-                      web=r.value(listen, "listen", "web", parse_hostport)),
+                      submission=r.value(listen, "listen", "submission", parse_hostport, Listen.submission),
+                      web=r.value(listen, "listen", "web", parse_hostport, Listen.web)),
         storage=Storage(
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
-            owner=r.value(storage, "storage", "owner", _owner),
+            owner=r.value(storage, "storage", "owner", _owner, Storage.owner),
         ),
-        users_file=r.path(top, "", "users_file", "users.passwd"),
-        password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES), "BLF-CRYPT"),
-        message_size_limit=r.value(top, "", "message_size_limit", parse_size, 50 * 1024**2),
-        max_recipients=r.value(top, "", "max_recipients", _positive_int, 100),
+        users_file=r.path(top, "", "users_file", Config.users_file),
+        password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES),
+                                Config.password_scheme),
+        message_size_limit=r.value(top, "", "message_size_limit", parse_size, Config.message_size_limit),
+        max_recipients=r.value(top, "", "max_recipients", _positive_int, Config.max_recipients),
         replay=Replay(
-            probe_interval=r.value(replay, "replay", "probe_interval", parse_duration, 30.0),
-            concurrency=r.value(replay, "replay", "concurrency", _positive_int, 4),
-            rate=r.value(replay, "replay", "rate", _positive_number, None),
+            probe_interval=r.value(replay, "replay", "probe_interval", parse_duration,
+                                   Replay.probe_interval),
+            concurrency=r.value(replay, "replay", "concurrency", _positive_int, Replay.concurrency),
+            rate=r.value(replay, "replay", "rate", _positive_number, Replay.rate),
         ),
         domains=_domains(r, top.get("domains")) if "domains" in top else {},
-        log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO"),
+        log_level=r.value(top, "", "log_level", _choice(("DEBUG", "INFO", "WARNING", "ERROR")),
+                          Config.log_level),
         tls=(tls := _tls(r, top.get("tls"), needed="submission" in listen)),
         outbound=_outbound(r, top.get("outbound")),
         web=_web(r, top.get("web"), tls),
-        admins_file=r.path(top, "", "admins_file", "admins.passwd"),
-        audit_log=r.path(top, "", "audit_log", "audit.log"),
+        admins_file=r.path(top, "", "admins_file", Config.admins_file),
+        audit_log=r.path(top, "", "audit_log", Config.audit_log),
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay.cli import main
 from relay.config import add_months, load, parse_duration, parse_size
@@ -192,3 +194,65 @@ def test_smarthost_with_credentials_defaults_to_starttls_required(tmp_path, caps
                                                        "password_file: pw, starttls: opportunistic"))
     assert main(["check", "-c", str(tmp_path / "c.yaml")]) == 0
     assert "outbound.smarthost.starttls: opportunistic with a username" in capsys.readouterr().out
+
+
+MINIMAL = {"listen": {"inbound": "127.0.0.1:2525"}, "storage": {"maildirs": "m", "spool": "s"},
+           "domains": {"example.com": {"primary": {"address": "127.0.0.1:2526"}}}}
+# The optional sections whose dataclasses have required fields, with only those fields given.
+SECTIONS = {**MINIMAL, "outbound": {"smarthost": {"address": "smtp.example.net:25"}},
+            "domains": {**MINIMAL["domains"],
+                        "example.org": {"primary": {"address": "127.0.0.1:2527"},
+                                        "ldap": {"url": "ldap://dc1.example.org",
+                                                 "bind_dn": "{local}@EXAMPLE"}}}}
+
+
+def unset_settings(obj, data: dict, key: str = ""):
+    """(dotted key, loaded value, dataclass default) for every setting of `obj` not in `data`."""
+    for f in dataclasses.fields(obj):
+        value, given, where = getattr(obj, f.name), data.get(f.name), f"{key}{f.name}"
+        if f.name == "domains":
+            for name, domain in value.items():
+                yield from unset_settings(domain, given[name], f"domains.{name}.")
+        elif dataclasses.is_dataclass(value) and (given is None or isinstance(given, dict)):
+            yield from unset_settings(value, given or {}, f"{where}.")
+        elif f.name not in data and f.default is not dataclasses.MISSING:
+            yield where, value, f.default
+
+
+@pytest.mark.parametrize("settings", [MINIMAL, SECTIONS], ids=["minimal", "sections"])
+def test_an_unset_setting_takes_the_dataclass_default(tmp_path, settings):
+    """Issue 10: the defaults were written twice, in the dataclasses and in the reader, and
+    disagreed (web.secret_file, admins_file, audit_log: None in one, a file in the other)."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    config = load(path)
+
+    def expected(default):  # a relative default path is relative to the configuration's folder
+        if isinstance(default, Path) and not default.is_absolute():
+            return (config.file.parent / default).resolve()
+        return default
+
+    rows = list(unset_settings(config, settings))
+    keys = {key for key, _, _ in rows}
+    assert {"web.secret_file", "web.session_lifetime", "admins_file", "audit_log", "users_file",
+            "outbound.retry_delay", "limits.idle_timeout", "rspamd.on_failure",
+            "max_recipients", "replay.concurrency", "domains.example.com.primary.timeout"} <= keys
+    if settings is SECTIONS:
+        assert {"outbound.smarthost.connect_timeout", "domains.example.org.ldap.search_filter"} <= keys
+    assert [(key, value, default) for key, value, default in rows if value != expected(default)] == []
+
+
+def test_path_settings(tmp_path):
+    """Relative to the configuration's folder, absolute as written, null: none."""
+    base = yaml.safe_dump(MINIMAL)
+    config = load(write(tmp_path, base + "web: {secret_file: null, revoked_file: /var/lib/r}\n"
+                                         "admins_file: etc/admins\n"))
+    assert config.web.secret_file is None
+    assert config.web.revoked_file == Path("/var/lib/r")
+    assert config.admins_file == tmp_path / "etc" / "admins"
+    assert config.audit_log == tmp_path / "audit.log"
+    path = write(tmp_path, base + "web: {secret_file: 5}\naudit_log: ''\n")
+    with pytest.raises(ConfigErrors) as info:
+        load(path)
+    assert sorted(str(info.value).splitlines()) == [f"{path}: audit_log: expected a path",
+                                                    f"{path}: web.secret_file: expected a path"]
