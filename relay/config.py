@@ -182,7 +182,7 @@ class Config:
     outbound: Outbound = Outbound()
     web: Web = Web()
     admins_file: Path | None = Path("admins.passwd")
-    audit_log: Path | None = Path("audit.log")
+    audit_log: Path = Path("audit.log")
     rspamd: Rspamd = Rspamd()
     limits: Limits = Limits()
 
@@ -257,14 +257,15 @@ class _Reader:
             self.problem(f"{key}.{name}" if key else name, str(exc))
             return default
 
-    def path(self, data: dict, key: str, name: str, default: Path | None = None) -> Path | None:
+    def path(self, data: dict, key: str, name: str, default: Path | None = None,
+             nullable: bool = True) -> Path | None:
         """The path written, else `default`; relative ones resolve against the file's folder.
 
-        Written as null it is None, whatever the default.
+        Written as null it is None, whatever the default (an error when not `nullable`).
         """
         if name not in data:
             path = default
-        elif data[name] is None:
+        elif data[name] is None and nullable:
             return None
         elif not isinstance(data[name], str) or not data[name].strip():
             self.problem(f"{key}.{name}" if key else name, "expected a path")
@@ -396,12 +397,12 @@ def _limits(r: _Reader, raw: Any) -> Limits:
         connections=r.value(data, "limits", "connections", _positive_int, Limits.connections),
         connections_per_client=r.value(data, "limits", "connections_per_client", _positive_int,
                                        Limits.connections_per_client),
-        idle_timeout=r.value(data, "limits", "idle_timeout", _positive_duration, Limits.idle_timeout),
+        idle_timeout=r.value(data, "limits", "idle_timeout", _at_least_a_second, Limits.idle_timeout),
         max_errors=r.value(data, "limits", "max_errors", _positive_int, Limits.max_errors),
     )
 
 
-def _positive_duration(value: Any) -> float:
+def _at_least_a_second(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds < 1:
         raise ValueError(f"expected a duration of at least 1s, got {value!r}")
@@ -574,7 +575,7 @@ def load(path: str | Path) -> Config:
         outbound=_outbound(r, top.get("outbound")),
         web=_web(r, top.get("web"), tls),
         admins_file=r.path(top, "", "admins_file", Config.admins_file),
-        audit_log=r.path(top, "", "audit_log", Config.audit_log),
+        audit_log=r.path(top, "", "audit_log", Config.audit_log, nullable=False),   # never off
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
     )

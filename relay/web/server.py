@@ -142,7 +142,7 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
         throttle=throttle or LoginThrottle(),
         sessions=Sessions(secret, config.web.session_lifetime, config.web.tls, clock,
                           Revoked(config.web.revoked_file, config.web.session_lifetime, clock)),
-        audit=AuditLog(config.audit_log or config.file.parent / "audit.log", clock),
+        audit=AuditLog(config.audit_log, clock),
         templates=environment(), clock=clock)
     app.on_response_prepare.append(_security_headers)
     for module in (login, panel, account, mail):

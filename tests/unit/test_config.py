@@ -256,3 +256,15 @@ def test_path_settings(tmp_path):
         load(path)
     assert sorted(str(info.value).splitlines()) == [f"{path}: audit_log: expected a path",
                                                     f"{path}: web.secret_file: expected a path"]
+
+
+def test_the_audit_log_cannot_be_turned_off_and_idle_timeout_is_at_least_a_second(tmp_path):
+    """`audit_log: null` used to load as None, and the web server then wrote audit.log anyway
+    (its own third copy of the default); a 0s idle_timeout passed because a second
+    `_positive_duration` replaced the one that said "at least 1s"."""
+    path = write(tmp_path, yaml.safe_dump(MINIMAL) + "audit_log: null\nlimits: {idle_timeout: 0s}\n")
+    with pytest.raises(ConfigErrors) as info:
+        load(path)
+    assert sorted(str(info.value).splitlines()) == [
+        f"{path}: audit_log: expected a path",
+        f"{path}: limits.idle_timeout: expected a duration of at least 1s, got '0s'"]
