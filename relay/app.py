@@ -39,8 +39,6 @@ from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
 from relay.web import start_web
 
-log = logging.getLogger("relay.app")
-
 # Deliveries are fsync-bound: more threads than cores lets the disk batch them.
 STORAGE_THREADS = 32
 
@@ -64,7 +62,7 @@ def recover(config: Config, store: ContinuityStore) -> None:
     for name, queue in [*queues, ("(outbound)", store.outbound)]:
         result = queue.recover()
         if any(result.values()):
-            event(log, "queue.recovered", queue=name, **result)
+            event("queue.recovered", queue=name, **result)
 
 
 @dataclass
@@ -83,7 +81,7 @@ class Running:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
         a failed reload keeps the old one (relay/smtp/tls.py)."""
         if self.tls is None:
-            event(log, "tls.reload_skipped", reason="tls is not set")
+            event("tls.reload_skipped", reason="tls is not set")
             return False
         return await asyncio.to_thread(self.tls.reload)
 
@@ -113,7 +111,7 @@ async def _listen(name: str, factory: Callable[[], asyncio.Protocol], address: H
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise RelayError(f"listen.{name} {address}: {reason}") from None
-    event(log, f"{name}.listening", address=str(address))
+    event(f"{name}.listening", address=str(address))
     return server
 
 
@@ -154,7 +152,7 @@ async def supervise(name: str, run: Callable[[], Coroutine[Any, Any, None]],
             failures = 0
         wait = min(max_delay, delay * 2 ** min(failures, 30))
         failures += 1
-        event(log, "app.runner_failed", logging.ERROR, runner=name, error=error, at=where,
+        event("app.runner_failed", logging.ERROR, runner=name, error=error, at=where,
               failures=failures, restart_in=f"{wait:g}s")
         await asyncio.sleep(wait)
 
@@ -213,7 +211,7 @@ async def start(config: Config) -> Running:
     web = await _web(config, directory, store.maildirs, submit, throttle, tls)
     submission = await _submission(config, sending, tls, limits.get("submission"))
     if submit is None:
-        event(log, "outbound.disabled", reason="outbound.smarthost is not set")
+        event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web, tls)
@@ -318,4 +316,4 @@ async def serve(config: Config) -> None:
         running.inbound.close()
         running.runners.result()
     await running.close()
-    event(log, "app.stopped")
+    event("app.stopped")

@@ -38,8 +38,6 @@ from relay.errors import DirectoryError, StorageError
 from relay.ldap import Outcome, ldap_bind
 from relay.log import event
 
-log = logging.getLogger("relay.auth")
-
 # Hashes of random strings nobody knows, at the cost `hash_password` uses, checked when the login
 # names no usable account: the answer is always "no", after the same work as a real check.
 _DUMMY_HASHES = {
@@ -127,7 +125,7 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
     if outcome is Outcome.ACCEPTED:
         return LoginResult(await asyncio.to_thread(_keep_password, directory, user, password))
     if outcome is Outcome.REFUSED:
-        event(log, "auth.ldap_refused", user=user.email, detail=detail)
+        event("auth.ldap_refused", user=user.email, detail=detail)
         await asyncio.to_thread(_forget_stale, directory, user, login, password, gone)
         return LoginResult()
     if not user.password_hash:
@@ -144,9 +142,9 @@ def _note_ldap(domain: Domain, outcome: Outcome, detail: str) -> None:
     _ldap_answers[domain.name] = answers
     assert domain.ldap is not None
     if answers:
-        event(log, "auth.ldap_ok", domain=domain.name, url=domain.ldap.url)
+        event("auth.ldap_ok", domain=domain.name, url=domain.ldap.url)
     else:
-        event(log, "auth.ldap_unreachable", logging.WARNING, domain=domain.name,
+        event("auth.ldap_unreachable", logging.WARNING, domain=domain.name,
               url=domain.ldap.url, detail=detail)
 
 
@@ -159,10 +157,10 @@ def _keep_password(directory: Directory, user: User, password: str) -> User | No
     try:
         fresh = directory.set_password(user.email, password)
     except (DirectoryError, StorageError, OSError) as exc:
-        event(log, "auth.password_sync_failed", logging.ERROR, user=user.email,
+        event("auth.password_sync_failed", logging.ERROR, user=user.email,
               error=type(exc).__name__, detail=exc)
         return user
-    event(log, "auth.password_synced", user=user.email)
+    event("auth.password_synced", user=user.email)
     return fresh if fresh.active else None
 
 
@@ -182,10 +180,10 @@ def _forget_stale(directory: Directory, user: User, login: str, password: str, g
     try:
         directory.forget_password(user.email)
     except (DirectoryError, StorageError, OSError) as exc:
-        event(log, "auth.password_forget_failed", logging.ERROR, user=user.email,
+        event("auth.password_forget_failed", logging.ERROR, user=user.email,
               error=type(exc).__name__, detail=exc)
         return
-    event(log, "auth.password_forgotten", logging.WARNING, user=user.email,
+    event("auth.password_forgotten", logging.WARNING, user=user.email,
           reason="account refused" if gone else "password refused")
 
 

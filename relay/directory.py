@@ -41,8 +41,6 @@ from relay.errors import DirectoryError
 from relay.log import event
 from relay.storage.durable import Owner, replace_file
 
-log = logging.getLogger("relay.directory")
-
 DEACTIVATED = "nologin reason=deactivated"
 BCRYPT_MAX = 72
 
@@ -160,7 +158,7 @@ def _report(file: Path, number: int, raw: bytes, exc: Exception) -> None:
         if key in _reported:
             return
         _reported.add(key)
-    event(log, "directory.bad_line", logging.ERROR, file=file, line=number,
+    event("directory.bad_line", logging.ERROR, file=file, line=number,
           error=type(exc).__name__, reason=exc)
 
 

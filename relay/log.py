@@ -1,6 +1,7 @@
 """Logging set-up: one logger per subsystem, one key=value line per state change, to stderr.
 
-Call sites use `event(logger, "replay.primary_up", domain=..., queued=...)`; values are quoted
+Call sites use `event("replay.primary_up", domain=..., queued=...)`: the event's prefix names its
+logger (`relay.replay`), so a logger and its events can never disagree. Values are quoted
 (`quote`) when they hold spaces, quotes, backslashes or control characters, and never contain a
 password or a message body (callers pass neither).
 """
@@ -43,8 +44,9 @@ def _hex(char: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
-    """Log one state change as `name key=value ...`."""
+def event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    """Log one state change as `name key=value ...` to the logger `relay.<prefix of name>`."""
+    logger = logging.getLogger("relay." + name.split(".", 1)[0])
     if logger.isEnabledFor(level):
         pairs = " ".join(f"{k}={quote(v)}" for k, v in fields.items())
         logger.log(level, f"{name} {pairs}".rstrip())

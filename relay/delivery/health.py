@@ -40,7 +40,6 @@ from relay.storage.state import (
 
 __all__ = ["NORMAL", "OUTAGE", "REPLAYING", "REFRESH", "Health", "State"]
 
-log = logging.getLogger("relay.health")
 
 REFRESH = 1.0      # seconds between rereads of the state files while serving
 
@@ -95,7 +94,7 @@ class Health:
             self._states[domain] = (None, state)
             self._written = self._writer.submit(self._write, domain, state)
         level = logging.WARNING if state.state == OUTAGE else logging.INFO
-        event(log, f"health.{state.state}", level, domain=domain, **fields)
+        event(f"health.{state.state}", level, domain=domain, **fields)
         for callback in self._listeners:
             callback(domain, state)
 
@@ -103,7 +102,7 @@ class Health:
         try:
             write_state(self.dir, domain, state, self.owner)
         except OSError as exc:     # memory stays right; the next change writes again
-            event(log, "health.write_failed", logging.ERROR, domain=domain, error=exc.strerror or exc)
+            event("health.write_failed", logging.ERROR, domain=domain, error=exc.strerror or exc)
             return
         with self._lock:
             current = self._states.get(domain)

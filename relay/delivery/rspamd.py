@@ -28,8 +28,6 @@ from multidict import CIMultiDict
 from relay.config import Rspamd as Settings
 from relay.log import event
 
-log = logging.getLogger("relay.rspamd")
-
 NO_ACTION = "no action"
 GREYLIST = "greylist"
 ADD_HEADER = "add header"
@@ -124,7 +122,7 @@ class Rspamd:
 
     @staticmethod
     def _unavailable(scan: Scan, reason: str) -> Verdict:
-        event(log, "rspamd.unavailable", logging.WARNING, id=scan.queue_id, reason=reason)
+        event("rspamd.unavailable", logging.WARNING, id=scan.queue_id, reason=reason)
         return Verdict(UNAVAILABLE, reason=reason)
 
 

@@ -23,8 +23,6 @@ from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue
 
-log = logging.getLogger("relay.outbound")
-
 
 class OutboundRunner(QueueRunner):
     """Owns `<spool>/outbound/`."""
@@ -64,7 +62,7 @@ class OutboundRunner(QueueRunner):
                     continue
                 delivered += outcome.reply.ok
                 if outcome.verdict is Verdict.STOP:
-                    event(log, "outbound.unreachable", logging.WARNING,
+                    event("outbound.unreachable", logging.WARNING,
                           smarthost=str(self.smarthost.address), reason=outcome.reply.text)
                     break
         finally:

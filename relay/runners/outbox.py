@@ -42,8 +42,6 @@ from relay.runners.wake import sleep_until_kick
 from relay.storage.durable import UnsafePathError, open_dir, open_file
 from relay.storage.maildir import MaildirStore, refusing_symlinks, remove_sent
 
-log = logging.getLogger("relay.outbox")
-
 RESCAN = 30.0
 
 
@@ -187,7 +185,7 @@ class OutboxRunner:
         except (OSError, UnsafePathError) as exc:  # a link, FIFO or device; or unreadable
             if path not in self._skipped:
                 self._skipped.add(path)
-                event(log, "outbox.skipped", logging.WARNING, user=user, path=path,
+                event("outbox.skipped", logging.WARNING, user=user, path=path,
                       reason=getattr(exc, "strerror", None) or exc)
             return 0
         rcpts = addresses(data, "To", "Cc", "Bcc")
@@ -201,16 +199,16 @@ class OutboxRunner:
             self._refuse(user, path, exc)
             return 0
         except StorageError as exc:
-            event(log, "outbox.deferred", logging.ERROR, user=user, error=exc)
+            event("outbox.deferred", logging.ERROR, user=user, error=exc)
             return 0
         remove_sent(fd, name)
-        event(log, "outbox.sent", user=user, id=entry, rcpts=len(rcpts))
+        event("outbox.sent", user=user, id=entry, rcpts=len(rcpts))
         return 1
 
     def _refuse(self, user: Mailbox, path: Path, exc: PermFail) -> None:
         self.maildirs.move(path, user, "Drafts")
         self.notify(user, _explanation(self.hostname, user, exc.text))
-        event(log, "outbox.refused", logging.WARNING, user=user, reason=exc.text)
+        event("outbox.refused", logging.WARNING, user=user, reason=exc.text)
 
 
 def _is_dir(path: Path) -> bool:

@@ -62,7 +62,6 @@ class QueueRunner:
         self.hostname = hostname
         self.notice = notice
         self.first_delay = first_delay
-        self.log = logging.getLogger(f"relay.{self.name}")
 
     async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
         raise NotImplementedError
@@ -84,7 +83,7 @@ class QueueRunner:
             envelope, data = await asyncio.to_thread(queue.read, entry, "active")
         except CorruptEntryError as exc:
             await asyncio.to_thread(queue.set_aside, entry)
-            event(self.log, f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
+            event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
             return Outcome(None, moved_to="hold")
         try:
             verdict, reply = await self.deliver(envelope, data, connection)
@@ -92,7 +91,7 @@ class QueueRunner:
                                            server())
         except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
             target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
-            event(self.log, f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
+            event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
                   error=type(exc).__name__, detail=exc, now_in=target)
             return Outcome(None, envelope=envelope, moved_to=target)
 
@@ -103,19 +102,19 @@ class QueueRunner:
         attempts = envelope.attempts + 1
         if verdict is Verdict.DELIVERED:
             queue.finish(entry)
-            event(self.log, f"{self.name}.sent", **where, id=entry, rcpt=envelope.rcpt, attempts=attempts)
+            event(f"{self.name}.sent", **where, id=entry, rcpt=envelope.rcpt, attempts=attempts)
             return Outcome(verdict, reply, envelope)
         if verdict is Verdict.REFUSED:
             told = self._tell(envelope, data, reply, server)
             queue.fail(entry, envelope, note)
-            event(self.log, f"{self.name}.failed", logging.WARNING, **where, id=entry,
+            event(f"{self.name}.failed", logging.WARNING, **where, id=entry,
                   rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
             return Outcome(verdict, reply, envelope, told=told)
         if verdict is Verdict.STOP:       # the runner logs the destination's trouble, once
             queue.requeue(entry, envelope, note)
             return Outcome(verdict, reply, envelope)
         delay = queue.defer(entry, envelope, note, self.first_delay)
-        event(self.log, f"{self.name}.deferred", **where, id=entry, rcpt=envelope.rcpt, reply=note,
+        event(f"{self.name}.deferred", **where, id=entry, rcpt=envelope.rcpt, reply=note,
               attempts=attempts, retry_in=int(delay))
         return Outcome(verdict, reply, envelope, retry_in=delay)
 

@@ -24,7 +24,6 @@ base's (runners/queue_runner.py); this module says what a reply means and keeps 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,8 +36,6 @@ from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue, due_by_user
-
-log = logging.getLogger("relay.replay")
 
 
 @dataclass
@@ -166,7 +163,7 @@ class ReplayRunner(QueueRunner):
             result.total += sum(len(ids) for ids in users.values())
             await self._sweep_once(domain, queue, deque(users.values()), result, progress)
         if result.delivered or result.failed or result.held or result.deferred:
-            event(log, "replay.swept", domain=domain.name, delivered=result.delivered,
+            event("replay.swept", domain=domain.name, delivered=result.delivered,
                   failed=result.failed, held=result.held, deferred=result.deferred,
                   seconds=round(time.monotonic() - started, 1), stopped_by=result.fault or "-")
         return result

@@ -48,8 +48,6 @@ from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
 from relay.smtp.tls import ServerTLS
 
-log = logging.getLogger("relay.inbound")
-
 Keep = Callable[[Mailbox, str, bytes, tuple[str, ...], tuple[str, ...]], str]
 """(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id; blocking."""
 
@@ -142,9 +140,9 @@ class InboundHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # a sender that cannot do our TLS: not our fault
-            event(log, "inbound.tls_failed", detail=error.__cause__ or error)
+            event("inbound.tls_failed", detail=error.__cause__ or error)
             return replies.LOCAL_ERROR
-        event(log, "inbound.error", logging.ERROR, error=type(error).__name__, detail=error)
+        event("inbound.error", logging.ERROR, error=type(error).__name__, detail=error)
         return replies.LOCAL_ERROR
 
     # -- AUTH, and the sessions it opens: the submission port's rules -------------------------
@@ -265,7 +263,7 @@ class InboundHandler:
             # RFC 5321 2.3.8 allows no NUL; the primary, Dovecot and rspamd each treat one
             # differently, so none of them gets it (the primary's open transaction is reset
             # by the next one).
-            event(log, "inbound.refused", id=envelope.id, code=550, reason="NUL")
+            event("inbound.refused", id=envelope.id, code=550, reason="NUL")
             return replies.NUL_REFUSED
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
@@ -301,12 +299,12 @@ class InboundHandler:
         if failed:
             first = next(iter(failed.values()))
             if len(failed) == len(outcome) and len({(r.code, r.text) for r in failed.values()}) == 1:
-                event(log, "inbound.refused", id=tx.id, code=first.code, rcpts=len(failed))
+                event("inbound.refused", id=tx.id, code=first.code, rcpts=len(failed))
                 if first.reached:
                     return replies.relayed(first.code, first.text)
                 user = next(iter(failed))
                 return replies.PRIMARY_UNREACHABLE.format(domain=user.domain)
-            event(log, "inbound.split", logging.WARNING, id=tx.id, failed=len(failed),
+            event("inbound.split", logging.WARNING, id=tx.id, failed=len(failed),
                   rcpts=len(outcome))
             return replies.SPLIT_OUTCOME
         sender = parse_sender(tx.mail_from)
@@ -323,9 +321,9 @@ class InboundHandler:
             for user in kept:
                 await asyncio.to_thread(self.keep, user, sender, message, options, tx.options[user])
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
-            event(log, "inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
+            event("inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
             return replies.LOCAL_ERROR
-        event(log, "inbound.accepted", id=tx.id, size=len(message), rcpts=len(outcome),
+        event("inbound.accepted", id=tx.id, size=len(message), rcpts=len(outcome),
               kept=len(kept))
         if kept:
             return replies.QUEUED.format(id=tx.id)

@@ -44,8 +44,6 @@ from relay.config import Limits
 from relay.log import event
 from relay.smtp import replies
 
-log = logging.getLogger("relay.limits")
-
 DESCRIPTOR_RESERVE = 128
 """Descriptors kept for everything but sessions: standard streams, listeners, the event loop,
 logs, the storage threads' files (32 threads, a file and its directory each), replay and
@@ -107,13 +105,13 @@ class ConnectionLimits:
         if self._open >= self.total:
             if self._refused_total is None:
                 self._refused_total = 0
-                event(log, "limits.full", logging.WARNING, listener=self.listener, open=self._open)
+                event("limits.full", logging.WARNING, listener=self.listener, open=self._open)
             self._refused_total += 1
             return Refusal.TOTAL
         if self._by_client[key] >= self.per_client:
             if key not in self._refused_client:
                 self._refused_client[key] = 0
-                event(log, "limits.client_full", logging.WARNING, listener=self.listener,
+                event("limits.client_full", logging.WARNING, listener=self.listener,
                       client=key, open=self._by_client[key])
             self._refused_client[key] += 1
             return Refusal.CLIENT
@@ -131,10 +129,10 @@ class ConnectionLimits:
         if not self._by_client[key]:
             del self._by_client[key]
         if key in self._refused_client and self._by_client[key] < self.per_client:
-            event(log, "limits.client_available", listener=self.listener, client=key,
+            event("limits.client_available", listener=self.listener, client=key,
                   refused=self._refused_client.pop(key))
         if self._refused_total is not None and self._open < self.total:
-            event(log, "limits.available", listener=self.listener, refused=self._refused_total)
+            event("limits.available", listener=self.listener, refused=self._refused_total)
             self._refused_total = None
 
 
@@ -169,7 +167,7 @@ def log_limits(made: dict[str, ConnectionLimits], settings: Limits,
     nofile = descriptor_limit() if nofile is None else nofile
     for name, limits in made.items():
         capped = limits.total < settings.connections
-        event(log, "limits.connections", logging.WARNING if capped else logging.INFO,
+        event("limits.connections", logging.WARNING if capped else logging.INFO,
               listener=name, limit=limits.total, configured=settings.connections,
               nofile=nofile or "unlimited", per_client=limits.per_client,
               **({"reason": "RLIMIT_NOFILE too low: raise LimitNOFILE"} if capped else {}))
@@ -231,7 +229,7 @@ class LimitedConnections(SMTP):
 
     def _timeout_cb(self) -> None:
         if self.transport is not None:
-            event(log, "limits.idle_timeout", listener=self.limits.listener,
+            event("limits.idle_timeout", listener=self.limits.listener,
                   client=client_key(self._counted))
             self.transport.write(replies.IDLE_TIMEOUT.format(hostname=self.hostname).encode()
                                  + b"\r\n")
@@ -244,7 +242,7 @@ class LimitedConnections(SMTP):
             return
         self._errors += 1
         if self._errors >= self.limits.max_errors:
-            event(log, "limits.too_many_errors", logging.WARNING, listener=self.limits.listener,
+            event("limits.too_many_errors", logging.WARNING, listener=self.limits.listener,
                   client=client_key(self._counted), errors=self._errors)
             await super().push(replies.TOO_MANY_ERRORS.format(hostname=self.hostname))
             if self.transport is not None:
@@ -268,7 +266,7 @@ def log_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             except (OSError, ValueError, TypeError):
                 where = UNKNOWN
-            event(log, "limits.accept_failed", logging.WARNING, socket=where,
+            event("limits.accept_failed", logging.WARNING, socket=where,
                   error=errno.errorcode.get(exc.errno or 0, exc.errno), retry_in="1s")
             return
         if previous is not None:

@@ -33,8 +33,6 @@ from relay.delivery.rspamd import Scan, Verdict
 from relay.log import event
 from relay.smtp import replies
 
-log = logging.getLogger("relay.rspamd")
-
 Check = Callable[[bytes, Scan], Awaitable[Verdict]]
 
 _MARKED = (rspamd.ADD_HEADER, rspamd.REWRITE_SUBJECT)
@@ -58,16 +56,16 @@ class Screen:
         verdict = await self.check(message, scan)
         refusal = self._refusal(verdict)
         if refusal is not None and not delivered:
-            event(log, "rspamd.refused", id=scan.queue_id, action=verdict.action,
+            event("rspamd.refused", id=scan.queue_id, action=verdict.action,
                   score=verdict.score, code=refusal[:3])
             return Screened(refusal, message)
         if verdict.action == rspamd.UNAVAILABLE or verdict.action == rspamd.NO_ACTION:
             return Screened(None, message)
         if refusal is not None:
-            event(log, "rspamd.marked", logging.WARNING, id=scan.queue_id, action=verdict.action,
+            event("rspamd.marked", logging.WARNING, id=scan.queue_id, action=verdict.action,
                   score=verdict.score, why="the primary already took a copy")
         else:
-            event(log, "rspamd.marked", id=scan.queue_id, action=verdict.action, score=verdict.score)
+            event("rspamd.marked", id=scan.queue_id, action=verdict.action, score=verdict.score)
         return Screened(None, mark(message, verdict))
 
     def _refusal(self, verdict: Verdict) -> str | None:

@@ -36,7 +36,6 @@ from relay.smtp.limits import ConnectionLimits, LimitedConnections
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.tls import ServerTLS
 
-log = logging.getLogger("relay.submission")
 
 class Submit(Protocol):
     """(authenticated user, envelope sender, recipients, message bytes, MAIL FROM options,
@@ -93,9 +92,9 @@ class SubmissionHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # a client that cannot do our TLS: not our fault
-            event(log, "submission.tls_failed", detail=error.__cause__ or error)
+            event("submission.tls_failed", detail=error.__cause__ or error)
         else:
-            event(log, "submission.error", logging.ERROR, error=type(error).__name__, detail=error)
+            event("submission.error", logging.ERROR, error=type(error).__name__, detail=error)
         return replies.LOCAL_ERROR
 
     # -- AUTH --------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ class SubmissionHandler:
             return _refuse(replies.AUTH_MALFORMED)
         authzid, login, password = parts
         if authzid and account_key(_utf8(authzid)) != account_key(_utf8(login)):
-            event(log, "submission.auth_failed", logging.WARNING, peer=_peer(server.session),
+            event("submission.auth_failed", logging.WARNING, peer=_peer(server.session),
                   user=_shown(login), mechanism="PLAIN", reason="authzid")
             return _refuse(replies.AUTH_FAILED)
         return await self._login(server, "PLAIN", login, password)
@@ -145,25 +144,25 @@ class SubmissionHandler:
         login, password = _utf8(raw_login), _utf8(raw_password)
         account = account_key(login)     # the one normalisation: throttle, check and log
         if self.throttle.blocked(peer, account):
-            event(log, "submission.auth_blocked", logging.WARNING, peer=peer, user=account)
+            event("submission.auth_blocked", logging.WARNING, peer=peer, user=account)
             return _refuse(replies.AUTH_BLOCKED)
         try:
             # A login that names no address is refused, after the same work as any refusal.
             user = await check_password(self.directory, account if login_address(login) else "",
                                         password)
         except Exception as exc:  # noqa: BLE001 - passwd-file or hash unreadable: our fault, 4xx
-            event(log, "submission.auth_error", logging.ERROR, peer=peer, user=account,
+            event("submission.auth_error", logging.ERROR, peer=peer, user=account,
                   error=type(exc).__name__, detail=exc)
             return _refuse(replies.AUTH_UNAVAILABLE)
         if user is None:
             self.throttle.failed(peer, account)
             delay = self.throttle.delay(peer, account)
-            event(log, "submission.auth_failed", logging.WARNING, peer=peer, user=account,
+            event("submission.auth_failed", logging.WARNING, peer=peer, user=account,
                   mechanism=mechanism, delay=f"{delay:g}")
             await asyncio.sleep(delay)
             return _refuse(replies.AUTH_FAILED)
         self.throttle.succeeded(peer, account)
-        event(log, "submission.auth_ok", peer=peer, user=user.email, mechanism=mechanism)
+        event("submission.auth_ok", peer=peer, user=user.email, mechanism=mechanism)
         return AuthResult(success=True, auth_data=user)
 
     # -- the transaction ---------------------------------------------------------------------
@@ -181,7 +180,7 @@ class SubmissionHandler:
         except AddressError as exc:
             return replies.BAD_SENDER.format(reason=exc)
         if not own:
-            event(log, "submission.sender_refused", logging.WARNING, peer=_peer(session),
+            event("submission.sender_refused", logging.WARNING, peer=_peer(session),
                   user=user.email, sender=_printable(sender))
             return replies.SENDER_NOT_OWN.format(address=user.email)
         envelope.mail_from = sender
@@ -230,16 +229,16 @@ class SubmissionHandler:
             queue_id = await submit(user, sender, rcpts, message, mail_options, rcpt_options)
         except PermFail as exc:
             if not 500 <= exc.code <= 599:
-                event(log, "submission.error", logging.ERROR, user=user.email, error="PermFail",
+                event("submission.error", logging.ERROR, user=user.email, error="PermFail",
                       detail=exc)
                 return replies.LOCAL_ERROR
-            event(log, "submission.refused", user=user.email, code=exc.code, detail=exc.text)
+            event("submission.refused", user=user.email, code=exc.code, detail=exc.text)
             return replies.relayed(exc.code, exc.text)
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
-            event(log, "submission.failed", logging.ERROR, user=user.email,
+            event("submission.failed", logging.ERROR, user=user.email,
                   error=type(exc).__name__, detail=exc)
             return replies.LOCAL_ERROR
-        event(log, "submission.accepted", id=queue_id, user=user.email, size=len(message),
+        event("submission.accepted", id=queue_id, user=user.email, size=len(message),
               rcpts=len(rcpts))
         return replies.QUEUED.format(id=queue_id)
 

@@ -22,8 +22,6 @@ from pathlib import Path
 from relay.errors import RelayError
 from relay.log import event
 
-log = logging.getLogger("relay.tls")
-
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """The server side of STARTTLS: TLS 1.2 or later, no client certificates."""
@@ -50,10 +48,10 @@ class ServerTLS:
         try:
             context = self._load()
         except RelayError as exc:
-            event(log, "tls.reload_failed", logging.ERROR, cert=self.cert, detail=exc)
+            event("tls.reload_failed", logging.ERROR, cert=self.cert, detail=exc)
             return False
         self.context = context
-        event(log, "tls.reloaded", cert=self.cert)
+        event("tls.reloaded", cert=self.cert)
         return True
 
     def _load(self) -> ssl.SSLContext:

@@ -57,8 +57,6 @@ from relay.storage.durable import (
     write_new,
 )
 
-log = logging.getLogger("relay.maildir")
-
 FOLDERS = ("Sent", "Outbox")
 _T = TypeVar("_T")
 
@@ -144,10 +142,6 @@ class Summary:
     @property
     def deleted(self) -> bool:
         return DELETED in self.flags
-
-    @property
-    def draft(self) -> bool:
-        return DRAFT in self.flags
 
 
 def folder_label(name: str) -> str:
@@ -246,7 +240,7 @@ def refusing_symlinks() -> Iterator[None]:
     try:
         yield
     except UnsafePathError as exc:
-        event(log, "maildir.symlink_refused", logging.ERROR, path=exc.path, reason=exc.what)
+        event("maildir.symlink_refused", logging.ERROR, path=exc.path, reason=exc.what)
         raise
 
 

@@ -27,8 +27,6 @@ from relay.web.page import redirect, render
 from relay.web.session import USER
 from relay.web.site import session_of, site_of, start_session
 
-log = logging.getLogger("relay.web")
-
 DONE = {"password": "Your password was changed."}
 LDAP_MANAGED = ("Your password is the one of your organisation's directory: change it there. The new "
                 "one works here from your next login.")
@@ -66,13 +64,13 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     old, new, repeat = (str(form.get(name, "")) for name in ("current", "password", "repeat"))
     peer, key = request.remote or "-", throttle_key(USER, user.email)
     if site.throttle.blocked(peer, key):
-        event(log, "web.password_blocked", logging.WARNING, user=user.email, peer=peer)
+        event("web.password_blocked", logging.WARNING, user=user.email, peer=peer)
         return _form(request, 429, "Too many failed attempts. Wait a few minutes and try again.")
     if problem := password.problem(new, repeat):
         return _form(request, 400, problem)
     if await check_password(site.directory, user.email, old) is None:
         site.throttle.failed(peer, key)
-        event(log, "web.password_refused", logging.WARNING, user=user.email, peer=peer)
+        event("web.password_refused", logging.WARNING, user=user.email, peer=peer)
         await asyncio.sleep(site.throttle.delay(peer, key))
         return _form(request, 400, "Your current password is not right.")
     site.throttle.succeeded(peer, key)
@@ -82,7 +80,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
         return _form(request, 400, str(exc))
     start_session(request, site.sessions.renewed(session_of(request),
                                                  site.sessions.fingerprint(user.password_hash)))
-    event(log, "web.password_changed", user=user.email, peer=peer)
+    event("web.password_changed", user=user.email, peer=peer)
     await site.record("user", user.email, "change_own_password", peer=peer)
     return redirect("/account?done=password")
 

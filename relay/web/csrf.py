@@ -22,8 +22,6 @@ FIELD = "csrf"
 HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-log = logging.getLogger("relay.web")
-
 
 async def _sent_token(request: web.Request) -> str | None:
     token = request.headers.get(HEADER)
@@ -39,7 +37,7 @@ async def csrf_middleware(request: web.Request, handler):
         expected = request[SESSION].csrf
         sent = await _sent_token(request)
         if sent is None or not hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8")):
-            event(log, "web.csrf_refused", logging.WARNING, path=request.path, peer=request.remote or "-",
+            event("web.csrf_refused", logging.WARNING, path=request.path, peer=request.remote or "-",
                   token="missing" if sent is None else "wrong")
             raise web.HTTPForbidden()
     return await handler(request)

@@ -30,8 +30,6 @@ from relay.web.page import redirect, render
 from relay.web.session import ADMIN, USER, Session
 from relay.web.site import NEW_SESSION, SESSION, Site, session_of, site_of, start_session
 
-log = logging.getLogger("relay.web")
-
 ACCOUNT = web.RequestKey("account", User)      # the logged-in administrator or user
 HOME = {ADMIN: "/panel", USER: "/account"}
 LOGIN = {ADMIN: "/panel/login", USER: "/login"}
@@ -139,19 +137,19 @@ async def _login(request: web.Request, kind: str) -> web.StreamResponse:
     account = throttle_key(kind, login)
     fields = {"kind": kind, "user": account_key(login), "peer": peer}
     if site.throttle.blocked(peer, account):
-        event(log, "web.login_blocked", logging.WARNING, **fields)
+        event("web.login_blocked", logging.WARNING, **fields)
         return _form(request, kind, 429, email=login,
                      error="Too many failed attempts. Wait a few minutes and try again.")
     result = await _check(site, kind, login, password)
     user = result.user
     if user is None:
         site.throttle.failed(peer, account)
-        event(log, "web.login_failed", logging.WARNING, **fields)
+        event("web.login_failed", logging.WARNING, **fields)
         await asyncio.sleep(site.throttle.delay(peer, account))
         return _form(request, kind, 401, email=login, error=result.problem or "Wrong address or password.")
     site.throttle.succeeded(peer, account)
     start_session(request, site.sessions.new(kind, user.email, site.sessions.fingerprint(user.password_hash)))
-    event(log, "web.login", kind=kind, user=user.email, peer=peer)
+    event("web.login", kind=kind, user=user.email, peer=peer)
     if kind == ADMIN:
         await site.record("admin", user.email, "login", peer=peer)
     return redirect(HOME[kind])
@@ -182,7 +180,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     session = session_of(request)
     if session.logged_in:
         await asyncio.to_thread(site.sessions.end, session)
-        event(log, "web.logout", kind=session.kind, user=session.email)
+        event("web.logout", kind=session.kind, user=session.email)
         if session.kind == ADMIN:
             await site.record("admin", session.email or "", "logout")
     start_session(request, site.sessions.new())

@@ -76,7 +76,6 @@ from relay.web.site import site_of
 from relay.webmail import compose
 from relay.webmail.render import MessageView, NoAttachmentError, attachment, view
 
-log = logging.getLogger("relay.web")
 _T = TypeVar("_T")
 
 Submit = Callable[[User, str, list[str], bytes], Awaitable[str]]
@@ -367,7 +366,7 @@ async def change(request: web.Request) -> web.StreamResponse:
     else:
         await _maildir(store.set_flags, me, folder, key, "", SEEN)
         notice = "unread"
-    event(log, "webmail.changed", user=str(me), action=action, folder=folder)
+    event("webmail.changed", user=str(me), action=action, folder=folder)
     return _notice(request, redirect(folder_url(folder)), notice)
 
 
@@ -519,7 +518,7 @@ def _mark_original(store: MaildirStore, user: Mailbox, form: Form) -> None:
             except MaildirPathError:
                 pass    # moved or deleted meanwhile: nothing to flag
             except OSError as exc:  # the message is sent: a flag left unset is no reason to say otherwise
-                event(log, "webmail.flag_failed", logging.WARNING, user=str(user), folder=folder,
+                event("webmail.flag_failed", logging.WARNING, user=str(user), folder=folder,
                       error=exc.strerror or type(exc).__name__)
 
 
@@ -539,14 +538,14 @@ async def send(request: web.Request) -> web.StreamResponse:
     except Refused as exc:
         return await _compose_page(request, form, exc.status, str(exc))
     except PermFail as exc:
-        event(log, "webmail.refused", user=user.email, code=exc.code, detail=exc.text)
+        event("webmail.refused", user=user.email, code=exc.code, detail=exc.text)
         return await _compose_page(request, form, 400, f"Not sent: {exc.text}")
     except Exception as exc:  # noqa: BLE001 - a local fault: the form comes back, nothing typed is lost
-        event(log, "webmail.send_failed", logging.ERROR, user=user.email, error=type(exc).__name__,
+        event("webmail.send_failed", logging.ERROR, user=user.email, error=type(exc).__name__,
               detail=exc)
         return await _compose_page(request, form, 500, "The relay could not send this just now. Try again "
                                    "in a moment; if this stays, the relay's log says why.")
-    event(log, "webmail.sent", id=queue_id, user=user.email, size=len(data), rcpts=len(rcpts))
+    event("webmail.sent", id=queue_id, user=user.email, size=len(data), rcpts=len(rcpts))
     await asyncio.to_thread(_mark_original, store, user.address, form)
     return _notice(request, redirect(folder_url("Sent")), "sent")
 

@@ -20,7 +20,6 @@ input shows the form again with what was typed (passwords excepted) and says why
 from __future__ import annotations
 
 import asyncio
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,8 +39,6 @@ from relay.web import password
 from relay.web.login import account_of, admin_only
 from relay.web.page import redirect, render
 from relay.web.site import site_of
-
-log = logging.getLogger("relay.web")
 
 DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User registered."}
 
@@ -96,7 +93,7 @@ def _text(form, name: str) -> str:
 
 async def _record(request: web.Request, action: str, **fields: object) -> None:
     admin = account_of(request).email
-    event(log, "web.admin_action", admin=admin, action=action, **fields)
+    event("web.admin_action", admin=admin, action=action, **fields)
     await site_of(request).record("admin", admin, action, **fields)
 
 
@@ -315,7 +312,7 @@ async def import_users(request: web.Request) -> web.StreamResponse:
     except DirectoryError as exc:
         return _import_form(request, 400, f"Nothing was imported: {exc}")
     admin = account_of(request).email
-    event(log, "web.admin_action", admin=admin, action="import", added=len(report.added),
+    event("web.admin_action", admin=admin, action="import", added=len(report.added),
           refused=len(report.refused))
     await site.record_many("admin", admin, [
         ("import", {"file": upload.filename, "added": len(report.added), "refused": len(report.refused)}),

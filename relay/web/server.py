@@ -182,12 +182,12 @@ async def start_web(config: Config, directory: Directory, admins: Admins,
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise RelayError(f"listen.web {address}: {reason}") from None
     host, port = runner.addresses[0][:2]
-    event(log, "web.listening", address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+    event("web.listening", address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
           tls="yes" if ssl_context else "no")
     try:
         if not await asyncio.to_thread(admins.list):
-            event(log, "web.no_admins", logging.WARNING,
+            event("web.no_admins", logging.WARNING,
                   hint="continuity-relay admins add EMAIL --password-stdin")
     except DirectoryError as exc:   # mail goes on; the panel answers 500 until the file is fixed
-        event(log, "web.admins_unreadable", logging.ERROR, error=str(exc))
+        event("web.admins_unreadable", logging.ERROR, error=str(exc))
     return runner

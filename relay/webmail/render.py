@@ -37,7 +37,6 @@ from relay.log import event
 __all__ = ["Attachment", "MessageView", "NoAttachmentError", "attachment", "html_to_text",
            "safe_filename", "sanitise_html", "view"]
 
-log = logging.getLogger("relay.webmail")
 
 MAX_DEPTH = 20          # MIME nesting followed; deeper parts count as attachments
 MAX_FILENAME = 150      # bytes (UTF-8) of a download's file name
@@ -84,7 +83,7 @@ def view(data: bytes) -> MessageView:
     try:
         return _structured(data, fields)
     except _UNREADABLE as exc:
-        event(log, "webmail.unreadable_message", logging.WARNING, error=type(exc).__name__)
+        event("webmail.unreadable_message", logging.WARNING, error=type(exc).__name__)
     return MessageView(**fields, text=_raw_text(data), html=None, text_from_html=False,
                        attachments=(), raw=True)
 
@@ -119,7 +118,7 @@ def _is_broken(message: Message) -> bool:
 def _structured(data: bytes, fields: dict) -> MessageView:
     message = _parse(data)
     if _is_broken(message):
-        event(log, "webmail.unreadable_message", logging.WARNING, error="multipart without parts")
+        event("webmail.unreadable_message", logging.WARNING, error="multipart without parts")
         return MessageView(**fields, text=_raw_text(data), html=None, text_from_html=False,
                            attachments=(), raw=True)
     plain, html_part = _bodies(message)

@@ -327,7 +327,7 @@ def test_reload_serves_the_new_certificate_and_a_broken_one_keeps_the_old(
 
 def test_reload_without_tls_is_logged_and_harmless(start_relay, caplog):
     relay = start_relay(tls=False)
-    with caplog.at_level(logging.INFO, logger="relay.app"):
+    with caplog.at_level(logging.INFO, logger="relay.tls"):
         assert reload_tls(relay) is False
     assert "tls.reload_skipped" in caplog.text
     with client(relay.port) as smtp:

@@ -71,8 +71,8 @@ def unescaped(text: str) -> str:
 @pytest.mark.parametrize("value", HOSTILE)
 def test_a_value_never_makes_a_second_field_in_the_log(value, caplog):
     """Before the fix `\\" admin=x` became `reason="\\\\" admin=x"`: a forged admin field."""
-    caplog.set_level(logging.INFO, logger="relay.test")
-    event(logging.getLogger("relay.test"), "panel.change", reason=value, user="alice@example.com")
+    caplog.set_level(logging.INFO, logger="relay.panel")
+    event("panel.change", reason=value, user="alice@example.com")
     (line,) = [r.getMessage() for r in caplog.records]
     assert "\n" not in line and "\r" not in line
     fields = parse(line)
