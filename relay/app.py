@@ -200,8 +200,9 @@ async def start(config: Config) -> Running:
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
     sending = SubmissionHandler(config.hostname, directory, submit, config.max_recipients,
                                 throttle) if tls else None
-    handler = InboundHandler(config.domains, config.hostname, health, directory.is_known,
-                             store.keep, config.max_recipients, sending, _screen(config))
+    handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
+                             store.keep, config.max_recipients, sending, _screen(config),
+                             directory.is_known)
     log_accept_errors(asyncio.get_running_loop())
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
                                                           else [])])

@@ -108,11 +108,12 @@ class InboundHandler:
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
                  max_recipients: int = 100, submission: SubmissionHandler | None = None,
-                 screen: Screen | None = None) -> None:
+                 screen: Screen | None = None, known: Callable[[Mailbox], bool] | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
-        self.is_registered = is_registered
+        self.is_registered = is_registered   # blocking: reads the passwd-file if it changed
+        self.known = known                   # from memory (Directory.is_known), may lag a second
         self.keep = keep
         self.max_recipients = max_recipients
         self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
@@ -212,7 +213,7 @@ class InboundHandler:
             return replies.relayed(reply.code, reply.text)
         else:
             self._failed(domain, reply)
-            if not self._may_keep(domain, user):
+            if not await self._may_keep(domain, user):
                 return self._temporary(domain, reply)
             route = Route.CONTINUITY
         envelope.routes[user] = route
@@ -225,8 +226,15 @@ class InboundHandler:
         if not _mailbox_only(reply):
             self.health.primary_failed(domain.name, f"{reply.code} {reply.text}")
 
-    def _may_keep(self, domain: Domain, user: Mailbox) -> bool:
-        return domain.continuity_active() and self.is_registered(user)
+    async def _may_keep(self, domain: Domain, user: Mailbox) -> bool:
+        """Subscribed and registered. Memory answers a registered user; a miss is asked again
+        of the file in a worker thread, so a user added a moment ago (the panel, the command
+        line) is kept at once, and the loop never reads the file."""
+        if not domain.continuity_active():
+            return False
+        if self.known is not None and self.known(user):
+            return True
+        return await asyncio.to_thread(self.is_registered, user)
 
     @staticmethod
     def _temporary(domain: Domain, reply: Reply) -> str:
@@ -288,7 +296,7 @@ class InboundHandler:
                 self.health.primary_ok(domain.name)
             elif reply.temporary and not _policy(reply):
                 self._failed(domain, reply)
-                if self._may_keep(domain, user):
+                if await self._may_keep(domain, user):
                     outcome[user] = Route.CONTINUITY
         return await self._answer(tx, message, outcome, answers)
 

@@ -36,3 +36,18 @@ def test_messages_in_an_outage_and_after_cost_the_loop_no_file_call(tmp_path):
     finally:
         relay.stop()
         fake.stop()
+
+
+def test_a_user_added_a_moment_ago_is_kept_at_once(tmp_path):
+    """Memory answers a registered user; a miss is asked again of the file (in a worker
+    thread), so mail right after `users add` is not refused for a second."""
+    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    path = write_config(tmp_path, fake.port)
+    relay = InProcessRelay.from_file(path).start()
+    try:
+        Directory(load(path)).add("carol@example.com")      # as the command line would
+        answers, reply = send(relay.port, "s@sender.test", ["carol@example.com"], MESSAGE)
+        assert answers[0][0] == 250 and reply[0] == 250
+    finally:
+        relay.stop()
+        fake.stop()
