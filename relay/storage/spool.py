@@ -5,6 +5,9 @@
 
 `rows()` reads envelopes only, never a message body. An entry's state is its folder, except
 that a waiting entry that was tried and failed for now is shown as "deferred" (Postfix's word).
+An outbound entry belongs to the domain of the user who sent it (`extra["user"]`, else its
+envelope sender; "" for the relay's own notices), so a domain's selection, on the command line
+and on the panel's domain page, holds its replay queue and its users' outbound mail.
 This module only reads; the moves are `Queue.hold/release/retry/delete`.
 """
 
@@ -40,13 +43,14 @@ class Row:
 
 def queues(spool: Path, domains: Iterable[str], queue: str | None = None,
            domain: str | None = None) -> list[tuple[str, str, Queue]]:
-    """(queue name, domain, Queue) for the selection; the outbound queue has domain ""."""
+    """(queue name, domain, Queue) for the selection. The outbound queue's domain is the one
+    selected ("" for all): its rows are filtered by their sender's domain."""
     found = []
     if queue in (None, "replay"):
         found += [("replay", d, Queue(replay_queue_path(spool, d))) for d in sorted(domains)
                   if domain in (None, d)]
-    if queue in (None, "outbound") and domain is None:
-        found.append(("outbound", "", Queue(spool / "outbound")))
+    if queue in (None, "outbound"):
+        found.append(("outbound", domain or "", Queue(spool / "outbound")))
     return found
 
 
@@ -57,8 +61,14 @@ def rows(selected: list[tuple[str, str, Queue]], state: str | None = None) -> It
         for folder in STATES:
             for entry in queue.list(folder):
                 row = _row(name, domain, queue, folder, entry, now)
-                if row is not None and state in (None, row.state):
+                if row is not None and state in (None, row.state) and domain in ("", row.domain):
                     yield row
+
+
+def sender_domain(envelope: Envelope) -> str:
+    """The domain an outbound entry belongs to: its user's, else its sender's ("" for <>)."""
+    who = str(envelope.extra.get("user") or envelope.mail_from)
+    return who.rpartition("@")[2].lower() if "@" in who else ""
 
 
 def _row(name: str, domain: str, queue: Queue, folder: str, entry: str, now: float) -> Row | None:
@@ -74,6 +84,8 @@ def _row(name: str, domain: str, queue: Queue, folder: str, entry: str, now: flo
     except OSError:
         size = 0
     age = max(0.0, now - envelope.received_at) if envelope.received_at else 0.0
+    if name == "outbound":
+        domain = sender_domain(envelope)
     return Row(entry, name, domain, shown, envelope.mail_from or "<>", envelope.rcpt, size, age,
                envelope.attempts, envelope.note)
 
@@ -84,6 +96,13 @@ def find(selected: list[tuple[str, str, Queue]], entry: str) -> tuple[str, str, 
         raise EntryError(f"{entry!r}: not a queue id")
     for name, domain, queue in selected:
         state = queue.state_of(entry)
-        if state is not None:
+        if state is not None and (name != "outbound" or domain in ("", _domain_of(queue, state, entry))):
             return name, domain, queue, state
     raise EntryError(f"{entry}: no such entry in any queue")
+
+
+def _domain_of(queue: Queue, state: str, entry: str) -> str:
+    try:
+        return sender_domain(queue.envelope(entry, state))
+    except CorruptEntryError:
+        return ""

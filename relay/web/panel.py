@@ -138,7 +138,7 @@ async def _queue_view(request: web.Request, status: int = 200,
         page = max(1, int(request.query.get("page", "1")))
     except ValueError:
         page = 1
-    selected = spool.queues(site.config.storage.spool, [name], "replay", name)
+    selected = spool.queues(site.config.storage.spool, [name], None, name)
     rows = await asyncio.to_thread(lambda: list(spool.rows(selected, state)))
     pages = max(1, -(-len(rows) // QUEUE_PAGE))
     shown = rows[(page - 1) * QUEUE_PAGE: page * QUEUE_PAGE]
@@ -149,14 +149,15 @@ async def _queue_view(request: web.Request, status: int = 200,
 
 @admin_only
 async def queue_action(request: web.Request) -> web.StreamResponse:
-    """hold, release, retry or delete one entry of this domain's replay queue (audited). A
-    delete needs its confirmation box ticked; the user's Maildir copy always stays."""
+    """hold, release, retry or delete one entry of this domain's replay queue or of its users'
+    outbound mail (audited). A delete needs its confirmation box ticked; the user's Maildir
+    copy always stays."""
     site, name = site_of(request), _domain(request)
     entry, action = request.match_info["entry"], request.match_info["action"]
     form = await request.post()
     if action == "delete" and _text(form, "confirm") != "yes":
         return await _queue_view(request, 400, "Tick the box to confirm the delete.")
-    selected = spool.queues(site.config.storage.spool, [name], "replay", name)
+    selected = spool.queues(site.config.storage.spool, [name], None, name)
     try:
         was = await asyncio.to_thread(lambda: getattr(spool.find(selected, entry)[2], action)(entry))
     except EntryError as exc:

@@ -76,7 +76,8 @@ def test_list_shows_every_entry_with_its_state_and_never_a_body(spool):
     assert {rows[ids[s]]["state"] for s in ("deferred", "failed", "hold", "active")} == {
         "deferred", "failed", "hold", "active"}
     assert rows[ids["kept"]]["state"] == "waiting" and rows[ids["kept"]]["recipient"] == "alice@example.com"
-    assert rows[ids["outbound"]]["queue"] == "outbound" and rows[ids["outbound"]]["domain"] == ""
+    # an outbound entry belongs to its sender's domain: a domain's selection shows its users' mail
+    assert rows[ids["outbound"]]["queue"] == "outbound" and rows[ids["outbound"]]["domain"] == "example.com"
     assert rows[ids["deferred"]]["last_error"] == "452 4.2.2 full" and rows[ids["deferred"]]["attempts"] == 2
     assert rows[ids["kept"]]["size"] == len(MESSAGE)       # the message, not our Maildir headers
     assert set(rows[ids["kept"]]) == {"id", "queue", "domain", "state", "sender", "recipient", "size",
@@ -86,6 +87,8 @@ def test_list_shows_every_entry_with_its_state_and_never_a_body(spool):
 @pytest.mark.parametrize("option, expected", [
     (["--state", "failed"], {"failed"}), (["--queue", "outbound"], {"outbound"}),
     (["--domain", "example.org"], set()), (["--state", "deferred"], {"deferred"}),
+    (["--domain", "example.com", "--queue", "outbound"], {"outbound"}),
+    (["--domain", "example.com"], {"kept", "deferred", "failed", "hold", "active", "outbound"}),
 ])
 def test_list_filters(spool, option, expected):
     cfg, ids, _ = spool

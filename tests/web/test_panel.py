@@ -306,3 +306,21 @@ def test_queue_actions_move_entries_are_audited_and_need_the_token(server, admin
     assert [a.split("action=")[1].split()[0] for a in actions] == [
         "queue_hold", "queue_retry", "queue_delete"]
     assert all("domain=example.com" in a and "admin=" in a for a in actions)
+
+
+def test_the_queue_page_holds_the_domains_outbound_mail_too_and_no_one_elses(server, admin):
+    """Outbound entries had no panel page (the CLI only): now a domain's page lists its users'
+    mail waiting for the smarthost, with the same actions, and not other domains' mail."""
+    outbound = Queue(server.config.storage.spool / "outbound")
+    ours = outbound.enqueue_bytes(b"Subject: o\r\n\r\nx\r\n", Envelope(
+        "alice@example.com", "x@else.test", time.time(), extra={"user": "alice@example.com"}))
+    theirs = outbound.enqueue_bytes(b"Subject: o\r\n\r\nx\r\n", Envelope(
+        "carol@example.org", "x@else.test", time.time(), extra={"user": "carol@example.org"}))
+    base = "/panel/domains/example.com/queue"
+    page = admin.get(base)
+    assert ours in page.text and theirs not in page.text and "outbound" in page.text
+    assert admin.post(f"{base}/{ours}/hold").status == 303
+    assert outbound.state_of(ours) == "hold"
+    admin.get(base)
+    assert admin.post(f"{base}/{theirs}/hold").status == 409       # not this domain's
+    assert outbound.state_of(theirs) == "waiting"
