@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import expect
 
 from relay.directory import parse_line, verify_password
-from tests.browser.conftest import ADMIN, ADMIN_PASSWORD, activate_in_panel
+from tests.browser.helpers import ADMIN, ADMIN_PASSWORD, activate_in_panel
 
 pytestmark = pytest.mark.timeout(60)
 

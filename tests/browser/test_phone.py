@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import text_message
+from tests.browser.helpers import text_message
 
 pytestmark = pytest.mark.timeout(60)
 

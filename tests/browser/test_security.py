@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import ADMIN, SENDER
+from tests.browser.helpers import ADMIN, SENDER
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(60)

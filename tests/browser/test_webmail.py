@@ -11,7 +11,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import ADMIN, ADMIN_PASSWORD, SENDER, activate_in_panel, text_message
+from tests.browser.helpers import ADMIN, ADMIN_PASSWORD, SENDER, activate_in_panel, text_message
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(60)

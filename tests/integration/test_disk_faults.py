@@ -25,7 +25,7 @@ try:
 except ImportError:
     import relay_process as rp
 
-from tests.web.conftest import Client
+from tests.web.helpers import Client
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -27,7 +27,7 @@ from relay.directory import Directory, verify_password
 from relay.ldap import Outcome, ldap_bind
 from relay.smtp.submission import SubmissionHandler
 from relay.smtp.tls import ServerTLS
-from tests.smtp.test_submission import SubmissionServer, auth_plain, fast_throttle, tls_client
+from tests.smtp.helpers import SubmissionServer, auth_plain, fast_throttle, tls_client
 
 try:  # tests/integration as a package ...
     from . import slapd as sl

@@ -24,17 +24,18 @@ from relay.smtp import replies
 from relay.web.site import SITE
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, write_config
-from tests.smtp.test_sending import files, outbound_config
-from tests.smtp.test_submission import (
+from tests.smtp.helpers import (
     PASSWORDS,
     auth_plain,
     b64,
     cheap_hash,
     fast_throttle,
+    files,
     logged_in,
+    outbound_config,
     tls_client,
 )
-from tests.smtp.test_submission import plain_client as client
+from tests.smtp.helpers import plain_client as client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,7 +55,7 @@ def write_cert(ca: trustme.CA, path, name: str) -> None:
 @pytest.fixture
 def start_relay(tmp_path, ca):
     """start_relay(primary_port, tls=True, submission=False, web=False, extra="") -> a started
-    InProcessRelay whose users have the PASSWORDS of test_submission (cheap hashes)."""
+    InProcessRelay whose users have the PASSWORDS of tests/smtp/helpers.py (cheap hashes)."""
     started = []
 
     def start(primary_port: int | None = None, *, tls: bool = True, submission: bool = False,

@@ -194,7 +194,7 @@ def test_starttls_session_is_counted_once_and_released_once(tmp_path):
 
     from relay.smtp.limits import ConnectionLimits
     from relay.smtp.submission import SubmissionHandler, make_server_factory
-    from tests.smtp.test_submission import SubmissionServer, fast_throttle
+    from tests.smtp.helpers import SubmissionServer, fast_throttle
 
     ca = trustme.CA()
     server_tls = ssl_server_context(ca, tmp_path)

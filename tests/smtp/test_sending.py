@@ -18,6 +18,7 @@ from relay.delivery.outbound import Sender
 from relay.storage.continuity import ContinuityStore
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
+from tests.smtp.helpers import files, outbound_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,19 +27,9 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
            b"Subject: =?UTF-8?B?w6l0w6k=?=\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
 
 
-def outbound_config(smarthost_port: int, **extra: str) -> str:
-    settings = ", ".join(f"{k}: {v}" for k, v in {"retry_delay": "1s", **extra}.items())
-    return (f"outbound: {{smarthost: {{address: 127.0.0.1:{smarthost_port}, starttls: off}}, {settings}}}\n"
-            "replay: {probe_interval: 1s}\n")
-
-
 def sender_of(relay) -> Sender:
     store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
     return Sender(store)
-
-
-def files(path) -> list:
-    return sorted(p for p in path.glob("*") if p.is_file()) if path.exists() else []
 
 
 def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarthost, make_relay):

@@ -3,17 +3,11 @@ throttling, and what the client hears when the pipeline refuses or fails."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
-import smtplib
 import ssl
-import threading
 import time
 from dataclasses import dataclass, field
 
-import argon2
-import bcrypt
 import pytest
 
 from relay import headers
@@ -23,17 +17,25 @@ from relay.config import load
 from relay.directory import Directory, User
 from relay.errors import PermFail, RelayError, StorageError
 from relay.smtp import replies
-from relay.smtp.submission import SubmissionHandler, make_server_factory
+from relay.smtp.submission import SubmissionHandler
 from relay.smtp.tls import ServerTLS, tls_context
 from tests.helpers import free_port
-from tests.loopwatch import no_blocking_calls_on_loops, watch_thread
+from tests.loopwatch import no_blocking_calls_on_loops
 from tests.smtp.fakes import write_config
+from tests.smtp.helpers import (
+    PASSWORDS,
+    SubmissionServer,
+    auth_plain,
+    b64,
+    cheap_hash,
+    fast_throttle,
+    logged_in,
+    plain_client,
+    tls_client,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-PASSWORDS = {"alice@example.com": "alice pass", "bob@example.com": "bob pass",
-             "carol@example.com": "cärol pässwörd", "dave@example.com": "dave pass",
-             "erin@example.com": "erin pass", "gone@example.com": "gone pass"}
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: x@elsewhere.org\r\nSubject: hi\r\n\r\n"
            b".a line that starts with a dot\r\n8-bit: \xc3\xa9t\xc3\xa9\r\n")
 
@@ -50,15 +52,6 @@ def server_tls(ca, tmp_path_factory):
         extra.write_to_path(folder / "cert.pem", append=True)
     cert.private_key_pem.write_to_path(folder / "key.pem")
     return ServerTLS(folder / "cert.pem", folder / "key.pem")
-
-
-def cheap_hash(email: str) -> str:
-    """Hashes verify_password accepts, made cheap (the cost is read from the hash)."""
-    password = PASSWORDS[email]
-    if email.startswith("bob"):
-        fast = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
-        return "{ARGON2ID}" + fast.hash(password)
-    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
 
 
 @pytest.fixture
@@ -90,42 +83,7 @@ class Pipeline:
         return f"Q{len(self.calls)}"
 
 
-# -- the server on a loop in a background thread ---------------------------------------------------
-
-class SubmissionServer:
-    def __init__(self, handler: SubmissionHandler, tls: ServerTLS) -> None:
-        self.factory = make_server_factory(handler, "relay.test", tls, 1024 * 1024)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.Server | None = None
-
-    def start(self) -> SubmissionServer:
-        self.thread.start()
-        watch_thread(self.thread)
-        self.server = asyncio.run_coroutine_threadsafe(
-            self.loop.create_server(self.factory, "127.0.0.1", 0), self.loop).result(10)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        assert self.server is not None
-
-        async def close() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def fast_throttle(**options) -> LoginThrottle:
-    return LoginThrottle(**{"base_delay": 0.01, "max_delay": 0.05, **options})
-
+# -- the server (tests/smtp/helpers.SubmissionServer), watched for blocking calls --------------------
 
 @pytest.fixture
 def make_server(directory, server_tls):
@@ -153,35 +111,6 @@ def pipeline():
 @pytest.fixture
 def server(make_server, pipeline):
     return make_server(pipeline)
-
-
-def plain_client(port: int, source: str = "127.0.0.1") -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10,
-                          source_address=(source, 0))
-    client.ehlo()
-    return client
-
-
-def tls_client(port: int, client_tls: ssl.SSLContext, source: str = "127.0.0.1") -> smtplib.SMTP:
-    client = plain_client(port, source)
-    code, _ = client.starttls(context=client_tls)
-    assert code == 220
-    client.ehlo()
-    return client
-
-
-def b64(text: str | bytes) -> str:
-    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
-
-
-def auth_plain(client: smtplib.SMTP, login: str, password: str) -> tuple[int, bytes]:
-    return client.docmd("AUTH", "PLAIN " + b64(f"\0{login}\0{password}"))
-
-
-def logged_in(port: int, client_tls: ssl.SSLContext, login: str = "alice@example.com") -> smtplib.SMTP:
-    client = tls_client(port, client_tls)
-    assert auth_plain(client, login, PASSWORDS[login])[0] == 235
-    return client
 
 
 # -- before TLS, before AUTH -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from relay.auth import NOT_SYNCED, LoginThrottle
 from relay.config import LDAP
 from relay.directory import parse_line, verify_password
 from tests.helpers import free_port
-from tests.web.conftest import USERS, Client
+from tests.web.helpers import USERS, Client
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import pytest
 from relay.config import TLS, HostPort, load
 from relay.errors import RelayError
 from tests.smtp.fakes import InProcessRelay
-from tests.web.conftest import Client, prepare
+from tests.web.helpers import Client, prepare
 
 pytestmark = pytest.mark.timeout(60)
 

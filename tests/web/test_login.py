@@ -10,7 +10,7 @@ import time
 import pytest
 
 from relay.auth import LoginThrottle
-from tests.web.conftest import ADMIN, ADMIN_PASSWORD, USERS, Client
+from tests.web.helpers import ADMIN, ADMIN_PASSWORD, USERS, Client
 
 pytestmark = pytest.mark.timeout(60)
 

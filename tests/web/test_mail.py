@@ -27,7 +27,7 @@ from relay.web import start_web
 from relay.web.mail import FRAME_POLICY, SENDING_DISABLED
 from tests.loopwatch import watch_thread
 from tests.smtp.fakes import FakePrimary, InProcessRelay
-from tests.web.conftest import Client, Reply, WebServer, prepare, watching_the_loop
+from tests.web.helpers import Client, Reply, WebServer, prepare, watching_the_loop
 
 pytestmark = pytest.mark.timeout(60)
 

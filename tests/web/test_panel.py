@@ -14,7 +14,7 @@ from relay.addresses import parse_mailbox
 from relay.directory import DEACTIVATED, parse_line, verify_password
 from relay.storage.continuity import replay_queue_path
 from relay.storage.queue import Envelope, Queue
-from tests.web.conftest import ADMIN
+from tests.web.helpers import ADMIN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,7 +56,7 @@ def test_allocating_a_password_rewrites_the_passwd_file_line_at_once(server, adm
     assert audit(server)[-1] == (ADMIN, "set_password", " user=alice@example.com")
     no_password_in_audit(server, "brand new pass")
     # and the new password logs in at once
-    from tests.web.conftest import Client
+    from tests.web.helpers import Client
     assert Client(server.port).login_user("alice@example.com", "brand new pass").status == 303
 
 
@@ -104,7 +104,7 @@ def test_generated_password_is_shown_once_and_works(server, admin):
 
 
 def test_a_user_changed_by_an_admin_loses_their_sessions(server, admin):
-    from tests.web.conftest import Client
+    from tests.web.helpers import Client
     alice = Client(server.port)
     alice.login_user()
     assert alice.get("/account").status == 200
@@ -235,7 +235,7 @@ def test_domain_page_reads_without_creating_anything(server, admin):
 def test_re_activating_a_user_revives_no_cookie_from_before(server, admin, clock):
     """Security review 9.11: re-activating a user revived cookies stolen before the
     deactivation (the session's password fingerprint was the same again)."""
-    from tests.web.conftest import Client
+    from tests.web.helpers import Client
 
     alice = Client(server.port)
     assert alice.login_user().status == 303 and alice.get("/account").status == 200

@@ -10,7 +10,7 @@ import pytest
 
 from relay.addresses import parse_mailbox
 from relay.directory import User
-from tests.web.conftest import Client
+from tests.web.helpers import Client
 
 pytestmark = pytest.mark.timeout(60)
 
