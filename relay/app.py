@@ -18,8 +18,8 @@ from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
 from relay.delivery.health import REFRESH, Health
-from relay.delivery.outbound import Sender
 from relay.delivery.rspamd import Rspamd
+from relay.delivery.submit import Submitter
 from relay.directory import Directory, User
 from relay.errors import RelayError
 from relay.log import event
@@ -190,10 +190,10 @@ async def start(config: Config) -> Running:
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   _notices(config, store, directory), _credentials(config))
-        sender = Sender(store, config.max_recipients, config.message_size_limit)
-        submit = _submit_pipeline(sender, outbound)
+        submitter = Submitter(store, config.max_recipients, config.message_size_limit)
+        submit = _submit_and_kick(submitter, outbound)
         runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
-            store.maildirs, sender, lambda: list(config.domains), directory.is_registered,
+            store.maildirs, submitter, lambda: list(config.domains), directory.is_registered,
             outbound.kick, config.hostname, store.notify, max_size=config.message_size_limit).run)]
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
@@ -233,11 +233,13 @@ def _screen(config: Config) -> Screen | None:
     return Screen(Rspamd(config.rspamd, config.hostname).check, config.rspamd.on_failure)
 
 
-def _submit_pipeline(sender: Sender, outbound: OutboundRunner) -> Submit:
+def _submit_and_kick(submitter: Submitter, outbound: OutboundRunner) -> Submit:
+    """The async `Submit` every sending path calls: `Submitter.submit` in a worker thread, then
+    a kick of the outbound runner."""
     async def submit(user: User, mail_from: str, rcpts: list[str], data: bytes,
                      mail_options: tuple[str, ...] = (),
                      rcpt_options: dict[str, tuple[str, ...]] | None = None) -> str:
-        entry = await asyncio.to_thread(sender.submit, user.address, mail_from, rcpts, data,
+        entry = await asyncio.to_thread(submitter.submit, user.address, mail_from, rcpts, data,
                                         mail_options, rcpt_options)
         outbound.kick()
         return entry

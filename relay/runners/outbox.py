@@ -2,7 +2,7 @@
 
 A message that appears in `<maildirs>/<domain>/<user>/.Outbox/new/` or `cur/` (an IMAP APPEND
 through Dovecot lands there, by rename from tmp/) is sent to the addresses in its To, Cc and
-Bcc headers through the same path as submission (`Sender.submit`: From check, outbound queue,
+Bcc headers through the same path as submission (`Submitter.submit`: From check, outbound queue,
 Sent copy, "(CS-SENT)" replay), then removed from the Outbox. A message whose From is not the
 user's own (or that names no recipient) is not sent: it moves to the user's Drafts folder and
 an explanation takes the notice route (`ContinuityStore.notify`: INBOX now, the user's mailbox on
@@ -34,7 +34,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from relay.errors import PermFail, StorageError
 from relay.headers import addresses
 from relay.log import event
@@ -63,12 +63,12 @@ class _Hint(FileSystemEventHandler):
 
 
 class OutboxRunner:
-    def __init__(self, maildirs: MaildirStore, sender: Sender, domains: Callable[[], list[str]],
+    def __init__(self, maildirs: MaildirStore, submitter: Submitter, domains: Callable[[], list[str]],
                  is_registered: Callable[[Mailbox], bool], on_sent: Callable[[], None],
                  hostname: str, notify: Callable[[Mailbox, bytes], object],
                  rescan: float = RESCAN, max_size: int | None = None) -> None:
         self.maildirs = maildirs
-        self.sender = sender
+        self.submitter = submitter
         self.domains = domains
         self.is_registered = is_registered
         self.on_sent = on_sent
@@ -194,7 +194,7 @@ class OutboxRunner:
                 raise PermFail(552, f"5.3.4 The message is over the size limit of {self.max_size} bytes")
             if not rcpts:
                 raise PermFail(554, "5.5.1 The message names no recipient (To, Cc or Bcc)")
-            entry = self.sender.submit(user, str(user), rcpts, data)
+            entry = self.submitter.submit(user, str(user), rcpts, data)
         except PermFail as exc:
             self._refuse(user, path, exc)
             return 0

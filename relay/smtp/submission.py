@@ -216,14 +216,14 @@ class SubmissionHandler:
         params = envelope.rcpt_params if isinstance(envelope, RelayEnvelope) else {}
         # A client hanging up mid-way must not cut the hand-over to the pipeline in half.
         task = asyncio.get_running_loop().create_task(
-            self._hand_over(self.submit, user, envelope.mail_from, list(envelope.rcpt_tos),
+            self._submit_now(self.submit, user, envelope.mail_from, list(envelope.rcpt_tos),
                             trace + content, tuple(envelope.mail_options), dict(params)))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(task)
 
     @staticmethod
-    async def _hand_over(submit: Submit, user: User, sender: str, rcpts: list[str], message: bytes,
+    async def _submit_now(submit: Submit, user: User, sender: str, rcpts: list[str], message: bytes,
                          mail_options: tuple[str, ...], rcpt_options: dict[str, tuple[str, ...]]) -> str:
         try:
             queue_id = await submit(user, sender, rcpts, message, mail_options, rcpt_options)

@@ -25,7 +25,7 @@ when opened on its own); attachments only as downloads (`Content-Disposition: at
 nosniff, a sandboxing policy, types a browser would run sent as application/octet-stream).
 
 Sending: `relay.webmail.compose.build` makes the message (From: the user's name and address),
-then the `submit` pipeline app.py hands over (`Sender.submit` in a thread, then a kick of the
+then the `submit` pipeline app.py hands over (`Submitter.submit` in a thread, then a kick of the
 outbound runner) queues it, files the Sent copy and the "(CS-SENT)" replay copy. Without a
 smarthost there is no pipeline: the compose page says sending is off and offers no Send button.
 A refused message comes back as the form with what was typed; uploaded attachments come back
@@ -80,7 +80,7 @@ _T = TypeVar("_T")
 
 Submit = Callable[[User, str, list[str], bytes], Awaitable[str]]
 """(user, envelope sender, envelope recipients, message) -> outbound queue id; raises PermFail
-when the message is refused (app.py's `_submit_pipeline`, as the submission port uses it)."""
+when the message is refused (app.py's `_submit_and_kick`, as the submission port uses it)."""
 
 PAGE_SIZE = 25
 OUTBOX = "Outbox"                           # a message moved here would be sent: not a move target

@@ -1,4 +1,4 @@
-"""Composing in the webmail: new messages, replies and forwards, as bytes for `Sender.submit`.
+"""Composing in the webmail: new messages, replies and forwards, as bytes for `Submitter.submit`.
 
 These are messages the user authors, so `email` writes them (policy SMTP: CRLF line ends,
 RFC 2047 encoded-words for non-ASCII headers, RFC 2231 for non-ASCII file names, a UTF-8 body
@@ -8,8 +8,8 @@ quoted-printable when it is not ASCII). A message the user received is never re-
 Every header field that comes from the form is refused (ComposeError, a ValueError) when it
 holds CR, LF or another line-breaking or control character: no header injection. Recipients
 are read with `email.utils.getaddresses` and each one must pass `relay.addresses.parse_mailbox`;
-the Bcc header stays in the message (`Sender.submit` removes it from what goes out and keeps it
-in the Sent copy). `recipients()` gives the envelope recipients for `Sender.submit`.
+the Bcc header stays in the message (`Submitter.submit` removes it from what goes out and keeps it
+in the Sent copy). `recipients()` gives the envelope recipients for `Submitter.submit`.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def build(from_addr: str | Mailbox, to: str | Sequence[str], cc: str | Sequence[
 
 def recipients(to: str | Sequence[str], cc: str | Sequence[str] = "",
                bcc: str | Sequence[str] = "") -> list[str]:
-    """The envelope recipients (To, Cc, Bcc), each address once, for `Sender.submit`."""
+    """The envelope recipients (To, Cc, Bcc), each address once, for `Submitter.submit`."""
     found: dict[str, str] = {}
     for name, value in (("To", to), ("Cc", cc), ("Bcc", bcc)):
         for address in _addresses(name, value):

@@ -3,7 +3,7 @@ outbound queue to the smarthost, restarted, then counted (docs/architecture.md r
 runner sends one entry at a time, oldest first).
 
     fill     before the relay starts, a few hundred messages from alice are queued in-process
-             through `Sender.submit` (one recipient each, a unique Message-ID): outbound queue
+             through `Submitter.submit` (one recipient each, a unique Message-ID): outbound queue
              entries, Sent copies, "(CS-SENT)" copies in the replay queue. The primary is down
              (nothing listens on its port), so the replay copies just wait
     drain    the relay starts; the smarthost (a scripted fake) takes every message, slowly
@@ -41,7 +41,7 @@ import yaml
 from relay.addresses import parse_mailbox
 from relay.app import build_store
 from relay.config import load
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
 
@@ -150,7 +150,7 @@ def test_sigkill_with_full_outbound_queue_loses_nothing(tmp_path: Path, mode: st
 
     # 1. Fill the outbound queue before the relay runs.
     started = time.monotonic()
-    sender = Sender(build_store(load(cfg)))
+    sender = Submitter(build_store(load(cfg)))
     alice = parse_mailbox(USER)
     sent: dict[str, tuple[str, bytes]] = {}        # Message-ID -> (recipient, bytes)
     order: list[str] = []

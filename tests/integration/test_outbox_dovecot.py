@@ -1,5 +1,5 @@
 """Sending through the Outbox folder of a real Dovecot during an outage (docs/architecture.md,
-the flow: Outbox folder --> Sender.submit --> outbound queue --> smarthost; rules 3 and 4).
+the flow: Outbox folder --> Submitter.submit --> outbound queue --> smarthost; rules 3 and 4).
 
 The relay runs as the real process (`python -m relay serve`), as root with `storage.owner:
 vmail`; alice is registered with a password through the CLI; Dovecot, started from

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from relay.delivery.outbound import options_for
+from relay.delivery.submit import options_for
 from relay.storage.state import read_state
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script, send, stored_files
@@ -378,7 +378,7 @@ def test_a_4xx_to_mail_still_means_outage(make_relay):
         fake.stop()
 
 
-# -- SMTPUTF8 on the sending paths (submission, Outbox and webmail share Sender.submit) ---------
+# -- SMTPUTF8 on the sending paths (submission, Outbox and webmail share Submitter.submit) ---------
 
 def _outbound(port: int) -> str:
     return (f"outbound: {{smarthost: {{address: 127.0.0.1:{port}, starttls: off}}, retry_delay: 1s}}\n"
@@ -387,13 +387,13 @@ def _outbound(port: int) -> str:
 
 def _submit_as_zoe(relay, rcpt: str) -> None:
     from relay.addresses import parse_mailbox
-    from relay.delivery.outbound import Sender
+    from relay.delivery.submit import Submitter
     from relay.storage.continuity import ContinuityStore
 
     store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
     zoe = parse_mailbox("zo\u00eb@example.com")
     message = "From: Zo\u00eb <zo\u00eb@example.com>\r\nTo: <b@example.org>\r\nSubject: hi\r\n\r\nx\r\n"
-    Sender(store).submit(zoe, str(zoe), [rcpt], message.encode())  # the runner's 1 s timer sends it
+    Submitter(store).submit(zoe, str(zoe), [rcpt], message.encode())  # the runner's 1 s timer sends it
 
 
 def test_a_utf8_user_sends_with_smtputf8(make_relay):

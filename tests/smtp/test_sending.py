@@ -14,7 +14,7 @@ import pytest
 from relay import headers
 from relay.addresses import parse_mailbox
 from relay.cli import main
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from relay.storage.continuity import ContinuityStore
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
@@ -27,9 +27,9 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
            b"Subject: =?UTF-8?B?w6l0w6k=?=\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
 
 
-def sender_of(relay) -> Sender:
+def sender_of(relay) -> Submitter:
     store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
-    return Sender(store)
+    return Submitter(store)
 
 
 def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarthost, make_relay):
@@ -302,13 +302,13 @@ def test_resent_bcc_is_removed_and_a_foreign_sender_header_refused(smarthost, ma
 
 
 def test_every_sending_path_keeps_to_the_limits(make_relay):
-    """Security review 9.9: Sender.submit, which every path goes through, enforces
+    """Security review 9.9: Submitter.submit, which every path goes through, enforces
     max_recipients and message_size_limit (the Outbox read a 3 MB file past a 1 MiB limit)."""
     from relay.errors import PermFail
 
     relay = make_relay(free_port())
     store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
-    sender = Sender(store, max_recipients=2, max_size=100)
+    sender = Submitter(store, max_recipients=2, max_size=100)
     alice = parse_mailbox("alice@example.com")
     small = b"From: alice@example.com\r\n\r\nhi\r\n"
     with pytest.raises(PermFail) as many:

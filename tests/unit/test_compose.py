@@ -13,7 +13,7 @@ import pytest
 
 from relay import headers
 from relay.addresses import parse_mailbox
-from relay.delivery.outbound import own_from
+from relay.delivery.submit import own_from
 from relay.webmail.compose import ComposeError, Draft, build, forward, recipients, reply
 
 ALICE = "alice@example.com"
@@ -63,7 +63,7 @@ def test_build_round_trips_utf8_headers_body_and_attachments():
     assert [a.addr_spec for a in message["To"].addresses] == ["bob@example.com", "jane@example.org"]
     assert message["To"].addresses[1].display_name == "Doe, Jane"
     assert message["Cc"].addresses[0].addr_spec == "zoe@xn--bcher-kva.test"
-    assert str(message["Bcc"]) == "hidden@example.net"  # Sender.submit strips it from what goes out
+    assert str(message["Bcc"]) == "hidden@example.net"  # Submitter.submit strips it from what goes out
     assert str(message["Subject"]) == "Ünïcödé subject — " + "x" * 120
     assert message["MIME-Version"] == "1.0"
     assert parsedate_to_datetime(str(message["Date"])).tzinfo is not None
@@ -83,7 +83,7 @@ def test_ascii_message_is_simple_and_passes_the_sender_check():
     message = parse(data)
     assert message.get_content_type() == "text/plain" and content(message) == "hi\n"
     assert str(message["Message-ID"]).endswith("@relay.example.com>")
-    own_from(parse_mailbox(ALICE), data)  # what Sender.submit checks first: no exception
+    own_from(parse_mailbox(ALICE), data)  # what Submitter.submit checks first: no exception
     assert headers.addresses(data, "To", "Cc", "Bcc") == ["bob@example.com"]
 
 

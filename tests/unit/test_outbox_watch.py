@@ -13,7 +13,7 @@ from pathlib import Path
 
 from watchdog.observers import Observer
 
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from relay.runners.outbox import OutboxRunner, _Hint
 from relay.storage.continuity import ContinuityStore
 from relay.storage.maildir import MaildirStore
@@ -22,7 +22,7 @@ from tests.helpers import wait_for
 
 def test_a_new_folder_inside_the_outbox_is_heard_of(tmp_path: Path) -> None:
     store = ContinuityStore(MaildirStore(tmp_path / "maildirs"), tmp_path / "spool")
-    runner = OutboxRunner(store.maildirs, Sender(store), lambda: ["example.com"], lambda user: True,
+    runner = OutboxRunner(store.maildirs, Submitter(store), lambda: ["example.com"], lambda user: True,
                           lambda: None, "relay.test", store.notify)
     home = tmp_path / "maildirs" / "example.com" / "alice"
     (home / ".Outbox").mkdir(parents=True)           # the client's first step

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from relay.addresses import parse_mailbox
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from relay.errors import StorageError
 from relay.runners.outbox import OutboxRunner
 from relay.storage.continuity import ContinuityStore
@@ -121,7 +121,7 @@ MESSAGE = (b"From: Bob <bob@example.com>\r\nTo: carol@example.org\r\nSubject: hi
 
 def runner(tmp_path: Path, vmail: Owner) -> OutboxRunner:
     store = ContinuityStore(MaildirStore(tmp_path / "maildirs", vmail), tmp_path / "spool", vmail)
-    return OutboxRunner(store.maildirs, Sender(store), lambda: ["example.com"], lambda user: True,
+    return OutboxRunner(store.maildirs, Submitter(store), lambda: ["example.com"], lambda user: True,
                         lambda: None, "relay.test", store.notify, max_size=1024)
 
 

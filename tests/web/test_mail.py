@@ -1,5 +1,5 @@
 """The webmail (issue 5): folders, paging, read state in Maildir file names, plain and sanitised
-HTML bodies, attachment downloads, composing through the real Sender (outbound queue, Sent copy,
+HTML bodies, attachment downloads, composing through the real Submitter (outbound queue, Sent copy,
 "(CS-SENT)" replay), replies and forwards, delete and move, and who may see what."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from relay.addresses import parse_mailbox
-from relay.app import _submit_pipeline
+from relay.app import _submit_and_kick
 from relay.auth import LoginThrottle
 from relay.config import HostPort, load
-from relay.delivery.outbound import Sender
+from relay.delivery.submit import Submitter
 from relay.errors import PermFail
 from relay.storage.continuity import ContinuityStore
 from relay.storage.maildir import MaildirStore
@@ -56,7 +56,7 @@ class MailServer(WebServer):
         self.store = ContinuityStore(self.maildirs, config.storage.spool)
         self.kicks = Kicks()
         if submit is None and sending:
-            submit = _submit_pipeline(Sender(self.store, config.max_recipients,
+            submit = _submit_and_kick(Submitter(self.store, config.max_recipients,
                                              config.message_size_limit), self.kicks)
         self.submit = submit
 

@@ -1,7 +1,7 @@
 """Sending: what every path a user sends through (submission, the Outbox folder, webmail)
 shares, so the checks, the queue, the Sent copy and the "(CS-SENT)" replay are the same.
 
-`Sender.submit()` (blocking) first makes every line end CRLF (a bare CR or LF included, as the
+`Submitter.submit()` (blocking) first makes every line end CRLF (a bare CR or LF included, as the
 SMTP client will on the way out, so every check sees the lines that leave) and refuses NUL;
 then it checks that the From: header is the user's own address, and makes durable, in order:
   1. one outbound queue entry per recipient (`<spool>/outbound/`), the message written once
@@ -56,7 +56,7 @@ def options_for(data: bytes, sender: str, rcpt: str, requested: tuple[str, ...] 
     return tuple(options)
 
 
-class Sender:
+class Submitter:
     """The one way mail leaves on a user's behalf."""
 
     def __init__(self, store: ContinuityStore, max_recipients: int | None = None,
