@@ -5,8 +5,9 @@ message, CRLF line endings, ready to hand to SMTP with envelope sender `<>`. It 
 
 Three parts: a short human explanation, the machine-readable `message/delivery-status`, and the
 original message's header block copied byte for byte as `text/rfc822-headers` (never its body).
-The original is never parsed and re-serialised (DESIGN rule 3): the header block is cut out of the
-bytes; the only changes are bare LF -> CRLF and splitting any line longer than 998 octets.
+The original is never parsed and re-serialised (docs/architecture.md rule 3): the header block
+is cut out of the bytes; the only changes are bare LF -> CRLF and splitting any line longer
+than 998 octets.
 
 Whatever comes from outside is treated as hostile: the remote server's text is reduced to one line
 of printable ASCII and folded; addresses with line breaks or control characters raise ValueError.
