@@ -57,7 +57,7 @@ class OutboundRunner(QueueRunner):
         upstream = Upstream(self.smarthost, self.hostname, self.credentials)
         try:
             for entry in due:
-                outcome = await self.attempt(self.queue, entry, upstream, lambda: upstream.server_name)
+                outcome = await self.attempt(self.queue, entry, upstream)
                 if outcome is None or outcome.reply is None:
                     continue
                 delivered += outcome.reply.ok
@@ -69,15 +69,12 @@ class OutboundRunner(QueueRunner):
             await upstream.quit()
         return delivered
 
-    async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
-        assert isinstance(connection, Upstream)
-        reply = await connection.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options),
-                                      data, envelope.rcpt_options)
-        if reply.ok:
-            return Verdict.DELIVERED, reply
+    def judge(self, envelope: Envelope, reply: Reply) -> Verdict:
+        """5xx, or a temporary failure past `max_age`: refused; an unreachable smarthost stops
+        the sweep; any other 4xx defers the entry."""
         if reply.permanent or time.time() - envelope.received_at >= self.settings.max_age:
-            return Verdict.REFUSED, reply
-        return (Verdict.RETRY if reply.reached else Verdict.STOP), reply
+            return Verdict.REFUSED
+        return Verdict.RETRY if reply.reached else Verdict.STOP
 
     def tell_whom(self, envelope: Envelope) -> str | None:
         """The user who sent it (a notice of our own, sender `<>`, has nobody to tell)."""

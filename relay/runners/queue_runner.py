@@ -1,8 +1,8 @@
 """The queue runner base: one entry's life, the same for every queue (Mailman's runner).
 
-`QueueRunner.attempt()` claims an entry (waiting -> active), reads it, hands it to the
-subclass's `deliver()` and settles what came back; the subclass says only how one entry goes
-out and what a failure means:
+`QueueRunner.attempt()` claims an entry (waiting -> active), reads it, sends it over the
+connection it is given (`deliver()`) and settles the outcome; the subclass says only what a
+failed reply means for the entry (`judge()`):
 
     Verdict.DELIVERED   the destination said 250: the entry's files go
     Verdict.RETRY       temporary, for this entry: deferred, `retry_delay` growing per attempt
@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.delivery.client import Reply
+from relay.delivery.client import Reply, Upstream
 from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.errors import CorruptEntryError
 from relay.log import event
@@ -54,7 +54,7 @@ class Outcome:
 
 
 class QueueRunner:
-    """Subclasses set `name` and implement `deliver`; `tell_whom` picks a refusal's reader."""
+    """Subclasses set `name` and implement `judge`; `tell_whom` picks a refusal's reader."""
 
     name = "queue"
 
@@ -63,8 +63,14 @@ class QueueRunner:
         self.notice = notice
         self.first_delay = first_delay
 
-    async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
+    def judge(self, envelope: Envelope, reply: Reply) -> Verdict:
+        """What a reply other than 250 means: RETRY, STOP or REFUSED."""
         raise NotImplementedError
+
+    async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
+        reply = await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
+                                    envelope.rcpt_options)
+        return (Verdict.DELIVERED if reply.ok else self.judge(envelope, reply)), reply
 
     def tell_whom(self, envelope: Envelope) -> str | None:
         """Who hears of a refusal: the envelope sender (None for `<>`)."""
@@ -74,8 +80,7 @@ class QueueRunner:
         """Fields that name the queue in each log line (the replay runner adds the domain)."""
         return {}
 
-    async def attempt(self, queue: Queue, entry: str, connection: object,
-                      server: Callable[[], str] = lambda: "") -> Outcome | None:
+    async def attempt(self, queue: Queue, entry: str, upstream: Upstream) -> Outcome | None:
         """Claim, read, deliver and settle one entry; None when another worker had it."""
         if not await asyncio.to_thread(queue.claim, entry):
             return None
@@ -86,9 +91,9 @@ class QueueRunner:
             event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
             return Outcome(None, moved_to="hold")
         try:
-            verdict, reply = await self.deliver(envelope, data, connection)
+            verdict, reply = await self.deliver(envelope, data, upstream)
             return await asyncio.to_thread(self._settle, queue, entry, envelope, data, verdict, reply,
-                                           server())
+                                           upstream.server_name)
         except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
             target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
             event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,

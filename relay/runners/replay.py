@@ -195,7 +195,7 @@ class ReplayRunner(QueueRunner):
     async def _replay(self, domain: Domain, queue: Queue, upstream: Upstream, entry: str,
                       result: Sweep) -> bool:
         """Replay one entry; True when its mailbox was told to wait."""
-        outcome = await self.attempt(queue, entry, upstream, lambda: upstream.server_name)
+        outcome = await self.attempt(queue, entry, upstream)
         if outcome is None:
             return False  # another sweeper (the `replay` command, or serve) has it
         if outcome.verdict is None:
@@ -215,15 +215,12 @@ class ReplayRunner(QueueRunner):
             return True
         return False
 
-    async def deliver(self, envelope: Envelope, data: bytes, connection: object) -> tuple[Verdict, Reply]:
-        assert isinstance(connection, Upstream)
-        reply = await connection.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options),
-                                      data, envelope.rcpt_options)
-        if reply.ok:
-            return Verdict.DELIVERED, reply
+    def judge(self, envelope: Envelope, reply: Reply) -> Verdict:
+        """5xx: refused; the primary in trouble (`Reply.server_trouble`): the sweep stops; a
+        4xx about one mailbox (RCPT, DATA): that mailbox waits."""
         if reply.permanent:
-            return Verdict.REFUSED, reply
-        return (Verdict.STOP if reply.server_trouble else Verdict.RETRY), reply
+            return Verdict.REFUSED
+        return Verdict.STOP if reply.server_trouble else Verdict.RETRY
 
     def fields(self, queue: Queue) -> dict[str, object]:
         return {"domain": queue.root.name}
