@@ -1,0 +1,398 @@
+"""The rolling archive: every message the relay handled, stored once, listed with its envelope.
+
+    <archive>/objects/<aa>/<bb>/<sha256>         the message bytes, once per content
+    <archive>/objects/<aa>/<bb>/<sha256>+<skip>  or a hard link to a kept Maildir file, whose
+                                                 first <skip> bytes are our trace headers
+    <archive>/days/<YYYY-MM-DD>.jsonl            one `Record` a line, in arrival order, chained
+    <archive>/days/<YYYY-MM-DD>.purged           a day purged but for held records (no chain)
+    <archive>/holds                              legal holds: one address or @domain a line
+    <archive>/writer.open                        there while a writer runs; a crash leaves it
+
+A record names the object by its SHA-256 (of the message bytes, without any skipped prefix), so
+a message for five recipients is one object and one record listing the five, and the same bytes
+archived twice (a re-release, a notice sent again) share the object. Each day's file is a
+SHA-256 chain: a record's `chain` is sha256(previous chain, the record without its chain), the
+first previous chain being the day itself, so `verify()` names any record changed, removed or
+added out of order, and any object whose bytes no longer match its name.
+
+Retention is fixed at ingestion (`keep_until`, from `archive.days`); `purge()` drops whole days
+past it, except the records of held addresses and domains, which stay (and keep their objects).
+Nothing here is ever sent anywhere on its own: only a release (`archive release`) moves a copy.
+
+Writing is `ArchiveWriter`'s, one thread that takes batches: the senders' 250 never waits for
+the archive. Its crash window is bounded and visible: at most `BATCH` messages or `LINGER`
+seconds of pass-through mail not yet fsync'd, plus what waits in its queue (at most `BACKLOG`:
+past that, the caller waits). `writer.open` survives a crash, and the next start logs
+`archive.unclean_stop` with that bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue as queues
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from relay.errors import CorruptEntryError
+from relay.log import event
+from relay.storage.durable import Owner, fsync_dir, make_dirs, replace_file
+
+BATCH = 200          # messages written before one round of fsyncs
+LINGER = 0.1         # seconds a batch waits for more before it is written
+BACKLOG = 2000       # messages waiting for the writer before callers wait
+
+
+@dataclass(frozen=True)
+class Record:
+    """One archived message: what the index and the panel list, and what a release sends."""
+
+    id: str                      # "<YYYYMMDD>.<n>": the day and the place in that day's file
+    time: float
+    direction: str               # "in" (from outside) or "out" (sent by a user, or a notice)
+    kind: str                    # passed | kept | sent | notice
+    sender: str                  # envelope sender, "" for <>
+    rcpts: tuple[str, ...]       # every envelope recipient (a Bcc recipient too)
+    queue_id: str                # the relay's id for it (inbound session id, outbound entry id)
+    outcome: str                 # e.g. "primary 250", "kept", "queued for the smarthost"
+    sha256: str
+    object: str                  # the file name under objects/<aa>/<bb>/
+    size: int
+    keep_until: str              # YYYY-MM-DD: purged after this day (unless held)
+    user: str = ""               # the sending user, for "out"
+    chain: str = ""
+
+    def line(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Record:
+        raw = json.loads(line)
+        raw["rcpts"] = tuple(raw["rcpts"])
+        return cls(**raw)
+
+    @property
+    def day(self) -> str:
+        return self.id.split(".")[0]
+
+
+@dataclass
+class Item:
+    """What the writer is handed: the bytes, their envelope, maybe a file to hard-link."""
+
+    data: bytes
+    direction: str
+    kind: str
+    sender: str
+    rcpts: tuple[str, ...]
+    queue_id: str
+    outcome: str
+    user: str = ""
+    link_from: Path | None = None    # a kept file holding `data` after `skip` bytes
+    skip: int = 0
+    when: float = field(default_factory=time.time)
+
+
+def chain_of(previous: str, record: Record) -> str:
+    body = replace(record, chain="").line()
+    return hashlib.sha256(previous.encode() + b"\n" + body).hexdigest()
+
+
+def _day(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d")
+
+
+class Archive:
+    """One archive root: objects, day files, holds. Reading is safe from any thread; writing
+    is `ArchiveWriter`'s (and `purge`'s, which the writer's owner runs)."""
+
+    def __init__(self, root: Path, days: int = 90, owner: Owner = Owner()) -> None:
+        self.root = root
+        self.days = days
+        self.owner = owner
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _shard(self, sha: str) -> Path:
+        return self.root / "objects" / sha[:2] / sha[2:4]
+
+    def _day_file(self, day: str) -> Path:
+        return self.root / "days" / f"{day}.jsonl"
+
+    def object_path(self, record: Record) -> Path:
+        return self._shard(record.sha256) / record.object
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def day_names(self) -> list[str]:
+        try:
+            return sorted(n[:-len(".jsonl")] for n in os.listdir(self.root / "days") if n.endswith(".jsonl"))
+        except FileNotFoundError:
+            return []
+
+    def records(self, day: str | None = None) -> Iterator[Record]:
+        """Every record, oldest first (of one day, when given). A line that does not parse is
+        skipped here and named by `verify()`."""
+        for name in [day] if day else self.day_names():
+            try:
+                with open(self._day_file(name), "rb") as file:
+                    for line in file:
+                        try:
+                            yield Record.from_line(line)
+                        except (ValueError, TypeError, KeyError):
+                            continue
+            except FileNotFoundError:
+                continue
+
+    def get(self, record_id: str) -> Record:
+        day = record_id.split(".")[0]
+        wanted = f"{day[:4]}-{day[4:6]}-{day[6:]}" if len(day) == 8 else ""
+        for record in self.records(wanted) if wanted else ():
+            if record.id == record_id:
+                return record
+        raise CorruptEntryError(f"{record_id}: no such archived message")
+
+    def read(self, record: Record) -> bytes:
+        """The message bytes as archived (without a kept file's trace headers)."""
+        skip = int(record.object.partition("+")[2] or 0)
+        with open(self.object_path(record), "rb") as file:
+            file.seek(skip)
+            return file.read()
+
+    # -- legal hold --------------------------------------------------------------------------
+
+    def holds(self) -> list[str]:
+        try:
+            text = (self.root / "holds").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return sorted({line.strip().lower() for line in text.splitlines() if line.strip()})
+
+    def set_holds(self, holds: list[str]) -> None:
+        make_dirs(self.root, self.owner)
+        body = "".join(h + "\n" for h in sorted(set(holds)))
+        replace_file(self.root / "holds", body.encode("utf-8"), 0o600, self.owner)
+
+    @staticmethod
+    def held(record: Record, holds: list[str]) -> bool:
+        people = {a.lower() for a in (record.sender, record.user, *record.rcpts) if a}
+        domains = {"@" + a.rpartition("@")[2] for a in people}
+        return bool(people.intersection(holds) or domains.intersection(holds))
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def purge(self, today: date | None = None) -> dict[str, int]:
+        """Drop every record whose `keep_until` is before `today` (UTC), unless held, and the
+        objects no record names any more. Blocking; returns what it did."""
+        today = today or datetime.now(UTC).date()
+        holds = self.holds()
+        dropped = kept_for_hold = 0
+        for day in self.day_names():
+            records = list(self.records(day))
+            expired = [r for r in records if r.keep_until < today.isoformat()]
+            if not expired:
+                continue
+            stay = [r for r in records if r not in expired or self.held(r, holds)]
+            kept_for_hold += len(stay) - (len(records) - len(expired))
+            dropped += len(records) - len(stay)
+            if stay:     # held records stay; the day's chain cannot: `verify` checks their bytes
+                replace_file(self._day_file(day).with_suffix(".purged"), b"%d\n" % dropped, 0o600,
+                             self.owner)
+                replace_file(self._day_file(day), b"".join(r.line() for r in stay), 0o600, self.owner)
+            else:
+                self._day_file(day).unlink()
+                fsync_dir(self._day_file(day).parent)
+        objects = self._sweep_objects() if dropped else 0
+        return {"dropped": dropped, "held": kept_for_hold, "objects": objects}
+
+    def _sweep_objects(self) -> int:
+        named = {(r.sha256, r.object) for r in self.records()}
+        removed = 0
+        base = self.root / "objects"
+        for top in sorted(os.listdir(base)) if base.exists() else ():
+            for sub in sorted(os.listdir(base / top)):
+                shard = base / top / sub
+                for name in os.listdir(shard):
+                    if (name.partition("+")[0], name) not in named:
+                        (shard / name).unlink(missing_ok=True)
+                        removed += 1
+                fsync_dir(shard)
+        return removed
+
+    # -- tamper evidence ---------------------------------------------------------------------
+
+    def verify(self, since: str | None = None) -> list[str]:
+        """Every problem found, one line each: a record changed, removed or added out of order,
+        a line that does not parse, an object missing or changed. Empty: all is well."""
+        problems: list[str] = []
+        for day in self.day_names():
+            if since and day < since:
+                continue
+            previous = day
+            partly_purged = self._day_file(day).with_suffix(".purged").exists()
+            with open(self._day_file(day), "rb") as file:
+                for number, line in enumerate(file, 1):
+                    try:
+                        record = Record.from_line(line)
+                    except (ValueError, TypeError, KeyError):
+                        problems.append(f"{day} line {number}: not a record")
+                        previous = "?"
+                        continue
+                    if not partly_purged and record.chain != chain_of(previous, record):
+                        problems.append(f"{record.id}: changed, or a record before it was removed "
+                                        "or inserted (the chain breaks here)")
+                    previous = record.chain
+                    problems += self._check_object(record)
+        return problems
+
+    def _check_object(self, record: Record) -> list[str]:
+        try:
+            data = self.read(record)
+        except OSError:
+            return [f"{record.id}: its message file is missing"]
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            return [f"{record.id}: its message bytes changed"]
+        return []
+
+
+class ArchiveWriter:
+    """The one writer: a thread taking batches from a bounded queue (see the module's text)."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self._queue: queues.Queue[Item | None] = queues.Queue(BACKLOG)
+        self._thread: threading.Thread | None = None
+        self._tails: dict[str, tuple[int, str]] = {}       # day -> (records so far, last chain)
+        self.written = 0
+
+    def start(self) -> None:
+        make_dirs(self.archive.root / "days", self.archive.owner)
+        marker = self.archive.root / "writer.open"
+        if marker.exists():
+            event("archive.unclean_stop", logging.WARNING, lost_at_most=f"{BATCH}+{BACKLOG} messages",
+                  window=f"{LINGER:g}s", hint="pass-through mail of the last moment before the stop "
+                  "may be missing from the archive; the primary has it")
+        replace_file(marker, str(os.getpid()).encode(), 0o600, self.archive.owner)
+        self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
+        self._thread.start()
+
+    def add(self, item: Item) -> None:
+        """Hand a message over (blocking only while `BACKLOG` messages wait)."""
+        self._queue.put(item)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what waits, then end; a clean stop removes `writer.open`."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            (self.archive.root / "writer.open").unlink(missing_ok=True)
+        self._thread = None
+
+    def _run(self) -> None:
+        ending = False
+        while not ending:
+            batch: list[Item] = []
+            item = self._queue.get()
+            deadline = time.monotonic() + LINGER
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queues.Empty:
+                    break
+            ending = item is None
+            if batch:
+                try:
+                    self.write(batch)
+                except OSError as exc:     # the archive's own trouble never stops mail
+                    event("archive.write_failed", logging.ERROR, messages=len(batch),
+                          error=exc.strerror or exc)
+
+    def write(self, batch: list[Item]) -> list[Record]:
+        """Write a batch: objects, then the day files' lines, each fsync'd once (blocking)."""
+        touched: set[Path] = set()
+        records = []
+        files: dict[str, list[bytes]] = {}
+        for item in batch:
+            sha = hashlib.sha256(item.data).hexdigest()
+            name = self._store(sha, item, touched)
+            record = self._record(item, sha, name)
+            files.setdefault(_day(item.when), []).append(record.line())
+            records.append(record)
+        for shard in touched:
+            fsync_dir(shard)
+        make_dirs(self.archive.root / "days", self.archive.owner)
+        for day, lines in files.items():
+            path = self.archive._day_file(day)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                self.archive.owner.claim(fd)
+                os.write(fd, b"".join(lines))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.archive.root / "days")
+        self.written += len(records)
+        return records
+
+    def _store(self, sha: str, item: Item, touched: set[Path]) -> str:
+        shard = self.archive._shard(sha)
+        if (shard / sha).exists():
+            return sha
+        make_dirs(shard, self.archive.owner)
+        for name in os.listdir(shard):
+            if name.startswith(sha + "+"):
+                return name
+        if item.link_from is not None:
+            linked = f"{sha}+{item.skip}"
+            try:
+                os.link(item.link_from, shard / linked, follow_symlinks=False)
+                touched.add(shard)
+                return linked
+            except FileExistsError:
+                return linked
+            except OSError:
+                pass            # gone meanwhile (replayed, deleted), or another file system
+        tmp = shard / f".{sha}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            self.archive.owner.claim(fd)
+            view = memoryview(item.data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, shard / sha)
+        touched.add(shard)
+        return sha
+
+    def _record(self, item: Item, sha: str, name: str) -> Record:
+        day = _day(item.when)
+        count, previous = self._tail(day)
+        keep_until = (datetime.fromtimestamp(item.when, UTC).date() + timedelta(days=self.archive.days))
+        record = Record(id=f"{day.replace('-', '')}.{count + 1}", time=item.when, direction=item.direction,
+                        kind=item.kind, sender=item.sender, rcpts=item.rcpts, queue_id=item.queue_id,
+                        outcome=item.outcome, sha256=sha, object=name, size=len(item.data),
+                        keep_until=keep_until.isoformat(), user=item.user)
+        record = replace(record, chain=chain_of(previous, record))
+        self._tails[day] = (count + 1, record.chain)
+        return record
+
+    def _tail(self, day: str) -> tuple[int, str]:
+        if day not in self._tails:
+            count, previous = 0, day
+            for record in self.archive.records(day):
+                count, previous = count + 1, record.chain
+            self._tails[day] = (count, previous)
+        return self._tails[day]

@@ -1,0 +1,77 @@
+"""The archive's files: one object per content, one chained record per message, retention to
+the day, legal hold, and `verify` naming what changed (issue 11)."""
+
+from __future__ import annotations
+
+import calendar
+import os
+from datetime import date
+
+from relay.storage.archive import Archive, ArchiveWriter, Item
+
+MESSAGE = b"From: s@sender.test\r\nTo: a@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
+
+
+def at(day: str) -> float:
+    return calendar.timegm(date.fromisoformat(day).timetuple()) + 3600.0
+
+
+def item(data: bytes = MESSAGE, when: str = "2026-11-01", rcpts=("a@example.com",), **more) -> Item:
+    fields = {"direction": "in", "kind": "passed", "sender": "s@sender.test", "queue_id": "q1",
+              "outcome": "primary 250", **more}
+    return Item(data=data, rcpts=tuple(rcpts), when=at(when), **fields)
+
+
+def test_five_recipients_one_object_one_record_listing_them_all(tmp_path):
+    archive = Archive(tmp_path, days=90)
+    rcpts = tuple(f"u{n}@example.com" for n in range(5))
+    (record,) = ArchiveWriter(archive).write([item(rcpts=rcpts)])
+    assert record.rcpts == rcpts and record.keep_until == "2027-01-30"
+    assert archive.read(record) == MESSAGE
+    again = ArchiveWriter(archive).write([item()])       # the same bytes later: the same object
+    assert again[0].object == record.object
+    objects = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+    assert len(objects) == 1 and [r.id for r in archive.records()] == ["20261101.1", "20261101.2"]
+
+
+def test_a_kept_message_is_a_hard_link_to_its_maildir_file(tmp_path):
+    kept = tmp_path / "kept"
+    trace = b"Return-Path: <s@sender.test>\r\nDelivered-To: a@example.com\r\n"
+    kept.write_bytes(trace + MESSAGE)
+    archive = Archive(tmp_path / "archive")
+    (record,) = ArchiveWriter(archive).write([item(link_from=kept, skip=len(trace), kind="kept")])
+    assert os.path.samefile(archive.object_path(record), kept)
+    assert archive.read(record) == MESSAGE and archive.verify() == []
+
+
+def test_retention_to_the_day_and_hold(tmp_path):
+    archive = Archive(tmp_path, days=90)
+    writer = ArchiveWriter(archive)
+    writer.write([item(b"old " + MESSAGE, "2026-09-01"), item(b"young " + MESSAGE, "2026-09-02"),
+                  item(b"held " + MESSAGE, "2026-09-01", rcpts=("bob@example.org",))])
+    archive.set_holds(["@example.org"])
+    # kept until 2026-11-30 and 2026-12-01: on 2026-11-30 nothing goes, on 12-01 the first
+    assert archive.purge(date(2026, 11, 30)) == {"dropped": 0, "held": 0, "objects": 0}
+    assert archive.purge(date(2026, 12, 1)) == {"dropped": 1, "held": 1, "objects": 1}
+    assert sorted(archive.read(r)[:5] for r in archive.records()) == [b"held ", b"young"]
+    assert archive.verify() == []          # the held record's bytes still check out
+    assert archive.purge(date(2026, 12, 2))["dropped"] == 1
+    assert [archive.read(r)[:5] for r in archive.records()] == [b"held "]
+
+
+def test_verify_names_a_changed_byte_a_removed_record_and_an_inserted_one(tmp_path):
+    archive = Archive(tmp_path)
+    first, second, third = ArchiveWriter(archive).write(
+        [item(b"%d " % n + MESSAGE) for n in range(3)])
+    assert archive.verify() == []
+    path = archive.object_path(second)
+    path.write_bytes(path.read_bytes().replace(b"body", b"bodY"))
+    assert archive.verify() == [f"{second.id}: its message bytes changed"]
+    day = tmp_path / "days" / "2026-11-01.jsonl"
+    lines = day.read_bytes().splitlines(keepends=True)
+    day.write_bytes(lines[0] + lines[2])                                  # second removed
+    assert archive.verify()[0].startswith(f"{third.id}: changed, or a record before it")
+    day.write_bytes(lines[0] + lines[2] + lines[1])                       # put back out of order
+    assert len([p for p in archive.verify() if "chain breaks" in p]) == 2
+    archive.object_path(first).unlink()
+    assert f"{first.id}: its message file is missing" in archive.verify()
