@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp.web import AppRunner
 
+from relay.addresses import Mailbox
 from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort
@@ -29,12 +30,13 @@ from relay.runners.queue_runner import Notice
 from relay.runners.replay import ReplayRunner, Sweep
 from relay.smtp import inbound as inbound_smtp
 from relay.smtp import submission as submission_smtp
-from relay.smtp.inbound import InboundHandler
+from relay.smtp.inbound import ArchiveHook, InboundHandler
 from relay.smtp.limits import ConnectionLimits, listener_limits, log_accept_errors, log_limits
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit
 from relay.smtp.tls import ServerTLS
-from relay.storage.continuity import ContinuityStore
+from relay.storage.archive import Archive, ArchiveWriter, Item
+from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
 from relay.web import start_web
@@ -46,6 +48,7 @@ STORAGE_THREADS = 32
 # most RESTART_DELAY_MAX; one that ran longer than RESTART_DELAY_MAX starts the count over.
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 60.0
+PURGE_INTERVAL = 86400.0
 
 Runner = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
 """A runner's name (for the log) and what starts it: called again for every restart."""
@@ -76,6 +79,7 @@ class Running:
     submission: tuple[asyncio.Server, SubmissionHandler] | None = None
     web: AppRunner | None = None
     tls: ServerTLS | None = None
+    archive: ArchiveWriter | None = None
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -101,6 +105,8 @@ class Running:
             self.runners.cancel()
             await asyncio.wait([self.runners], timeout=2)
         await asyncio.to_thread(self.replay.health.flush)
+        if self.archive is not None:       # what it holds is written before the stop
+            await asyncio.to_thread(self.archive.stop)
         if not self.runners.cancelled() and self.runners.exception() is not None:
             raise self.runners.exception()
 
@@ -178,6 +184,7 @@ async def start(config: Config) -> Running:
         make_dirs(root, owner)
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
+    archive = await asyncio.to_thread(_archive_writer, config, store)
     directory = Directory(config)
     health = Health(config.storage.spool, owner)
     await asyncio.to_thread(health.refresh, list(config.domains))   # from memory from now on
@@ -186,6 +193,8 @@ async def start(config: Config) -> Running:
     health.listen(replay.kick)
     runners: list[Runner] = [("replay", replay.run),     # run once every listener is up
                              ("refresh", lambda: _refresh(health, directory))]
+    if archive is not None:
+        runners.append(("archive", lambda: _purge_daily(archive.archive)))
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
@@ -202,7 +211,7 @@ async def start(config: Config) -> Running:
                                 throttle) if tls else None
     handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
                              store.keep, config.max_recipients, sending, _screen(config),
-                             directory.is_known)
+                             directory.is_known, _inbound_archive(store, archive))
     log_accept_errors(asyncio.get_running_loop())
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
                                                           else [])])
@@ -215,7 +224,50 @@ async def start(config: Config) -> Running:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls)
+                   submission, web, tls, archive)
+
+
+def _archive_writer(config: Config, store: ContinuityStore) -> ArchiveWriter | None:
+    """The archive's writer (`storage.archive`), started, with the store's hooks set; None
+    when the archive is off. Blocking."""
+    if config.storage.archive is None:
+        return None
+    writer = ArchiveWriter(Archive(config.storage.archive, config.archive.days,
+                                   Owner.named(config.storage.owner)))
+    writer.start()
+    store.archive = writer.add          # sent mail and notices: from worker threads
+    return writer
+
+
+def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> ArchiveHook | None:
+    """Inbound mail to the archive, from the event loop: never waits (the writer's backlog
+    full, it waits in a worker thread). Kept mail is a hard link to its kept file."""
+    if writer is None:
+        return None
+
+    def archive(tx_id: str, sender: str, message: bytes, outcomes: dict[Mailbox, str],
+                kept: dict[Mailbox, str]) -> None:
+        first = next(iter(kept.items()), None)
+        counts: dict[str, int] = {}
+        for text in outcomes.values():
+            counts[text] = counts.get(text, 0) + 1
+        item = Item(data=message, direction="in", kind="kept" if kept else "passed", sender=sender,
+                    rcpts=tuple(str(u) for u in outcomes), queue_id=tx_id,
+                    outcome=", ".join(f"{t} ({n})" if len(outcomes) > 1 else t for t, n in counts.items()),
+                    link_from=store.kept_file(*first) if first else None,
+                    skip=len(trace_headers(first[0], sender)) if first else 0)
+        if not writer.offer(item):
+            asyncio.get_running_loop().run_in_executor(None, writer.add, item)
+    return archive
+
+
+async def _purge_daily(archive: Archive) -> None:
+    """At start-up and every day after: nothing older than its `keep_until` survives."""
+    while True:
+        result = await asyncio.to_thread(archive.purge)
+        if any(result.values()):
+            event("archive.purged", **result)
+        await asyncio.sleep(PURGE_INTERVAL)
 
 
 async def _refresh(health: Health, directory: Directory) -> None:

@@ -86,6 +86,12 @@ class Storage:
     maildirs: Path
     spool: Path
     owner: str | None = None
+    archive: Path | None = None        # the rolling archive (storage/archive.py); None: off
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    days: int = 90                     # retention, fixed on each message as it is archived
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,7 @@ class Config:
     audit_log: Path = Path("audit.log")
     rspamd: Rspamd = Rspamd()
     limits: Limits = Limits()
+    archive: ArchiveSettings = ArchiveSettings()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -465,6 +472,11 @@ def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
                                         Web.session_lifetime))
 
 
+def _archive(r: _Reader, raw: Any) -> ArchiveSettings:
+    data = r.section(raw, "archive", {"days"})
+    return ArchiveSettings(days=r.value(data, "archive", "days", _positive_int, ArchiveSettings.days))
+
+
 def _rspamd(r: _Reader, raw: Any) -> Rspamd:
     data = r.section(raw, "rspamd", {"url", "timeout", "on_failure"})
     return Rspamd(url=r.value(data, "rspamd", "url", _http_url, Rspamd.url),
@@ -540,10 +552,10 @@ def load(path: str | Path) -> Config:
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
-                              "rspamd", "limits"},
+                              "rspamd", "limits", "archive"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
-    storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner"},
+    storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner", "archive"},
                         {"maildirs", "spool"})
     replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
     config = Config(
@@ -556,6 +568,7 @@ def load(path: str | Path) -> Config:
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
             owner=r.value(storage, "storage", "owner", _owner, Storage.owner),
+            archive=r.path(storage, "storage", "archive", Storage.archive),
         ),
         users_file=r.path(top, "", "users_file", Config.users_file),
         password_scheme=r.value(top, "", "password_scheme", _choice(PASSWORD_SCHEMES),
@@ -578,6 +591,7 @@ def load(path: str | Path) -> Config:
         audit_log=r.path(top, "", "audit_log", Config.audit_log, nullable=False),   # never off
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
+        archive=_archive(r, top.get("archive")),
     )
     if r.problems:
         raise ConfigErrors(r.problems)

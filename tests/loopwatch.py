@@ -26,14 +26,18 @@ _AUDITED = {"open", "os.listdir", "os.scandir"}
 
 
 def _where() -> str:
-    """The innermost project frame (walked by hand: a traceback would read source files, which
-    is itself an audited open)."""
+    """The innermost project frame, else the innermost frame outside this module (walked by
+    hand: a traceback would read source files, which is itself an audited open)."""
     frame = sys._getframe(2)
-    while frame is not None and "/relay/" not in frame.f_code.co_filename:
+    first = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/relay/" in name:
+            return f" at {name.split('/relay/')[-1]}:{frame.f_lineno}"
+        if first is None and not name.endswith("loopwatch.py"):
+            first = f" at {name}:{frame.f_lineno}"
         frame = frame.f_back
-    if frame is None:
-        return ""
-    return f" at {frame.f_code.co_filename.split('/relay/')[-1]}:{frame.f_lineno}"
+    return first or ""
 
 
 def _record(what: str) -> None:
@@ -58,7 +62,7 @@ sys.addaudithook(_audit)      # hooks cannot be removed: it stays, and costs a s
 def _blocking(name: str, call):
     def watched(*args, **kwargs):
         if not (args and _python_file(args[0])):
-            _record(name)
+            _record(f"{name}({args[0]!r})" if args and isinstance(args[0], (str, os.PathLike)) else name)
         return call(*args, **kwargs)
     return watched
 

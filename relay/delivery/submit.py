@@ -21,6 +21,7 @@ from relay import headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.delivery.client import needs_smtputf8
 from relay.errors import PermFail
+from relay.storage.archive import Item
 from relay.storage.continuity import ContinuityStore
 from relay.storage.queue import Envelope
 
@@ -97,4 +98,8 @@ class Submitter:
         self.store.replay_queue(user.domain).enqueue_bytes(copy, Envelope(
             mail_from=str(user), rcpt=str(user), received_at=now,
             mail_options=options_for(copy, str(user), str(user))))
+        if self.store.archive is not None:        # what left, listed for every recipient
+            self.store.archive(Item(data=outgoing, direction="out", kind="sent", sender=sender,
+                                    rcpts=tuple(rcpts), queue_id=ids[0], user=str(user), when=now,
+                                    outcome="queued for the smarthost"))
         return ids[0]

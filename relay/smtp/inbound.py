@@ -102,18 +102,25 @@ class InboundSMTP(LimitedConnections, RelaySMTP):
             session.upstreams.clear()
 
 
+ArchiveHook = Callable[[str, str, bytes, dict[Mailbox, str], dict[Mailbox, str]], None]
+"""(session id, sender, message, outcome per recipient, kept queue id per recipient): archive
+an accepted message without waiting (app.py hands it to the archive writer)."""
+
+
 class InboundHandler:
     """aiosmtpd hooks for the inbound listener."""
 
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
                  max_recipients: int = 100, submission: SubmissionHandler | None = None,
-                 screen: Screen | None = None, known: Callable[[Mailbox], bool] | None = None) -> None:
+                 screen: Screen | None = None, known: Callable[[Mailbox], bool] | None = None,
+                 archive: ArchiveHook | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
         self.is_registered = is_registered   # blocking: reads the passwd-file if it changed
         self.known = known                   # from memory (Directory.is_known), may lag a second
+        self.archive = archive               # every accepted message, once (never waits)
         self.keep = keep
         self.max_recipients = max_recipients
         self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
@@ -325,12 +332,17 @@ class InboundHandler:
             if screened.reply is not None:
                 return screened.reply
             message = screened.message
+        kept_ids: dict[Mailbox, str] = {}
         try:
             for user in kept:
-                await asyncio.to_thread(self.keep, user, sender, message, options, tx.options[user])
+                kept_ids[user] = await asyncio.to_thread(self.keep, user, sender, message, options,
+                                                         tx.options[user])
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
             event("inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
             return replies.LOCAL_ERROR
+        if self.archive is not None:
+            outcomes = {u: "kept" if u in kept_ids else f"primary {answers[u].code}" for u in outcome}
+            self.archive(tx.id, sender, message, outcomes, kept_ids)
         event("inbound.accepted", id=tx.id, size=len(message), rcpts=len(outcome),
               kept=len(kept))
         if kept:

@@ -286,6 +286,15 @@ class ArchiveWriter:
         """Hand a message over (blocking only while `BACKLOG` messages wait)."""
         self._queue.put(item)
 
+    def offer(self, item: Item) -> bool:
+        """Hand a message over without waiting (from the event loop); False when the backlog
+        is full, and the caller hands it to `add` in a worker thread."""
+        try:
+            self._queue.put_nowait(item)
+        except queues.Full:
+            return False
+        return True
+
     def stop(self, timeout: float = 30.0) -> None:
         """Write what waits, then end; a clean stop removes `writer.open`."""
         if self._thread is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.errors import StorageError
+from relay.storage.archive import Item
 from relay.storage.durable import Owner
 from relay.storage.maildir import MaildirStore
 from relay.storage.queue import Envelope, Queue
@@ -35,6 +36,11 @@ from relay.storage.queue import Envelope, Queue
 
 def replay_queue_path(spool: Path, domain: str) -> Path:
     return spool / "replay" / domain
+
+
+def trace_headers(user: Mailbox, sender: str) -> bytes:
+    """What a kept copy carries above the message, as a delivery agent writes it."""
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n".encode()
 
 
 class ContinuityStore:
@@ -46,6 +52,11 @@ class ContinuityStore:
         self.owner = owner
         self._queues: dict[str, Queue] = {}
         self.outbound = Queue(spool / "outbound", owner)
+        self.archive: Callable[[Item], None] | None = None    # set when storage.archive is
+
+    def kept_file(self, user: Mailbox, queue_id: str) -> Path:
+        """The kept copy's file, as the replay queue holds it (a hard link to the Maildir's)."""
+        return self.replay_queue(user.domain).root / "msg" / queue_id
 
     def replay_queue(self, domain: str) -> Queue:
         if domain not in self._queues:
@@ -55,7 +66,7 @@ class ContinuityStore:
     def keep(self, user: Mailbox, sender: str, message: bytes,
              mail_options: tuple[str, ...] = (), rcpt_options: tuple[str, ...] = ()) -> str:
         """Store one recipient's copy durably; returns the replay queue id. Blocking."""
-        trace = (f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n").encode()
+        trace = trace_headers(user, sender)
         envelope = Envelope(mail_from=sender, rcpt=str(user), received_at=time.time(),
                             skip=len(trace), mail_options=mail_options, rcpt_options=rcpt_options)
         queue = self.replay_queue(user.domain)
@@ -71,7 +82,9 @@ class ContinuityStore:
         """A notice from the relay (envelope sender `<>`) to one of its users: into their
         continuity INBOX and their domain's replay queue. Blocking; returns the queue id."""
         options = () if notice.isascii() else ("BODY=8BITMIME",)
-        return self.keep(user, "", notice, options)
+        entry = self.keep(user, "", notice, options)
+        self._archive_notice(notice, str(user), entry, "in the INBOX, queued for the primary")
+        return entry
 
     def bounce(self, notice: bytes, rcpt: str, local_domains: Collection[str],
                registered: Callable[[Mailbox], bool] = lambda user: False) -> str:
@@ -86,4 +99,12 @@ class ContinuityStore:
         envelope = Envelope(mail_from="", rcpt=rcpt, received_at=time.time(), mail_options=options)
         local = user is not None and user.domain in local_domains
         queue = self.replay_queue(user.domain) if local else self.outbound
-        return queue.enqueue_bytes(notice, envelope)
+        entry = queue.enqueue_bytes(notice, envelope)
+        self._archive_notice(notice, rcpt, entry, "queued for the primary" if local else
+                             "queued for the smarthost")
+        return entry
+
+    def _archive_notice(self, notice: bytes, rcpt: str, entry: str, outcome: str) -> None:
+        if self.archive is not None:
+            self.archive(Item(data=notice, direction="out", kind="notice", sender="", rcpts=(rcpt,),
+                              queue_id=entry, outcome=outcome))

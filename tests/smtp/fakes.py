@@ -127,14 +127,15 @@ class FakePrimary:
 
 def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01",
                  until: str = "2027-12-31", continuity: bool = True, extra: str = "",
-                 primary: str = "") -> Path:
-    """`primary`: more settings of the primary's mapping, e.g. "starttls: off"."""
+                 primary: str = "", storage: str = "") -> Path:
+    """`primary`: more settings of the primary's mapping, e.g. "starttls: off"; `storage`:
+    more of the storage mapping, e.g. "archive: archive"."""
     cont = f"    continuity: {{since: {since}, until: {until}}}\n" if continuity else ""
     more = f", {primary}" if primary else ""
     text = textwrap.dedent(f"""\
         hostname: relay.test
         listen: {{inbound: 127.0.0.1:{free_port()}}}
-        storage: {{maildirs: maildirs, spool: spool}}
+        storage: {{maildirs: maildirs, spool: spool{", " + storage if storage else ""}}}
         users_file: users.passwd
         message_size_limit: 1MiB
         domains:

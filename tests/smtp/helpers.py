@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import smtplib
 import ssl
 import threading
@@ -16,8 +17,10 @@ import argon2
 import bcrypt
 
 from relay.auth import LoginThrottle
+from relay.delivery.submit import Submitter
 from relay.smtp.submission import SubmissionHandler, make_server_factory
 from relay.smtp.tls import ServerTLS
+from relay.storage.continuity import ContinuityStore
 from tests.loopwatch import watch_thread
 
 PASSWORDS = {"alice@example.com": "alice pass", "bob@example.com": "bob pass",
@@ -112,3 +115,16 @@ def outbound_config(smarthost_port: int, **extra: str) -> str:
 
 def files(path) -> list:
     return sorted(p for p in path.glob("*") if p.is_file()) if path.exists() else []
+
+
+def sender_of(relay) -> Submitter:
+    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    return Submitter(store)
+
+
+def drop_in_outbox(relay, user: str, data: bytes, sub: str = "new", flags: str = "") -> None:
+    """What Dovecot does for an IMAP APPEND: write in tmp/, rename into new/ or cur/."""
+    outbox = relay.config.storage.maildirs / "example.com" / user / ".Outbox"
+    tmp = outbox / "tmp" / "1700000000.M1P1Q1.test"
+    tmp.write_bytes(data)
+    os.rename(tmp, outbox / sub / (tmp.name + flags))

@@ -31,7 +31,7 @@ def test_messages_in_an_outage_and_after_cost_the_loop_no_file_call(tmp_path):
             wait_for(lambda: len(fake.received) == 5, 20, "the replay of five messages")
             assert send(relay.port, "s@sender.test", ["alice@example.com"], MESSAGE)[1][0] == 250
             relay.stop()
-            assert blocking == [], "blocking calls on the relay's loop"
+            assert blocking == [], f"blocking calls on the relay's loop: {blocking}"
         assert len(stored_files(relay.config.storage.maildirs)) == 5
     finally:
         relay.stop()

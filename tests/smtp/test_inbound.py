@@ -313,7 +313,7 @@ def test_unexpected_error_is_451_without_internals(make_relay):
     def broken(user):
         raise RuntimeError("secret internals /etc/shadow")
 
-    relay.running.handler.is_registered = broken
+    relay.running.handler.known = broken       # the first check a RCPT meets
     answers, _ = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
     assert answers == [(451, b"4.3.0 Temporary local problem, try again later")]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import ssl
 import time
 
@@ -18,18 +17,13 @@ from relay.delivery.submit import Submitter
 from relay.storage.continuity import ContinuityStore
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
-from tests.smtp.helpers import files, outbound_config
+from tests.smtp.helpers import drop_in_outbox, files, outbound_config, sender_of
 
 pytestmark = pytest.mark.timeout(60)
 
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
            b"Cc: carol@example.net\r\nBcc: secret@example.net\r\n"
            b"Subject: =?UTF-8?B?w6l0w6k=?=\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
-
-
-def sender_of(relay) -> Submitter:
-    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
-    return Submitter(store)
 
 
 def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarthost, make_relay):
@@ -99,14 +93,6 @@ def test_failure_puts_a_notice_in_the_users_inbox(make_relay, extra, script):
         wait_for(lambda: files(relay.config.storage.spool / "outbound" / "failed"))
     finally:
         smarthost.stop()
-
-
-def drop_in_outbox(relay, user: str, data: bytes, sub: str = "new", flags: str = "") -> None:
-    """What Dovecot does for an IMAP APPEND: write in tmp/, rename into new/ or cur/."""
-    outbox = relay.config.storage.maildirs / "example.com" / user / ".Outbox"
-    tmp = outbox / "tmp" / "1700000000.M1P1Q1.test"
-    tmp.write_bytes(data)
-    os.rename(tmp, outbox / sub / (tmp.name + flags))
 
 
 def test_outbox_message_is_sent_to_to_cc_bcc_and_removed(smarthost, make_relay):

@@ -100,7 +100,7 @@ def make_server(directory, server_tls):
         yield make
         for server in started:
             server.stop()
-        assert blocking == [], "blocking calls on the event loop"
+        assert blocking == [], f"blocking calls on the event loop: {blocking}"
 
 
 @pytest.fixture

@@ -43,7 +43,8 @@ def test_a_file_read_on_the_loop_is_reported(tmp_path):
     async def read() -> None:
         (tmp_path / "f").read_text()
 
-    assert _on_a_watched_loop(read) == [f"open({str(tmp_path / 'f')!r})"]
+    (seen,) = _on_a_watched_loop(read)
+    assert seen.startswith(f"open({str(tmp_path / 'f')!r}) at ") and "pathlib.py" in seen
 
 
 def test_the_same_work_in_a_worker_thread_is_not_reported(tmp_path):

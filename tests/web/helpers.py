@@ -64,7 +64,7 @@ def watching_the_loop(started: list) -> Iterator[None]:
         finally:
             for server in started:
                 server.stop()
-        assert blocking == [], "blocking calls on the event loop"
+        assert blocking == [], f"blocking calls on the event loop: {blocking}"
 
 
 class WebServer:
