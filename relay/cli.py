@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import getpass
 import json
 import logging
 import sys
@@ -19,15 +20,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from relay import __version__, app, headers
+from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.admins import Admins
 from relay.config import Config, load
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
 from relay.storage import spool
+from relay.storage.archive import Archive
 from relay.storage.continuity import replay_queue_path
+from relay.storage.durable import Owner
 from relay.storage.queue import Queue, waiting_by_user
+from relay.storage.release import release
 from relay.storage.state import domain_status
+from relay.web.audit import AuditLog
 from relay.web.revoked import Revoked
 
 
@@ -293,6 +299,102 @@ def _shown(text: str, limit: int = 200) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
+# -- the archive ------------------------------------------------------------------------------------
+
+def _archive(config: Config) -> Archive:
+    if config.storage.archive is None:
+        raise UsageError("storage.archive is not set: the archive is off")
+    return Archive(config.storage.archive, config.archive.days, Owner.named(config.storage.owner))
+
+
+def cmd_archive_release(args: argparse.Namespace) -> int:
+    """Each id to its recipients (or --to), the primary or the continuity mailbox by health."""
+    config = _config(args)
+    archive, store = _archive(config), app.build_store(config)
+    to = _mailbox(args.to) if args.to else None
+    who = getpass.getuser()
+    audit = AuditLog(config.audit_log)
+    status = 0
+    for record_id in args.ids:
+        try:
+            done = release(archive, store, record_id, f"{who} (command line)", config.domains,
+                           Directory(config).is_registered, to)
+        except EntryError as exc:
+            print(f"continuity-relay: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        for item in done:
+            audit.record("cli", who, "archive_release", id=record_id, to=item.user, went=item.went,
+                         queue_id=item.queue_id)
+            print(f"{record_id}: released to {item.user}, {item.went} (queue id {item.queue_id})")
+    return status
+
+
+def cmd_archive_hold(args: argparse.Namespace) -> int:
+    config = _config(args)
+    archive = _archive(config)
+    holds = archive.holds()
+    if args.action == "list":
+        for hold in holds:
+            print(hold)
+        return 0
+    if not args.who:
+        raise UsageError(f"archive hold {args.action}: name an address or @domain")
+    wanted = [_hold_key(w) for w in args.who]
+    changed = sorted(set(holds) | set(wanted)) if args.action == "add" else \
+        [h for h in holds if h not in wanted]
+    archive.set_holds(changed)
+    AuditLog(config.audit_log).record("cli", getpass.getuser(), f"archive_hold_{args.action}",
+                                      who=",".join(wanted))
+    return 0
+
+
+def _hold_key(text: str) -> str:
+    if text.startswith("@"):
+        domain = text[1:].strip().lower().rstrip(".")
+        if not domain or "@" in domain or "." not in domain:
+            raise UsageError(f"{text!r}: not @domain")
+        return "@" + domain
+    return str(_mailbox(text))
+
+
+def _mailbox(text: str) -> Mailbox:
+    try:
+        return parse_mailbox(text)
+    except AddressError as exc:
+        raise UsageError(f"{text!r}: {exc}") from None
+
+
+def cmd_archive_verify(args: argparse.Namespace) -> int:
+    """Every problem the day chains and message hashes show; exit 1 when there is any."""
+    problems = _archive(_config(args)).verify(args.since)
+    for problem in problems:
+        print(problem)
+    print(f"{len(problems)} problem(s)" if problems else "the archive verifies: no problem found")
+    return 1 if problems else 0
+
+
+def _archive_commands(commands, command) -> None:
+    archive = commands.add_parser("archive", help="the rolling archive: release, hold, verify"
+                                  ).add_subparsers(dest="archive_command", required=True)
+    rel = command(archive, "release", cmd_archive_release, "send archived messages again: to the "
+                  "primary, or during an outage to the continuity mailbox")
+    rel.add_argument("ids", nargs="+", metavar="ID")
+    rel.add_argument("--to", help="this user instead of the message's recipients")
+    hold = command(archive, "hold", cmd_archive_hold, "legal hold: held mail is never purged")
+    hold.add_argument("action", choices=("add", "remove", "list"))
+    hold.add_argument("who", nargs="*", metavar="ADDRESS|@DOMAIN")
+    ver = command(archive, "verify", cmd_archive_verify, "check the day chains and message hashes")
+    ver.add_argument("--since", type=_day_arg, help="from this day (YYYY-MM-DD)")
+
+
+def _day_arg(text: str) -> str:
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a date like 2026-12-01") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="continuity-relay",
                                      description="Self-hosted e-mail continuity relay.")
@@ -340,6 +442,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="read the password from the first line of standard input")
     command(admins, "list", cmd_admins_list, "list administrators")
     _queue_commands(commands, command)
+    _archive_commands(commands, command)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""`archive release` in both health states and again, `archive hold`, `archive verify` (issue
+11, points 3, 4 and 7), against a running relay, its archive and a fake primary."""
+
+from __future__ import annotations
+
+import email
+
+import pytest
+
+from relay.cli import main
+from relay.storage.archive import Archive
+from relay.storage.state import read_state
+from tests.helpers import wait_for
+from tests.smtp.fakes import FakePrimary, send, stored_files
+
+pytestmark = pytest.mark.timeout(60)
+
+MESSAGE = b"From: s@sender.test\r\nTo: alice@example.com\r\nSubject: to release\r\n\r\nbody\r\n"
+
+
+def cli(relay, *args: str) -> int:
+    return main(["archive", *args, "-c", str(relay.config.file)])
+
+
+def test_release_goes_to_the_primary_when_healthy_and_to_the_mailbox_in_an_outage(make_relay, capsys):
+    primary = FakePrimary().start()
+    try:
+        relay = make_relay(primary.port, storage="archive: archive", extra="replay: {probe_interval: 1s}\n")
+        archive = Archive(relay.config.storage.archive)
+        assert send(relay.port, "s@sender.test", ["alice@example.com"], MESSAGE)[1][0] == 250
+        (record,) = wait_for(lambda: list(archive.records()), 10, "the message archived")
+        assert len(primary.received) == 1 and stored_files(relay.config.storage.maildirs) == []
+        # healthy: through the replay queue to the primary, with the release on top
+        assert cli(relay, "release", record.id) == 0
+        assert "released to alice@example.com, primary" in capsys.readouterr().out
+        wait_for(lambda: len(primary.received) == 2, 15, "the released copy at the primary")
+        released = email.message_from_bytes(primary.received[1].content)
+        assert released["X-Continuity-Released"].startswith(f"{record.id} by ")
+        assert primary.received[1].content.endswith(archive.read(record))
+        # an outage: into alice's continuity mailbox (and queued for the primary), again and again
+        primary.script.rcpt = "451 4.3.0 down"
+        assert send(relay.port, "s@sender.test", ["bob@example.com"], MESSAGE)[1][0] == 250
+        spool = relay.config.storage.spool
+        wait_for(lambda: read_state(spool / "state", "example.com").state == "outage", 10, "outage")
+        for times in (1, 2):
+            assert cli(relay, "release", record.id) == 0
+            assert "continuity mailbox" in capsys.readouterr().out
+            alice = stored_files(relay.config.storage.maildirs / "example.com" / "alice")
+            assert len(alice) == times and alice[-1].read_bytes().endswith(archive.read(record))
+        audit = relay.config.audit_log.read_text().splitlines()
+        assert len([line for line in audit if "action=archive_release" in line]) == 3
+        assert cli(relay, "release", "20200101.1") == 1                   # no such message
+        # bob's kept message is the second record; the releases are not archived again
+        wait_for(lambda: len(list(archive.records())) == 2, 10, "bob's message archived")
+        assert [r.rcpts for r in archive.records()] == [("alice@example.com",), ("bob@example.com",)]
+    finally:
+        primary.stop()
+
+
+def test_hold_add_list_remove_and_verify_catches_a_changed_byte(make_relay, capsys):
+    primary = FakePrimary().start()
+    try:
+        relay = make_relay(primary.port, storage="archive: archive")
+        archive = Archive(relay.config.storage.archive)
+        assert cli(relay, "hold", "add", "alice@example.com", "@Example.org") == 0
+        capsys.readouterr()
+        assert cli(relay, "hold", "list") == 0
+        assert capsys.readouterr().out.split() == ["@example.org", "alice@example.com"]
+        assert cli(relay, "hold", "remove", "@example.org") == 0
+        assert archive.holds() == ["alice@example.com"]
+        assert cli(relay, "hold", "add", "@nodot") == 2
+        assert send(relay.port, "s@sender.test", ["alice@example.com"], MESSAGE)[1][0] == 250
+        (record,) = wait_for(lambda: list(archive.records()), 10, "the message archived")
+        assert cli(relay, "verify") == 0
+        path = archive.object_path(record)
+        path.write_bytes(path.read_bytes().replace(b"body", b"BODY"))
+        capsys.readouterr()
+        assert cli(relay, "verify") == 1
+        assert f"{record.id}: its message bytes changed" in capsys.readouterr().out
+    finally:
+        primary.stop()
