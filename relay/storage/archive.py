@@ -278,9 +278,25 @@ class ArchiveWriter:
             event("archive.unclean_stop", logging.WARNING, lost_at_most=f"{BATCH}+{BACKLOG} messages",
                   window=f"{LINGER:g}s", hint="pass-through mail of the last moment before the stop "
                   "may be missing from the archive; the primary has it")
+            for day in self.archive.day_names()[-2:]:     # a batch spans midnight at most
+                self._repair(day)
         replace_file(marker, str(os.getpid()).encode(), 0o600, self.archive.owner)
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
         self._thread.start()
+
+    def _repair(self, day: str) -> None:
+        """Cut a line torn by the crash (the day file's last bytes, after its last newline): the
+        records before it are whole, fsync'd with their batch."""
+        path = self.archive._day_file(day)
+        with open(path, "r+b") as file:
+            data = file.read()
+            whole = data.rfind(b"\n") + 1
+            if whole == len(data):
+                return
+            file.truncate(whole)
+            file.flush()
+            os.fsync(file.fileno())
+        event("archive.repaired", logging.WARNING, day=day, cut_bytes=len(data) - whole)
 
     def add(self, item: Item) -> None:
         """Hand a message over (blocking only while `BACKLOG` messages wait)."""

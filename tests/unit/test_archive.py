@@ -75,3 +75,23 @@ def test_verify_names_a_changed_byte_a_removed_record_and_an_inserted_one(tmp_pa
     assert len([p for p in archive.verify() if "chain breaks" in p]) == 2
     archive.object_path(first).unlink()
     assert f"{first.id}: its message file is missing" in archive.verify()
+
+
+def test_a_line_torn_by_a_crash_is_cut_at_the_next_start(tmp_path, caplog):
+    archive = Archive(tmp_path)
+    writer = ArchiveWriter(archive)
+    first, _ = writer.write([item(b"1 " + MESSAGE), item(b"2 " + MESSAGE)])
+    day = tmp_path / "days" / "2026-11-01.jsonl"
+    whole = day.read_bytes()
+    day.write_bytes(whole + whole.splitlines(keepends=True)[1][:40])      # a torn third line
+    (tmp_path / "writer.open").write_text("1")                           # as a crash leaves it
+    writer = ArchiveWriter(archive)
+    writer.start()
+    try:
+        assert day.read_bytes() == whole and archive.verify() == []
+        assert "archive.unclean_stop" in caplog.text and "archive.repaired" in caplog.text
+        (third,) = writer.write([item(b"3 " + MESSAGE)])
+        assert third.id == "20261101.3" and archive.verify() == []          # the chain goes on
+    finally:
+        writer.stop()
+    assert not (tmp_path / "writer.open").exists()
