@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, S
 from relay.log import setup
 from relay.storage import spool
 from relay.storage.archive import Archive
+from relay.storage.archive_export import FORMATS, export
 from relay.storage.continuity import replay_queue_path
 from relay.storage.durable import Owner
 from relay.storage.queue import Queue, waiting_by_user
@@ -374,6 +376,28 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_archive_export(args: argparse.Namespace) -> int:
+    """Messages of a user and a date range (all by default) to an mbox or a zip of .eml."""
+    archive = _archive(_config(args))
+    user = str(_mailbox(args.user)) if args.user else None
+    chosen = [r for r in archive.records()
+              if (user is None or user in {r.sender.lower(), r.user.lower(), *(a.lower() for a in r.rcpts)})
+              and (args.since is None or time.strftime("%Y-%m-%d", time.gmtime(r.time)) >= args.since)
+              and (args.until is None or time.strftime("%Y-%m-%d", time.gmtime(r.time)) <= args.until)]
+    target = Path(args.output)
+    tmp = target.with_name(f".{target.name}.part")
+    with open(tmp, "wb") as out, tqdm(total=len(chosen), unit="msg", file=sys.stderr,
+                                       disable=not sys.stderr.isatty()) as bar:
+        try:
+            count = export(archive, chosen, out, args.format, bar.update)
+        except EntryError:
+            tmp.unlink(missing_ok=True)
+            raise
+    tmp.replace(target)
+    print(f"{count} message(s) written to {target}")
+    return 0
+
+
 def _archive_commands(commands, command) -> None:
     archive = commands.add_parser("archive", help="the rolling archive: release, hold, verify"
                                   ).add_subparsers(dest="archive_command", required=True)
@@ -384,6 +408,13 @@ def _archive_commands(commands, command) -> None:
     hold = command(archive, "hold", cmd_archive_hold, "legal hold: held mail is never purged")
     hold.add_argument("action", choices=("add", "remove", "list"))
     hold.add_argument("who", nargs="*", metavar="ADDRESS|@DOMAIN")
+    exp = command(archive, "export", cmd_archive_export, "write archived messages to an mbox or a "
+                  "zip of .eml files")
+    exp.add_argument("--user", help="only this user's mail (sender or any envelope recipient)")
+    exp.add_argument("--since", type=_day_arg)
+    exp.add_argument("--until", type=_day_arg)
+    exp.add_argument("--format", choices=FORMATS, default="mbox")
+    exp.add_argument("-o", "--output", required=True, help="the file to write")
     ver = command(archive, "verify", cmd_archive_verify, "check the day chains and message hashes")
     ver.add_argument("--since", type=_day_arg, help="from this day (YYYY-MM-DD)")
 
@@ -482,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"continuity-relay: {exc}", file=sys.stderr)
         return 2
-    except (DirectoryError, StorageError) as exc:
+    except (DirectoryError, StorageError, EntryError) as exc:
         print(f"continuity-relay: {exc}", file=sys.stderr)
         return 1
     except RelayError as exc:

@@ -95,3 +95,31 @@ def test_a_line_torn_by_a_crash_is_cut_at_the_next_start(tmp_path, caplog):
     finally:
         writer.stop()
     assert not (tmp_path / "writer.open").exists()
+
+
+def test_export_mbox_reads_back_byte_identical_and_the_zip_keeps_every_byte(tmp_path):
+    import mailbox
+    import zipfile
+
+    import pytest
+
+    from relay.errors import EntryError
+    from relay.storage.archive_export import export
+
+    archive = Archive(tmp_path / "archive")
+    bodies = [MESSAGE, MESSAGE.replace(b"body", "Grüße 8-bit".encode()), b"Subject: bare LF\n\nx\n"]
+    records = ArchiveWriter(archive).write([item(b) for b in bodies])
+    with open(tmp_path / "out.mbox", "wb") as out:
+        assert export(archive, records, out, "mbox") == 3
+    box = mailbox.mbox(tmp_path / "out.mbox")
+    try:
+        assert [box.get_bytes(key) for key in box.keys()] == bodies
+    finally:
+        box.close()
+    with open(tmp_path / "out.zip", "wb") as out:
+        export(archive, records, out, "eml-zip")
+    with zipfile.ZipFile(tmp_path / "out.zip") as bundle:
+        assert [bundle.read(f"{r.id}.eml") for r in records] == bodies
+    tricky = ArchiveWriter(archive).write([item(b"Subject: t\r\n\r\nFrom here on\r\n")])
+    with open(tmp_path / "t.mbox", "wb") as out, pytest.raises(EntryError, match="eml-zip"):
+        export(archive, tricky, out, "mbox")
