@@ -20,8 +20,12 @@ Postfix, made of many processes sharing libraries, the sum of their proportional
 is the relay's msg/s divided by Postfix's from the same run: 1.00 means as fast as Postfix,
 0.50 half as fast. Shared machines are noisy: compare figures from one run, not across runs.
 
+With `--archive` the relay runs twice in the same run, with `storage.archive` off and on,
+and the last line is `ratio archive on/off` (issue 11: archiving must cost the senders at most
+10%); the archive run also checks that N messages were archived, each verifying.
+
 Usage: .venv/bin/python bench/inbound.py [--messages 5000] [--sessions 20] [--size 4096]
-       [--users 100] [--relay-only | --postfix-only] [--keep]
+       [--users 100] [--relay-only | --postfix-only] [--archive] [--keep]
 Exit status 0 when every step succeeded and every count matched, 1 otherwise, 2 on bad usage.
 """
 
@@ -293,7 +297,7 @@ def bench_postfix(load: Load, root: Path) -> Result:
 
 # -- (b) continuity-relay ----------------------------------------------------------------------
 
-def write_relay_config(root: Path, port: int, primary: int) -> Path:
+def write_relay_config(root: Path, port: int, primary: int, archive: bool = False) -> Path:
     root.mkdir(parents=True)
     since = dt.date.today() - dt.timedelta(days=1)  # a subscription active today, two years long
     until = since + dt.timedelta(days=730)
@@ -301,7 +305,7 @@ def write_relay_config(root: Path, port: int, primary: int) -> Path:
     config.write_text(f"""\
 hostname: relay.localhost
 listen: {{inbound: 127.0.0.1:{port}}}
-storage: {{maildirs: maildirs, spool: spool, owner: null}}
+storage: {{maildirs: maildirs, spool: spool, owner: null{", archive: archive" if archive else ""}}}
 users_file: users.passwd
 message_size_limit: 50MiB
 max_recipients: 100
@@ -380,9 +384,9 @@ def log_summary(log: Path) -> str:
     return " ".join(f"{name}={count}" for name, count in ordered)
 
 
-def bench_relay(load: Load, root: Path) -> Result:
+def bench_relay(load: Load, root: Path, archive: bool = False) -> Result:
     port = free_port()
-    config = write_relay_config(root, port, free_port())
+    config = write_relay_config(root, port, free_port(), archive)
     register_users(config, load.users)
     log = root / "relay.log"
     with relay(config, log) as pid:
@@ -392,7 +396,12 @@ def bench_relay(load: Load, root: Path) -> Result:
     print(f"relay log: {log_summary(log)}")
     expect(stored, load.messages, "messages in maildirs/*/*/new")
     expect(waiting, load.messages, "entries waiting in the replay queue")
-    return Result("relay", load.messages, seconds, cpu, memory)
+    if archive:          # the writer flushed at SIGTERM: every message is in, and verifies
+        from relay.storage.archive import Archive
+        archived = Archive(root / "archive")
+        expect(sum(1 for _ in archived.records()), load.messages, "archived messages")
+        expect(len(archived.verify()), 0, "archive problems")
+    return Result("relay+archive" if archive else "relay", load.messages, seconds, cpu, memory)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -407,6 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--relay-only", action="store_true")
     only.add_argument("--postfix-only", action="store_true")
+    parser.add_argument("--archive", action="store_true", help="the relay with storage.archive off "
+                        "and on, and their ratio")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
     args = parser.parse_args(argv)
     if min(args.messages, args.sessions, args.size, args.users) < 1:
@@ -435,6 +446,10 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
     if not args.postfix_only:
         results["relay"] = bench_relay(load, tmp / "relay")
         print(results["relay"].line(), flush=True)
+    if args.archive and not args.postfix_only:
+        results["archive"] = bench_relay(load, tmp / "relay-archive", archive=True)
+        print(results["archive"].line(), flush=True)
+        print(f"ratio archive on/off = {results['archive'].rate / results['relay'].rate:.2f}")
     return results
 
 
@@ -453,7 +468,7 @@ def bench_main(args: argparse.Namespace, prefix: str, check: Callable[[argparse.
         print(f"kept {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    if len(results) == 2:
+    if "relay" in results and "postfix" in results:
         print(f"ratio relay/postfix = {results['relay'].rate / results['postfix'].rate:.2f}")
     return 0
 
