@@ -36,7 +36,7 @@ import os
 import queue as queues
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -277,8 +277,9 @@ class Archive:
 class ArchiveWriter:
     """The one writer: a thread taking batches from a bounded queue (see the module's text)."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, on_written: Callable[[list[Record]], None] | None = None) -> None:
         self.archive = archive
+        self._on_written = on_written    # told each batch's records once they are on disk
         self._queue: queues.Queue[Item | None] = queues.Queue(BACKLOG)
         self._thread: threading.Thread | None = None
         self._tails: dict[str, tuple[int, str]] = {}       # day -> (records so far, last chain)
@@ -381,6 +382,8 @@ class ArchiveWriter:
             written.append(path)
         self._sync(written)
         self.written += len(records)
+        if self._on_written is not None:     # the search index; it never raises
+            self._on_written(records)
         return records
 
     def _sync(self, written: list[Path]) -> None:
