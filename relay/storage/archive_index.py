@@ -334,7 +334,7 @@ def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
                     conn.execute(statement)
         return
     raise StorageError(f"{path}: not an index of this version (user_version {version}): "
-                       "run `continuity-relay archive reindex`")
+                       "a reindex rebuilds it from the archive's files")
 
 
 @contextmanager
@@ -383,8 +383,9 @@ class ArchiveIndex:
         if conn is None:
             try:
                 conn = self._open()
-            except sqlite3.Error as exc:
-                raise StorageError(f"{self.path}: {exc}: run `continuity-relay archive reindex`") from exc
+            except (sqlite3.Error, OSError) as exc:
+                raise StorageError(f"{self.path}: {exc}: a reindex rebuilds it from the archive's files"
+                                   ) from exc
         try:
             yield conn
         finally:
