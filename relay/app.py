@@ -36,6 +36,7 @@ from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit
 from relay.smtp.tls import ServerTLS
 from relay.storage.archive import Archive, ArchiveWriter, Item
+from relay.storage.archive_index import ArchiveIndex
 from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
@@ -79,7 +80,7 @@ class Running:
     submission: tuple[asyncio.Server, SubmissionHandler] | None = None
     web: AppRunner | None = None
     tls: ServerTLS | None = None
-    archive: ArchiveWriter | None = None
+    archive: tuple[ArchiveWriter, ArchiveIndex] | None = None
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -105,8 +106,10 @@ class Running:
             self.runners.cancel()
             await asyncio.wait([self.runners], timeout=2)
         await asyncio.to_thread(self.replay.health.flush)
-        if self.archive is not None:       # what it holds is written before the stop
-            await asyncio.to_thread(self.archive.stop)
+        if self.archive is not None:       # what it holds is written (and indexed) first
+            writer, index = self.archive
+            await asyncio.to_thread(writer.stop)
+            index.close()
         if not self.runners.cancelled() and self.runners.exception() is not None:
             raise self.runners.exception()
 
@@ -184,7 +187,8 @@ async def start(config: Config) -> Running:
         make_dirs(root, owner)
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
-    archive = await asyncio.to_thread(_archive_writer, config, store)
+    archiving = await asyncio.to_thread(_archive_writer, config, store)
+    archive = archiving[0] if archiving else None
     directory = Directory(config)
     health = Health(config.storage.spool, owner)
     await asyncio.to_thread(health.refresh, list(config.domains))   # from memory from now on
@@ -193,8 +197,8 @@ async def start(config: Config) -> Running:
     health.listen(replay.kick)
     runners: list[Runner] = [("replay", replay.run),     # run once every listener is up
                              ("refresh", lambda: _refresh(health, directory))]
-    if archive is not None:
-        runners.append(("archive", lambda: _purge_daily(archive.archive)))
+    if archiving is not None:
+        runners.append(("archive", lambda: _purge_daily(archiving[0].archive, archiving[1])))
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
@@ -224,19 +228,23 @@ async def start(config: Config) -> Running:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls, archive)
+                   submission, web, tls, archiving)
 
 
-def _archive_writer(config: Config, store: ContinuityStore) -> ArchiveWriter | None:
-    """The archive's writer (`storage.archive`), started, with the store's hooks set; None
-    when the archive is off. Blocking."""
+def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
+    """The archive's writer (`storage.archive`), started, with the store's hooks set, and its
+    search index, caught up; None when the archive is off. Blocking."""
     if config.storage.archive is None:
         return None
-    writer = ArchiveWriter(Archive(config.storage.archive, config.archive.days,
-                                   Owner.named(config.storage.owner)))
+    archive = Archive(config.storage.archive, config.archive.days, Owner.named(config.storage.owner))
+    index = ArchiveIndex(archive)
+    changed = index.sync()          # what a crash, a purge or a failed batch left unindexed
+    if changed:
+        event("archive.index_synced", records=changed)
+    writer = ArchiveWriter(archive, on_written=index.add)
     writer.start()
     store.archive = writer.add          # sent mail and notices: from worker threads
-    return writer
+    return writer, index
 
 
 def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> ArchiveHook | None:
@@ -261,11 +269,13 @@ def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> Ar
     return archive
 
 
-async def _purge_daily(archive: Archive) -> None:
-    """At start-up and every day after: nothing older than its `keep_until` survives."""
+async def _purge_daily(archive: Archive, index: ArchiveIndex) -> None:
+    """At start-up and every day after: nothing older than its `keep_until` survives, in the
+    files or in the index."""
     while True:
         result = await asyncio.to_thread(archive.purge)
         if any(result.values()):
+            await asyncio.to_thread(index.sync)
             event("archive.purged", **result)
         await asyncio.sleep(PURGE_INTERVAL)
 

@@ -30,6 +30,7 @@ from relay.log import setup
 from relay.storage import spool
 from relay.storage.archive import Archive
 from relay.storage.archive_export import FORMATS, export
+from relay.storage.archive_index import ArchiveIndex, Query
 from relay.storage.continuity import replay_queue_path
 from relay.storage.durable import Owner
 from relay.storage.queue import Queue, waiting_by_user
@@ -376,6 +377,70 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_archive_search(args: argparse.Namespace) -> int:
+    """Every hit, newest first, one line each (or one JSON object a line): no cap."""
+    archive = _archive(_config(args))
+    query = Query(user=_address_arg(args.user), direction=args.direction, from_=_address_arg(args.sender),
+                  to=_address_arg(args.to), subject=args.subject, words=" ".join(args.words) or None,
+                  has_attachment=True if args.attachment else None,
+                  since=dt.date.fromisoformat(args.since) if args.since else None,
+                  until=dt.date.fromisoformat(args.until) if args.until else None)
+    index = ArchiveIndex(archive)
+    try:
+        page, hits = 1, 0
+        while True:
+            found = index.search(query, page)
+            for record in found.records:
+                _print_hit(archive, record, args.json)
+            hits += len(found.records)
+            if not found.more:
+                break
+            page += 1
+    finally:
+        index.close()
+    if not args.json:
+        print(f"{hits} message(s)", file=sys.stderr)
+    return 0
+
+
+def _address_arg(text: str | None) -> str | None:
+    return str(_mailbox(text)) if text else None
+
+
+def _print_hit(archive: Archive, record, as_json: bool) -> None:
+    try:
+        head = headers.split(archive.read(record))[0]
+    except OSError:
+        head = b""
+    subject = _decoded(headers.values(head + b"\r\n", "Subject"))
+    sender = ", ".join(headers.addresses(head + b"\r\n", "From"))
+    date = dt.datetime.fromtimestamp(record.time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if as_json:
+        print(json.dumps({"id": record.id, "date": date, "direction": record.direction,
+                          "from": sender, "to": list(record.rcpts), "subject": subject,
+                          "sender": record.sender, "kind": record.kind, "size": record.size}))
+    else:
+        print(f"{record.id:16} {date} {record.direction:3} {sender or record.sender or '<>'} -> "
+              f"{', '.join(record.rcpts)}  {subject}")
+
+
+def _decoded(values: list[str]) -> str:
+    import email.header
+    try:
+        return str(email.header.make_header(email.header.decode_header(values[0]))) if values else ""
+    except (ValueError, LookupError):
+        return values[0]
+
+
+def cmd_archive_reindex(args: argparse.Namespace) -> int:
+    index = ArchiveIndex(_archive(_config(args)))
+    try:
+        print(f"{index.reindex()} message(s) indexed")
+    finally:
+        index.close()
+    return 0
+
+
 def cmd_archive_export(args: argparse.Namespace) -> int:
     """Messages of a user and a date range (all by default) to an mbox or a zip of .eml."""
     archive = _archive(_config(args))
@@ -408,6 +473,20 @@ def _archive_commands(commands, command) -> None:
     hold = command(archive, "hold", cmd_archive_hold, "legal hold: held mail is never purged")
     hold.add_argument("action", choices=("add", "remove", "list"))
     hold.add_argument("who", nargs="*", metavar="ADDRESS|@DOMAIN")
+    find = command(archive, "search", cmd_archive_search, "find archived messages, newest first "
+                   "(every hit: no cap)")
+    find.add_argument("words", nargs="*", help="words in the subject or the text")
+    find.add_argument("--user", help="mail this user sent or got (an envelope recipient: Bcc too)")
+    find.add_argument("--from", dest="sender", help="the From: header's address")
+    find.add_argument("--to", help="an address in To: or Cc:")
+    find.add_argument("--subject", help="words in the subject")
+    find.add_argument("--since", type=_day_arg)
+    find.add_argument("--until", type=_day_arg)
+    find.add_argument("--direction", choices=("in", "out"))
+    find.add_argument("--attachment", action="store_true", help="only messages with attachments")
+    find.add_argument("--json", action="store_true", help="one JSON object per line")
+    command(archive, "reindex", cmd_archive_reindex, "build the search index again from the archive's "
+            "files")
     exp = command(archive, "export", cmd_archive_export, "write archived messages to an mbox or a "
                   "zip of .eml files")
     exp.add_argument("--user", help="only this user's mail (sender or any envelope recipient)")

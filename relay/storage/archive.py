@@ -455,9 +455,12 @@ class ArchiveWriter:
         return record
 
     def _tail(self, day: str) -> tuple[int, str]:
+        """(the highest number used in the day's ids, the last chain): numbers, not a count of
+        lines, so a day purged down to its held records never gives an id out twice."""
         if day not in self._tails:
-            count, previous = 0, day
+            number, previous = 0, day
             for record in self.archive.records(day):
-                count, previous = count + 1, record.chain
-            self._tails[day] = (count, previous)
+                number = max(number, int(record.id.rpartition(".")[2] or 0))
+                previous = record.chain
+            self._tails[day] = (number, previous)
         return self._tails[day]

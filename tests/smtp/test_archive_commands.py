@@ -79,3 +79,37 @@ def test_hold_add_list_remove_and_verify_catches_a_changed_byte(make_relay, caps
         assert f"{record.id}: its message bytes changed" in capsys.readouterr().out
     finally:
         primary.stop()
+
+
+def test_search_finds_by_user_including_a_bcc_recipient_and_reindex_answers_the_same(make_relay, capsys):
+    import json
+
+    primary = FakePrimary().start()
+    try:
+        relay = make_relay(primary.port, storage="archive: archive")
+        archive = Archive(relay.config.storage.archive)
+        for n, (rcpts, subject) in enumerate([(["alice@example.com"], "quarterly report"),
+                                              (["alice@example.com", "bob@example.com"], "secret plan"),
+                                              (["bob@example.com"], "lunch")]):
+            body = (f"From: Carol <carol@sender.test>\r\nTo: alice@example.com\r\nSubject: {subject}\r\n"
+                    f"\r\nmessage {n} about the zeppelin\r\n").encode()      # bob: only Bcc in 1
+            assert send(relay.port, "carol@sender.test", rcpts, body)[1][0] == 250
+        wait_for(lambda: len(list(archive.records())) == 3, 10, "three messages archived")
+
+        def search(*args: str) -> list[dict]:
+            capsys.readouterr()
+            assert cli(relay, "search", "--json", *args) == 0
+            return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+        found = wait_for(lambda: search("--user", "bob@example.com"), 10, "bob's mail indexed")
+        assert [h["subject"] for h in found] == ["lunch", "secret plan"]          # newest first
+        assert set(found[1]) >= {"id", "date", "direction", "from", "to", "subject"}
+        assert found[1]["to"] == ["alice@example.com", "bob@example.com"] and found[1]["from"] == \
+            "carol@sender.test"
+        assert [h["subject"] for h in search("zeppelin", "--subject", "plan")] == ["secret plan"]
+        assert len(search("zeppelin")) == 3 and search("--direction", "out") == []
+        before = [search("--user", "alice@example.com"), search("report")]
+        assert cli(relay, "reindex") == 0
+        assert [search("--user", "alice@example.com"), search("report")] == before
+    finally:
+        primary.stop()

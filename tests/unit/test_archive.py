@@ -123,3 +123,16 @@ def test_export_mbox_reads_back_byte_identical_and_the_zip_keeps_every_byte(tmp_
     tricky = ArchiveWriter(archive).write([item(b"Subject: t\r\n\r\nFrom here on\r\n")])
     with open(tmp_path / "t.mbox", "wb") as out, pytest.raises(EntryError, match="eml-zip"):
         export(archive, tricky, out, "mbox")
+
+
+def test_a_day_purged_down_to_its_held_records_never_gives_an_id_out_twice(tmp_path):
+    """Found by the index's author: ids were the count of lines, so after a partial purge the
+    next record of that day took the held record's id."""
+    archive = Archive(tmp_path, days=1)
+    ArchiveWriter(archive).write([item(b"a " + MESSAGE, "2026-11-01"),
+                                  item(b"b " + MESSAGE, "2026-11-01", rcpts=("held@example.org",))])
+    archive.set_holds(["held@example.org"])
+    archive.purge(date(2026, 11, 5))
+    (held,) = archive.records()
+    (late,) = ArchiveWriter(archive).write([item(b"c " + MESSAGE, "2026-11-01")])
+    assert held.id == "20261101.2" and late.id == "20261101.3"
