@@ -13,8 +13,7 @@ import getpass
 import json
 import logging
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
 from relay.storage import spool
-from relay.storage.archive import Archive
+from relay.storage.archive import Archive, Record
 from relay.storage.archive_export import FORMATS, export
 from relay.storage.archive_index import ArchiveIndex, Query
 from relay.storage.continuity import replay_queue_path
@@ -380,22 +379,12 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
 def cmd_archive_search(args: argparse.Namespace) -> int:
     """Every hit, newest first, one line each (or one JSON object a line): no cap."""
     archive = _archive(_config(args))
-    query = Query(user=_address_arg(args.user), direction=args.direction, from_=_address_arg(args.sender),
-                  to=_address_arg(args.to), subject=args.subject, words=" ".join(args.words) or None,
-                  has_attachment=True if args.attachment else None,
-                  since=dt.date.fromisoformat(args.since) if args.since else None,
-                  until=dt.date.fromisoformat(args.until) if args.until else None)
     index = ArchiveIndex(archive)
+    hits = 0
     try:
-        page, hits = 1, 0
-        while True:
-            found = index.search(query, page)
-            for record in found.records:
-                _print_hit(archive, record, args.json)
-            hits += len(found.records)
-            if not found.more:
-                break
-            page += 1
+        for record in _hits(index, _query(args)):
+            _print_hit(archive, record, args.json)
+            hits += 1
     finally:
         index.close()
     if not args.json:
@@ -403,11 +392,30 @@ def cmd_archive_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> Query:
+    return Query(user=_address_arg(args.user), direction=args.direction, from_=_address_arg(args.sender),
+                 to=_address_arg(args.to), subject=args.subject, words=" ".join(args.words) or None,
+                 has_attachment=True if args.attachment else None,
+                 since=dt.date.fromisoformat(args.since) if args.since else None,
+                 until=dt.date.fromisoformat(args.until) if args.until else None)
+
+
+def _hits(index: ArchiveIndex, query: Query) -> Iterator[Record]:
+    """Every record the query finds, newest first, a page at a time: no cap."""
+    page = 1
+    while True:
+        found = index.search(query, page)
+        yield from found.records
+        if not found.more:
+            return
+        page += 1
+
+
 def _address_arg(text: str | None) -> str | None:
     return str(_mailbox(text)) if text else None
 
 
-def _print_hit(archive: Archive, record, as_json: bool) -> None:
+def _print_hit(archive: Archive, record: Record, as_json: bool) -> None:
     try:
         head = headers.split(archive.read(record))[0]
     except OSError:
@@ -442,13 +450,14 @@ def cmd_archive_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_export(args: argparse.Namespace) -> int:
-    """Messages of a user and a date range (all by default) to an mbox or a zip of .eml."""
+    """What `archive search` would list (everything without a query), oldest first, to an mbox
+    or a zip of .eml, streamed through a temporary file."""
     archive = _archive(_config(args))
-    user = str(_mailbox(args.user)) if args.user else None
-    chosen = [r for r in archive.records()
-              if (user is None or user in {r.sender.lower(), r.user.lower(), *(a.lower() for a in r.rcpts)})
-              and (args.since is None or time.strftime("%Y-%m-%d", time.gmtime(r.time)) >= args.since)
-              and (args.until is None or time.strftime("%Y-%m-%d", time.gmtime(r.time)) <= args.until)]
+    index = ArchiveIndex(archive)
+    try:
+        chosen = list(reversed(list(_hits(index, _query(args)))))
+    finally:
+        index.close()
     target = Path(args.output)
     tmp = target.with_name(f".{target.name}.part")
     with open(tmp, "wb") as out, tqdm(total=len(chosen), unit="msg", file=sys.stderr,
@@ -475,27 +484,29 @@ def _archive_commands(commands, command) -> None:
     hold.add_argument("who", nargs="*", metavar="ADDRESS|@DOMAIN")
     find = command(archive, "search", cmd_archive_search, "find archived messages, newest first "
                    "(every hit: no cap)")
-    find.add_argument("words", nargs="*", help="words in the subject or the text")
-    find.add_argument("--user", help="mail this user sent or got (an envelope recipient: Bcc too)")
-    find.add_argument("--from", dest="sender", help="the From: header's address")
-    find.add_argument("--to", help="an address in To: or Cc:")
-    find.add_argument("--subject", help="words in the subject")
-    find.add_argument("--since", type=_day_arg)
-    find.add_argument("--until", type=_day_arg)
-    find.add_argument("--direction", choices=("in", "out"))
-    find.add_argument("--attachment", action="store_true", help="only messages with attachments")
+    _query_arguments(find)
     find.add_argument("--json", action="store_true", help="one JSON object per line")
     command(archive, "reindex", cmd_archive_reindex, "build the search index again from the archive's "
             "files")
-    exp = command(archive, "export", cmd_archive_export, "write archived messages to an mbox or a "
-                  "zip of .eml files")
-    exp.add_argument("--user", help="only this user's mail (sender or any envelope recipient)")
-    exp.add_argument("--since", type=_day_arg)
-    exp.add_argument("--until", type=_day_arg)
+    exp = command(archive, "export", cmd_archive_export, "write what a search finds (everything "
+                  "without a query) to an mbox or a zip of .eml files")
+    _query_arguments(exp)
     exp.add_argument("--format", choices=FORMATS, default="mbox")
     exp.add_argument("-o", "--output", required=True, help="the file to write")
     ver = command(archive, "verify", cmd_archive_verify, "check the day chains and message hashes")
     ver.add_argument("--since", type=_day_arg, help="from this day (YYYY-MM-DD)")
+
+
+def _query_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("words", nargs="*", help="words in the subject or the text")
+    sub.add_argument("--user", help="mail this user sent or got (an envelope recipient: Bcc too)")
+    sub.add_argument("--from", dest="sender", help="the From: header's address")
+    sub.add_argument("--to", help="an address in To: or Cc:")
+    sub.add_argument("--subject", help="words in the subject")
+    sub.add_argument("--since", type=_day_arg)
+    sub.add_argument("--until", type=_day_arg)
+    sub.add_argument("--direction", choices=("in", "out"))
+    sub.add_argument("--attachment", action="store_true", help="only messages with attachments")
 
 
 def _day_arg(text: str) -> str:

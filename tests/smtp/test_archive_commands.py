@@ -113,3 +113,33 @@ def test_search_finds_by_user_including_a_bcc_recipient_and_reindex_answers_the_
         assert [search("--user", "alice@example.com"), search("report")] == before
     finally:
         primary.stop()
+
+
+def test_export_takes_the_search_query_and_reads_back_byte_for_byte(make_relay, tmp_path):
+    import mailbox
+
+    primary = FakePrimary().start()
+    try:
+        relay = make_relay(primary.port, storage="archive: archive")
+        archive = Archive(relay.config.storage.archive)
+        for n, rcpt in enumerate(["alice@example.com", "bob@example.com", "alice@example.com"]):
+            body = f"From: c@sender.test\r\nTo: {rcpt}\r\nSubject: n{n}\r\n\r\nbody {n}\r\n".encode()
+            assert send(relay.port, "c@sender.test", [rcpt], body)[1][0] == 250
+        wait_for(lambda: cli(relay, "search", "--user", "alice@example.com") == 0 and
+                 len(list(archive.records())) == 3, 10, "three messages archived")
+        out = tmp_path / "alice.mbox"
+
+        def exported() -> int:
+            assert cli(relay, "export", "--user", "alice@example.com", "-o", str(out)) == 0
+            return out.read_bytes().count(b"\nFrom c@sender.test ") + out.read_bytes().startswith(b"From ")
+
+        wait_for(lambda: exported() == 2, 10, "alice's two messages exported (indexed)")
+        box = mailbox.mbox(out)
+        try:
+            wanted = [archive.read(r) for r in archive.records() if "alice@example.com" in r.rcpts]
+            assert [box.get_bytes(k) for k in box.keys()] == wanted          # oldest first
+        finally:
+            box.close()
+        assert not list(tmp_path.glob(".*.part"))
+    finally:
+        primary.stop()
