@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -198,7 +199,8 @@ async def start(config: Config) -> Running:
     runners: list[Runner] = [("replay", replay.run),     # run once every listener is up
                              ("refresh", lambda: _refresh(health, directory))]
     if archiving is not None:
-        runners.append(("archive", lambda: _purge_daily(archiving[0].archive, archiving[1])))
+        runners += [("archive", lambda: _purge_daily(archiving[0].archive)),
+                    ("archive-index", lambda: _follow_index(config))]
     submit = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
@@ -237,11 +239,8 @@ def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWrit
     if config.storage.archive is None:
         return None
     archive = Archive(config.storage.archive, config.archive.days, Owner.named(config.storage.owner))
-    index = ArchiveIndex(archive)
-    changed = index.sync()          # what a crash, a purge or a failed batch left unindexed
-    if changed:
-        event("archive.index_synced", records=changed)
-    writer = ArchiveWriter(archive, on_written=index.add)
+    index = ArchiveIndex(archive)       # for searches; the follower process writes it
+    writer = ArchiveWriter(archive)
     writer.start()
     store.archive = writer.add          # sent mail and notices: from worker threads
     return writer, index
@@ -269,15 +268,36 @@ def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> Ar
     return archive
 
 
-async def _purge_daily(archive: Archive, index: ArchiveIndex) -> None:
-    """At start-up and every day after: nothing older than its `keep_until` survives, in the
-    files or in the index."""
+async def _purge_daily(archive: Archive) -> None:
+    """At start-up and every day after: nothing older than its `keep_until` survives (the
+    index follower sees the day files shrink and drops the same records)."""
     while True:
         result = await asyncio.to_thread(archive.purge)
         if any(result.values()):
-            await asyncio.to_thread(index.sync)
             event("archive.purged", **result)
         await asyncio.sleep(PURGE_INTERVAL)
+
+
+async def _follow_index(config: Config) -> None:
+    """The search index follows the archive's files in a process of its own: parsing every
+    message for it (about 2 ms of CPU each) must not take the listeners' interpreter. Its
+    standard input is a pipe from here, so it ends when serve does; supervised like a runner."""
+    assert config.storage.archive is not None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay.storage.archive_index", str(config.storage.archive),
+        config.storage.owner or "", stdin=asyncio.subprocess.PIPE)
+    try:
+        code = await proc.wait()
+        raise RelayError(f"the archive index follower exited with status {code}")
+    finally:
+        if proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def _refresh(health: Health, directory: Directory) -> None:

@@ -56,7 +56,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -79,6 +79,7 @@ MAX_PARSE = 2 * 1024 * 1024     # bytes of a message parsed for its parts
 MAX_WORDS = 32                  # words of a query field looked for; the rest are left out
 SEQ_BITS = 30                   # key = whole seconds << SEQ_BITS | place in the day's file
 BUSY = 10.0                     # seconds a search or sync waits for SQLite's write lock
+FOLLOW_INTERVAL = 0.5           # seconds between two catch-ups of the follower (`follow`)
 MIN_KEY, MAX_KEY = -(2**63), 2**63 - 1
 
 # roles in `addresses`
@@ -439,9 +440,28 @@ class ArchiveIndex:
                 continue
             with self._write, self._connection() as conn, _transaction(conn):
                 row = conn.execute("SELECT size FROM days WHERE day = ?", (day,)).fetchone()
-                if self._size(day) != (row[0] if row else None):
+                size = self._size(day)
+                if size is not None and row is not None and size > row[0]:
+                    changed += self._append(conn, day, row[0])   # the writer appended: read on
+                elif size != (row[0] if row else None):
                     changed += self._resync(conn, day)
         return changed
+
+    def _append(self, conn: sqlite3.Connection, day: str, known: int) -> int:
+        """Index the lines a day file gained past `known` bytes, up to its last whole line (a
+        batch being written may end mid-line: that part is read next time)."""
+        with open(self.archive._day_file(day), "rb") as file:
+            file.seek(known)
+            data = file.read()
+        whole = data.rfind(b"\n") + 1
+        added = 0
+        for line in data[:whole].splitlines():
+            try:
+                added += self._insert(conn, Record.from_line(line))
+            except (ValueError, TypeError, KeyError):
+                continue                 # `verify` names it
+        self._set_size(conn, day, known + whole)
+        return added
 
     def forget(self, ids: Iterable[str]) -> int:
         """Drop these records from the index (a purge); returns how many were in it."""
@@ -617,3 +637,45 @@ class ArchiveIndex:
                 sql += clause
                 params.append(_address(value))
         return sql, params, newest
+
+
+def follow(archive: Archive, stop: Callable[[float], bool], interval: float = FOLLOW_INTERVAL) -> None:
+    """Keep the index up with the archive's files until `stop(seconds)` (which waits up to
+    `seconds`) says to end: what `serve` runs in a process of its own, so parsing messages for
+    the index never takes the SMTP listeners' interpreter (blocking)."""
+    index = ArchiveIndex(archive)
+    try:
+        while True:
+            try:
+                index.sync()
+            except StorageError as exc:
+                event("archive.index_failed", logging.WARNING, error=exc,
+                      hint="`archive reindex` rebuilds it")
+            if stop(interval):
+                return
+    finally:
+        index.close()
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m relay.storage.archive_index ROOT [OWNER]`: follow until standard input closes
+    (the parent, serve, holds its other end: when serve dies, so does this)."""
+    import select
+    import sys
+
+    from relay.log import setup
+
+    setup("INFO")
+    archive = Archive(Path(argv[0]), owner=Owner.named(argv[1]) if len(argv) > 1 and argv[1] else Owner())
+
+    def stop(seconds: float) -> bool:
+        ready, _, _ = select.select([sys.stdin], [], [], seconds)
+        return bool(ready) and not sys.stdin.buffer.read1(1)
+
+    follow(archive, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv[1:]))

@@ -403,3 +403,38 @@ def test_a_query_says_which_direction(index):
     with pytest.raises(ValueError):
         Query(direction="sideways")
     assert index.search(Query(direction="in")).records == []
+
+
+def test_the_follower_reads_on_from_where_it_was_and_never_a_half_written_line(archive, index):
+    """serve's follower process calls sync() every half second while the writer appends: it
+    reads only the bytes past what it indexed, and a batch caught mid-write waits its turn."""
+    writer = ArchiveWriter(archive)
+    writer.write([item(message(f"first {n}"), at("2026-11-01", n)) for n in range(3)])
+    assert index.sync() == 3
+    day = archive.root / "days" / "2026-11-01.jsonl"
+    before = day.read_bytes()
+    writer.write([item(message("late one"), at("2026-11-01", 10))])
+    whole = day.read_bytes()
+    new_line = whole[len(before):]
+    day.write_bytes(before + new_line[:30])                 # the writer caught mid-line
+    assert index.sync() == 0 and ids(index, Query(words="late")) == []
+    day.write_bytes(whole)                                  # the line completed
+    assert index.sync() == 1 and ids(index, Query(words="late")) == ["20261101.4"]
+    assert index.sync() == 0
+
+
+def test_follow_keeps_up_until_told_to_stop(archive):
+    rounds = []
+
+    def stop(seconds: float) -> bool:
+        rounds.append(seconds)
+        if len(rounds) == 1:
+            ArchiveWriter(archive).write([item(message("while following"), at("2026-11-01"))])
+        return len(rounds) == 2
+
+    archive_index.follow(archive, stop, interval=0.01)
+    index = ArchiveIndex(archive)
+    try:
+        assert ids(index, Query(words="following")) == ["20261101.1"] and rounds == [0.01, 0.01]
+    finally:
+        index.close()
