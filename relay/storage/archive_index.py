@@ -80,6 +80,7 @@ MAX_WORDS = 32                  # words of a query field looked for; the rest ar
 SEQ_BITS = 30                   # key = whole seconds << SEQ_BITS | place in the day's file
 BUSY = 10.0                     # seconds a search or sync waits for SQLite's write lock
 FOLLOW_INTERVAL = 0.5           # seconds between two catch-ups of the follower (`follow`)
+NICENESS = 10                   # the follower's nice(2) increment
 MIN_KEY, MAX_KEY = -(2**63), 2**63 - 1
 
 # roles in `addresses`
@@ -666,6 +667,7 @@ def _main(argv: list[str]) -> int:
     from relay.log import setup
 
     setup("INFO")
+    os.nice(NICENESS)       # background work: under load the listeners come first, the index lags
     archive = Archive(Path(argv[0]), owner=Owner.named(argv[1]) if len(argv) > 1 and argv[1] else Owner())
 
     def stop(seconds: float) -> bool:
