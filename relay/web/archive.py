@@ -483,6 +483,10 @@ async def panel_export(request: web.Request) -> web.StreamResponse:
     except EntryError as exc:   # a line starting "From ": mbox cannot keep it byte for byte
         text = str(exc).replace("export it with --format eml-zip", "download a zip of .eml files instead")
         return await _search_page(request, "panel/archive.html", "/panel/archive", None, 409, text)
+    except (StorageError, OSError) as exc:     # the index, a message file, the temporary file
+        event("web.archive_export_failed", logging.ERROR, error=exc)
+        return await _search_page(request, "panel/archive.html", "/panel/archive", None, 503,
+                                  "The relay could not build the download just now; its log says why.")
     try:
         await _record(request, "archive_export", format=fmt, messages=count,
                       query=urlencode({k: v for k, v in values.items() if v}))
@@ -597,11 +601,12 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/mail/archive", mail_search, name="mail_archive")
     if app[ARCHIVE].archive is None:
         return
-    r.add_get("/panel/archive/export", panel_export, name="panel_archive_export")
+    # the downloads are audited: a HEAD must not build or record one
+    r.add_get("/panel/archive/export", panel_export, name="panel_archive_export", allow_head=False)
     r.add_get("/panel/archive/holds", holds_page, name="panel_archive_holds")
     r.add_post("/panel/archive/holds/{action:add|remove}", change_hold)
     r.add_get(f"/panel/archive/{ID_PATTERN}", panel_message, name="panel_archive_message")
-    r.add_get(f"/panel/archive/{ID_PATTERN}/eml", panel_eml, name="panel_archive_eml")
+    r.add_get(f"/panel/archive/{ID_PATTERN}/eml", panel_eml, name="panel_archive_eml", allow_head=False)
     r.add_post(f"/panel/archive/{ID_PATTERN}/release", panel_release)
     r.add_get(f"/mail/archive/{ID_PATTERN}", mail_message, name="mail_archive_message")
     r.add_post(f"/mail/archive/{ID_PATTERN}/restore", mail_restore)

@@ -246,6 +246,9 @@ def test_the_message_page_shows_the_envelope_headers_and_text(server, admin):
     assert headers["Content-Disposition"] == f'attachment; filename="{record_id}.eml"'
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert audit(server, "archive_download") and f"id={record_id}" in audit(server, "archive_download")[0]
+    for path in (f"/panel/archive/{record_id}/eml", "/panel/archive/export"):    # audited: no HEAD
+        assert admin.request("HEAD", path).status == 405, path
+    assert len(audit(server, "archive_download")) == 1 and audit(server, "archive_export") == []
 
 
 def test_a_release_while_the_domain_is_up_queues_a_copy_for_the_primary_and_is_audited(server, admin):
@@ -458,6 +461,21 @@ def test_with_the_archive_off_both_tabs_say_so(make_archive):
     page = alice.get("/mail/archive")
     assert page.status == 200 and OFF in page.text
     assert alice.get("/mail/archive/20261101.1").status == 404
+
+
+def test_an_index_that_cannot_be_read_says_so_and_the_message_pages_still_work(config_path, make_archive):
+    broken = config_path.parent / "archive" / "index.sqlite"
+    broken.parent.mkdir()
+    broken.write_bytes(b"this is not an SQLite database" * 100)
+    server = make_archive()
+    (record_id,) = server.put(item(mail("still here")))     # indexing fails, logged; the files hold it
+    admin = Client(server.port)
+    admin.login_admin()
+    page = admin.get("/panel/archive?words=still")
+    assert page.status == 503 and "search index cannot be read just now" in page.text
+    assert "archive reindex" in page.text and "sqlite" not in page.text.lower()
+    assert "still here" in admin.get(f"/panel/archive/{record_id}").text     # the files are the truth
+    assert admin.get("/panel/archive/export").status == 503
 
 
 def test_html_in_a_subject_or_body_is_shown_as_text_never_run(server, admin):
