@@ -224,7 +224,7 @@ async def start(config: Config) -> Running:
     inbound = await _listen("inbound", inbound_smtp.make_server_factory(
         handler, config.hostname, tls, config.message_size_limit, limits["inbound"]),
         config.listen.inbound)
-    web = await _web(config, directory, store.maildirs, submit, throttle, tls)
+    web = await _web(config, directory, store, submit, throttle, tls, archiving)
     submission = await _submission(config, sending, tls, limits.get("submission"))
     if submit is None:
         event("outbound.disabled", reason="outbound.smarthost is not set")
@@ -235,7 +235,7 @@ async def start(config: Config) -> Running:
 
 def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
     """The archive's writer (`storage.archive`), started, with the store's hooks set, and its
-    search index, caught up; None when the archive is off. Blocking."""
+    search index (for searches; the follower process writes it); None when the archive is off."""
     if config.storage.archive is None:
         return None
     archive = Archive(config.storage.archive, config.archive.days, Owner.named(config.storage.owner))
@@ -338,17 +338,20 @@ async def _submission(config: Config, handler: SubmissionHandler | None, tls: Se
     return await _listen("submission", factory, config.listen.submission), handler
 
 
-async def _web(config: Config, directory: Directory, maildirs: MaildirStore,
-               submit: Submit | None, throttle: LoginThrottle,
-               tls: ServerTLS | None) -> AppRunner | None:
+async def _web(config: Config, directory: Directory, store: ContinuityStore,
+               submit: Submit | None, throttle: LoginThrottle, tls: ServerTLS | None,
+               archiving: tuple[ArchiveWriter, ArchiveIndex] | None) -> AppRunner | None:
     """The control panel, self-service and webmail on listen.web (HTTPS when web.tls, following
     SIGHUP reloads). The webmail reads the same Maildirs and sends through the same pipeline as
-    submission (None: sending is disabled, and the compose page says so)."""
+    submission (None: sending is disabled, and the compose page says so); the archive pages
+    search the writer's own index and release into the same store (no archive: they say so)."""
     if config.listen.web is None:
         return None
     context = tls.context if config.web.tls and tls else None
+    writer, index = archiving if archiving else (None, None)
     return await start_web(config, directory, Admins(config), throttle, ssl_context=context,
-                           maildirs=maildirs, submit=submit)
+                           maildirs=store.maildirs, submit=submit,
+                           archive=writer.archive if writer else None, index=index, store=store)
 
 
 def _notices(config: Config, store: ContinuityStore, directory: Directory) -> Notice:

@@ -352,12 +352,10 @@ def cmd_archive_hold(args: argparse.Namespace) -> int:
 
 
 def _hold_key(text: str) -> str:
-    if text.startswith("@"):
-        domain = text[1:].strip().lower().rstrip(".")
-        if not domain or "@" in domain or "." not in domain:
-            raise UsageError(f"{text!r}: not @domain")
-        return "@" + domain
-    return str(_mailbox(text))
+    try:
+        return Archive.hold_key(text)
+    except AddressError as exc:
+        raise UsageError(f"{text!r}: {exc}") from None
 
 
 def _mailbox(text: str) -> Mailbox:

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from relay.addresses import normalise_domain, parse_mailbox
 from relay.errors import CorruptEntryError
 from relay.log import event
 from relay.storage.durable import Owner, fsync_dir, make_dirs, replace_file
@@ -172,12 +173,13 @@ class Archive:
                 return record
         raise CorruptEntryError(f"{record_id}: no such archived message")
 
-    def read(self, record: Record) -> bytes:
-        """The message bytes as archived (without a kept file's trace headers)."""
+    def read(self, record: Record, limit: int = -1) -> bytes:
+        """The message bytes as archived (without a kept file's trace headers); with `limit`,
+        at most that many from the start (enough for the headers of a list)."""
         skip = int(record.object.partition("+")[2] or 0)
         with open(self.object_path(record), "rb") as file:
             file.seek(skip)
-            return file.read()
+            return file.read(limit)
 
     # -- legal hold --------------------------------------------------------------------------
 
@@ -192,6 +194,15 @@ class Archive:
         make_dirs(self.root, self.owner)
         body = "".join(h + "\n" for h in sorted(set(holds)))
         replace_file(self.root / "holds", body.encode("utf-8"), 0o600, self.owner)
+
+    @staticmethod
+    def hold_key(text: str) -> str:
+        """What a hold line says for `text`: a normalised address, or `@` and a domain name.
+        ValueError (AddressError) saying why for anything else."""
+        text = text.strip()
+        if text.startswith("@"):
+            return "@" + normalise_domain(text[1:])
+        return str(parse_mailbox(text))
 
     @staticmethod
     def held(record: Record, holds: list[str]) -> bool:

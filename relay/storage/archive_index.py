@@ -110,6 +110,7 @@ _FROM_WORDS = ("FROM words JOIN records r ON r.key = words.rowid"
                " WHERE words MATCH ? AND words.rowid BETWEEN ? AND ?")
 _FROM_RECORDS = "FROM records r WHERE r.key BETWEEN ? AND ?"
 _BY_USER = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role IN (0, 1, 2))"
+_BY_MAILBOX = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role IN (1, 2))"
 _BY_FROM = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role = 3)"
 _BY_TO = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role = 4)"
 _BY_DIRECTION = " AND r.direction = ?"
@@ -126,6 +127,9 @@ class Query:
     """What to look for; every field is optional and all given fields must match.
 
     user: the envelope sender, any envelope recipient (Bcc included) or the sending user.
+    mailbox: any envelope recipient (Bcc included) or the sending user, not the envelope
+        sender: the mail that was this mailbox's own (the webmail's archive). Mail from outside
+        names its envelope sender unauthenticated, so anyone can claim a user's address there.
     from_, to: an address in the From header; in the To or Cc header.
     subject: words all in the subject; words: words all in the subject or the text.
     since, until: days (UTC), both included.
@@ -134,6 +138,7 @@ class Query:
     """
 
     user: str | None = None
+    mailbox: str | None = None
     direction: str | None = None        # "in" | "out"
     from_: str | None = None
     to: str | None = None
@@ -633,7 +638,8 @@ class ArchiveIndex:
         if query.has_attachment is not None:
             sql += _BY_ATTACHMENT
             params.append(int(query.has_attachment))
-        for value, clause in ((query.user, _BY_USER), (query.from_, _BY_FROM), (query.to, _BY_TO)):
+        for value, clause in ((query.user, _BY_USER), (query.mailbox, _BY_MAILBOX), (query.from_, _BY_FROM),
+                              (query.to, _BY_TO)):
             if _address(value):
                 sql += clause
                 params.append(_address(value))

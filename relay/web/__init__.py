@@ -9,6 +9,7 @@ webmail, served by aiohttp on `listen.web` inside `continuity-relay serve`.
     panel.py     the control panel: domains, users, CSV import
     account.py   self-service: a user changes their own password
     mail.py      the webmail's hook (`add_routes`)
+    archive.py   the archive: the panel's tab (search, release, holds, export), a user's own
     audit.py     the audit log of administrators' actions
     page.py      templates, rendering, redirects, error pages
     password.py  what a new password must be; generated passwords

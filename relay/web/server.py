@@ -1,11 +1,14 @@
 """The web server: the aiohttp application, its middlewares, and starting it on `listen.web`.
 
-    make_app(config, directory, admins, throttle, ..., maildirs=..., submit=...) -> web.Application
-    start_web(config, directory, admins, throttle, ssl_context=..., maildirs=..., submit=...)
-        -> web.AppRunner (listening)
+    make_app(config, directory, admins, throttle, ..., maildirs=..., submit=...,
+             archive=..., index=..., store=...) -> web.Application
+    start_web(config, directory, admins, throttle, ssl_context=..., maildirs=..., submit=...,
+              archive=..., index=..., store=...) -> web.AppRunner (listening)
 
 `maildirs` (the relay's MaildirStore) turns the webmail on; `submit` (app.py's submit pipeline)
-lets it send, and without it the compose page says sending is off (see mail.py).
+lets it send, and without it the compose page says sending is off (see mail.py). `archive`
+(with its search `index` and the ContinuityStore a release puts copies into) turns the
+archive pages on (see archive.py); without it they say the archive is off.
 
 Each request passes, outermost first: `error_middleware` (friendly pages, never a traceback),
 `body_limit_middleware` (a small body limit everywhere but the routes that take uploads, so an
@@ -15,8 +18,9 @@ the handler. Every response gets the security headers
 (`_security_headers`, on response prepare, so error pages and files get them too).
 
 Routes come from the modules that hold them: login.py (`/`, `/login`, `/panel/login`,
-`/logout`), panel.py (`/panel...`), account.py (`/account...`), mail.py (`/mail...`), and the
-style sheet under `/static/`.
+`/logout`), panel.py (`/panel...`), archive.py (`/panel/archive...`, `/mail/archive...`: before
+mail.py's, whose `/mail/{folder}` would take them), account.py (`/account...`), mail.py
+(`/mail...`), and the style sheet under `/static/`.
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ from relay.config import Config
 from relay.directory import Directory
 from relay.errors import DirectoryError, RelayError
 from relay.log import event
+from relay.storage.archive import Archive
+from relay.storage.archive_index import ArchiveIndex
+from relay.storage.continuity import ContinuityStore
 from relay.storage.maildir import MaildirStore
 from relay.web import account, login, mail, panel
+from relay.web import archive as archive_pages
 from relay.web.audit import AuditLog
 from relay.web.csrf import csrf_middleware
 from relay.web.page import STATIC, environment, error_page
@@ -120,14 +128,17 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 def make_app(config: Config, directory: Directory, admins: Admins, throttle: LoginThrottle | None = None,
              *, secret: bytes | None = None, clock: Callable[[], float] = time.time,
              client_max_size: int | None = None, maildirs: MaildirStore | None = None,
-             submit: mail.Submit | None = None) -> web.Application:
+             submit: mail.Submit | None = None, archive: Archive | None = None,
+             index: ArchiveIndex | None = None, store: ContinuityStore | None = None) -> web.Application:
     """The whole web site as an aiohttp application (not yet listening).
 
     `secret` signs the session cookies (default: read or made from `web.secret_file`, which
     blocks: pass it in from async code). `clock` serves the session lifetime and the audit log.
     `client_max_size` bounds a request body (default `body_limit`). `maildirs` and `submit` are
     the webmail's (see mail.py): without `maildirs` there is no webmail, without `submit` it
-    cannot send.
+    cannot send. `archive` turns the archive pages on (archive.py); `index` is its search index
+    (default: one of its own, closed with the app) and `store` where releases go (default: the
+    configured Maildirs and spool).
     """
     if secret is None:
         secret = load_secret(config.web.secret_file)
@@ -137,6 +148,7 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
                                        csrf_middleware],
                           client_max_size=client_max_size)
     app[mail.WEBMAIL] = mail.Webmail(maildirs, submit)
+    app[archive_pages.ARCHIVE] = _archive_web(app, config, maildirs, archive, index, store)
     app[SITE] = Site(
         config=config, directory=directory, admins=admins,
         throttle=throttle or LoginThrottle(),
@@ -145,10 +157,29 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
         audit=AuditLog(config.audit_log, clock),
         templates=environment(), clock=clock)
     app.on_response_prepare.append(_security_headers)
-    for module in (login, panel, account, mail):
+    for module in (login, panel, archive_pages, account, mail):
         module.add_routes(app)
     app.router.add_static("/static/", STATIC, name="static")
     return app
+
+
+def _archive_web(app: web.Application, config: Config, maildirs: MaildirStore | None,
+                 found: Archive | None, index: ArchiveIndex | None,
+                 store: ContinuityStore | None) -> archive_pages.ArchiveWeb:
+    """The archive pages' hook; what was not handed over is made here (nothing is opened yet)."""
+    if found is None:
+        return archive_pages.ArchiveWeb()
+    if index is None:
+        index = ArchiveIndex(found)
+        own = index
+
+        async def close(_app: web.Application) -> None:
+            await asyncio.to_thread(own.close)
+        app.on_cleanup.append(close)
+    if store is None:
+        store = ContinuityStore(maildirs or MaildirStore(config.storage.maildirs, found.owner),
+                                config.storage.spool, found.owner)
+    return archive_pages.ArchiveWeb(found, index, store)
 
 
 def _compile_templates(templates) -> None:
@@ -161,16 +192,19 @@ def _compile_templates(templates) -> None:
 async def start_web(config: Config, directory: Directory, admins: Admins,
                     throttle: LoginThrottle | None = None, *, ssl_context: ssl.SSLContext | None = None,
                     clock: Callable[[], float] = time.time, maildirs: MaildirStore | None = None,
-                    submit: mail.Submit | None = None) -> web.AppRunner:
+                    submit: mail.Submit | None = None, archive: Archive | None = None,
+                    index: ArchiveIndex | None = None,
+                    store: ContinuityStore | None = None) -> web.AppRunner:
     """Serve the site on `config.listen.web` (HTTPS with `ssl_context`); stop it with
     `await runner.cleanup()`. A port that cannot be bound raises RelayError naming the key.
-    `maildirs` and `submit` are the webmail's, as for `make_app`."""
+    `maildirs` and `submit` are the webmail's, `archive`, `index` and `store` the archive
+    pages', as for `make_app`."""
     address = config.listen.web
     if address is None:
         raise RelayError("listen.web is not set")
     secret = await asyncio.to_thread(load_secret, config.web.secret_file)
     app = make_app(config, directory, admins, throttle, secret=secret, clock=clock, maildirs=maildirs,
-                   submit=submit)
+                   submit=submit, archive=archive, index=index, store=store)
     await asyncio.to_thread(_compile_templates, app[SITE].templates)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
                            lingering_time=LINGERING_TIME)

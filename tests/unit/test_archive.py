@@ -7,6 +7,9 @@ import calendar
 import os
 from datetime import date
 
+import pytest
+
+from relay.addresses import AddressError
 from relay.storage.archive import Archive, ArchiveWriter, Item
 
 MESSAGE = b"From: s@sender.test\r\nTo: a@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -42,6 +45,7 @@ def test_a_kept_message_is_a_hard_link_to_its_maildir_file(tmp_path):
     (record,) = ArchiveWriter(archive).write([item(link_from=kept, skip=len(trace), kind="kept")])
     assert os.path.samefile(archive.object_path(record), kept)
     assert archive.read(record) == MESSAGE and archive.verify() == []
+    assert archive.read(record, limit=10) == MESSAGE[:10]       # the trace headers still left out
 
 
 def test_retention_to_the_day_and_hold(tmp_path):
@@ -136,3 +140,12 @@ def test_a_day_purged_down_to_its_held_records_never_gives_an_id_out_twice(tmp_p
     (held,) = archive.records()
     (late,) = ArchiveWriter(archive).write([item(b"c " + MESSAGE, "2026-11-01")])
     assert held.id == "20261101.2" and late.id == "20261101.3"
+
+
+def test_a_hold_is_a_normalised_address_or_at_domain():
+    assert Archive.hold_key(" Alice@Example.COM ") == "alice@example.com"
+    assert Archive.hold_key("@Example.org.") == "@example.org"
+    assert Archive.hold_key("<bob@example.org>") == "bob@example.org"
+    for bad in ("", "@", "@nodot", "@a@b.test", "alice", "@exa mple.org", "a/b@example.org", "x@"):
+        with pytest.raises(AddressError):
+            Archive.hold_key(bad)

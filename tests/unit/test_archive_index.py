@@ -131,6 +131,16 @@ def test_a_bcc_recipient_finds_the_message_by_user(index, mail):
     assert index.archive.get(secret) == record          # the index hands back the record itself
 
 
+def test_mailbox_is_a_recipient_or_the_sending_user_never_the_envelope_sender_alone(index, mail):
+    """The webmail's archive: mail from outside may claim any envelope sender, so that alone
+    never makes a message a user's own."""
+    budget, lunch, secret, reply, report, notice, late = mail
+    assert ids(index, Query(mailbox="hidden@example.com")) == [secret]            # Bcc
+    assert ids(index, Query(mailbox="A@Example.com", direction="out")) == [reply]  # the sending user
+    assert ids(index, Query(user="s@sender.test")) == [late, notice, report, secret, lunch, budget]
+    assert ids(index, Query(mailbox="s@sender.test")) == [notice]     # only where it is a recipient
+
+
 def test_newest_first_page_after_page_with_no_cap(archive, index):
     writer = ArchiveWriter(archive, on_written=index.add)
     writer.write([item(message(f"invoice {n}", f"pay me {n}" if n % 3 else f"other {n}"),
