@@ -61,9 +61,9 @@ from relay.storage.archive_export import FORMATS, export
 from relay.storage.archive_index import ArchiveIndex, Query
 from relay.storage.continuity import ContinuityStore
 from relay.storage.release import Released, release
-from relay.web.login import account_of, admin_only, user_only
+from relay.web.login import account_of, admin_only, audit_admin, user_only
 from relay.web.mail import DOWNLOAD_POLICY, content_disposition
-from relay.web.page import redirect, render
+from relay.web.page import form_text, redirect, render
 from relay.web.site import site_of
 from relay.webmail.render import MessageView, view
 
@@ -118,11 +118,6 @@ def _hook(request: web.Request) -> ArchiveWeb:
 async def _page(request: web.Request, template: str, status: int = 200, **context: object) -> web.Response:
     """Render in a worker thread: a long message must not hold the loop."""
     return await asyncio.to_thread(render, request, template, status, **context)
-
-
-def _text(form, name: str) -> str:
-    value = form.get(name, "")
-    return value if isinstance(value, str) else ""
 
 
 def _line(text: str, limit: int = 300) -> str:
@@ -385,7 +380,7 @@ async def panel_release(request: web.Request) -> web.StreamResponse:
     """A copy to each recipient of ours, or to the address typed; one audit line a copy."""
     site, record_id = site_of(request), request.match_info["id"]
     admin = account_of(request).email
-    typed = _text(await request.post(), "to").strip()
+    typed = form_text(await request.post(), "to").strip()
     await _exists(request, None)
     try:
         to = None
@@ -430,7 +425,7 @@ async def panel_eml(request: web.Request) -> web.StreamResponse:
     data = await asyncio.to_thread(_eml, hook.archive, record_id)
     if data is None:
         raise web.HTTPNotFound()
-    await _record(request, "archive_download", id=record_id)
+    await audit_admin(request, "archive_download", id=record_id)
     response = web.Response(body=data, content_type="message/rfc822")
     _download_headers(response, f"{record_id}.eml")
     return response
@@ -488,7 +483,7 @@ async def panel_export(request: web.Request) -> web.StreamResponse:
         return await _search_page(request, "panel/archive.html", "/panel/archive", None, 503,
                                   "The relay could not build the download just now; its log says why.")
     try:
-        await _record(request, "archive_export", format=fmt, messages=count,
+        await audit_admin(request, "archive_export", format=fmt, messages=count,
                       query=urlencode({k: v for k, v in values.items() if v}))
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         response = web.StreamResponse(headers={"Content-Type": EXPORT_TYPES[fmt]})
@@ -540,7 +535,7 @@ async def change_hold(request: web.Request) -> web.StreamResponse:
     hook, action = _hook(request), request.match_info["action"]
     if hook.archive is None:
         raise web.HTTPNotFound()
-    typed = _text(await request.post(), "who").strip()
+    typed = form_text(await request.post(), "who").strip()
     if not typed:
         return await _holds_page(request, 400, "Give an address (alice@example.com) or a domain "
                                  "(@example.com).", typed)
@@ -553,14 +548,8 @@ async def change_hold(request: web.Request) -> web.StreamResponse:
         if action == "add":
             return redirect("/panel/archive/holds?done=already")
         return await _holds_page(request, 409, f"{key} is not held.", typed)
-    await _record(request, f"archive_hold_{action}", who=key)
+    await audit_admin(request, f"archive_hold_{action}", who=key)
     return redirect(f"/panel/archive/holds?done={action}")
-
-
-async def _record(request: web.Request, action: str, **fields: object) -> None:
-    admin = account_of(request).email
-    event("web.admin_action", admin=admin, action=action, **fields)
-    await site_of(request).record("admin", admin, action, **fields)
 
 
 # -- the webmail ------------------------------------------------------------------------------------

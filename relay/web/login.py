@@ -199,3 +199,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/panel/login", admin_login_form, name="panel_login")
     app.router.add_post("/panel/login", admin_login)
     app.router.add_post("/logout", logout, name="logout")
+
+
+async def audit_admin(request: web.Request, action: str, **fields: object) -> None:
+    """An administrator's action: one log line and one audit line, naming who did it."""
+    admin = account_of(request).email
+    event("web.admin_action", admin=admin, action=action, **fields)
+    await site_of(request).record("admin", admin, action, **fields)

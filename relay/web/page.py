@@ -63,6 +63,12 @@ def render(request: web.Request, template: str, status: int = 200, **context: ob
     return web.Response(text=html, status=status, content_type="text/html")
 
 
+def form_text(form, name: str) -> str:
+    """A form field's text ("" when missing, or an upload where text was expected)."""
+    value = form.get(name, "")
+    return value if isinstance(value, str) else ""
+
+
 def redirect(location: str) -> web.Response:
     """303 See Other: after a POST the browser GETs `location`."""
     return web.Response(status=303, headers={"Location": location})

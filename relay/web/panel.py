@@ -36,8 +36,8 @@ from relay.log import event
 from relay.storage import spool
 from relay.storage.state import DomainStatus, domain_status
 from relay.web import password
-from relay.web.login import account_of, admin_only
-from relay.web.page import redirect, render
+from relay.web.login import account_of, admin_only, audit_admin
+from relay.web.page import form_text, redirect, render
 from relay.web.site import site_of
 
 DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User registered."}
@@ -84,17 +84,6 @@ async def _user(request: web.Request) -> User:
     if user is None:
         raise web.HTTPNotFound()
     return user
-
-
-def _text(form, name: str) -> str:
-    value = form.get(name, "")
-    return value if isinstance(value, str) else ""
-
-
-async def _record(request: web.Request, action: str, **fields: object) -> None:
-    admin = account_of(request).email
-    event("web.admin_action", admin=admin, action=action, **fields)
-    await site_of(request).record("admin", admin, action, **fields)
 
 
 # -- domains -------------------------------------------------------------------------------------
@@ -155,14 +144,14 @@ async def queue_action(request: web.Request) -> web.StreamResponse:
     site, name = site_of(request), _domain(request)
     entry, action = request.match_info["entry"], request.match_info["action"]
     form = await request.post()
-    if action == "delete" and _text(form, "confirm") != "yes":
+    if action == "delete" and form_text(form, "confirm") != "yes":
         return await _queue_view(request, 400, "Tick the box to confirm the delete.")
     selected = spool.queues(site.config.storage.spool, [name], None, name)
     try:
         was = await asyncio.to_thread(lambda: getattr(spool.find(selected, entry)[2], action)(entry))
     except EntryError as exc:
         return await _queue_view(request, 409, str(exc))
-    await _record(request, f"queue_{action}", domain=name, id=entry, was=was)
+    await audit_admin(request, f"queue_{action}", domain=name, id=entry, was=was)
     return redirect(f"/panel/domains/{name}/queue?done={action}")
 
 
@@ -186,7 +175,7 @@ async def save_user(request: web.Request) -> web.StreamResponse:
     """Allocate the password typed twice (if any) and set the state (if it changed)."""
     site, user = site_of(request), await _user(request)
     form = await request.post()
-    new, repeat, state = _text(form, "password"), _text(form, "repeat"), _text(form, "state")
+    new, repeat, state = form_text(form, "password"), form_text(form, "repeat"), form_text(form, "state")
     if (new or repeat) and (problem := password.problem(new, repeat)):
         return _user_form(request, user, 400, error=problem)
     if state not in ("", "active", "inactive"):
@@ -195,13 +184,13 @@ async def save_user(request: web.Request) -> web.StreamResponse:
     try:
         if new:
             user = await asyncio.to_thread(site.directory.set_password, user.email, new)
-            await _record(request, "set_password", user=user.email)
+            await audit_admin(request, "set_password", user=user.email)
             changed = True
         if state and (state == "active") != user.active:
             user = await asyncio.to_thread(site.directory.set_active, user.email, state == "active")
             if not user.active:     # for good: re-activating later revives no old cookie
                 await asyncio.to_thread(site.sessions.revoked.end_account, user.email)
-            await _record(request, "activate" if user.active else "deactivate", user=user.email)
+            await audit_admin(request, "activate" if user.active else "deactivate", user=user.email)
             changed = True
     except DirectoryError as exc:
         return _user_form(request, user, 400, error=str(exc))
@@ -217,7 +206,7 @@ async def generate_password(request: web.Request) -> web.StreamResponse:
         user = await asyncio.to_thread(site.directory.set_password, user.email, new)
     except DirectoryError as exc:
         return _user_form(request, user, 400, error=str(exc))
-    await _record(request, "set_password", user=user.email, generated="yes")
+    await audit_admin(request, "set_password", user=user.email, generated="yes")
     return _user_form(request, user, generated=new)
 
 
@@ -238,9 +227,9 @@ async def add_user_form(request: web.Request) -> web.StreamResponse:
 async def add_user(request: web.Request) -> web.StreamResponse:
     site, domain = site_of(request), _domain(request)
     form = await request.post()
-    values = {"email": _text(form, "email").strip(), "name": _text(form, "name").strip(),
-              "state": _text(form, "state") or "active"}
-    new, repeat = _text(form, "password"), _text(form, "repeat")
+    values = {"email": form_text(form, "email").strip(), "name": form_text(form, "name").strip(),
+              "state": form_text(form, "state") or "active"}
+    new, repeat = form_text(form, "password"), form_text(form, "repeat")
     if not values["email"]:
         return _add_form(request, domain, 400, "Give the user's address.", **values)
     try:
@@ -255,10 +244,10 @@ async def add_user(request: web.Request) -> web.StreamResponse:
         user = await asyncio.to_thread(site.directory.add, str(address), values["name"], new or None)
     except DirectoryError as exc:
         return _add_form(request, domain, 400, str(exc), **values)
-    await _record(request, "add_user", user=user.email, can_log_in="yes" if new else "no")
+    await audit_admin(request, "add_user", user=user.email, can_log_in="yes" if new else "no")
     if values["state"] == "inactive":
         user = await asyncio.to_thread(site.directory.set_active, user.email, False)
-        await _record(request, "deactivate", user=user.email)
+        await audit_admin(request, "deactivate", user=user.email)
     return redirect(f"{user_url(user)}?done=added")
 
 
