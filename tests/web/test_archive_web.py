@@ -354,7 +354,11 @@ def test_the_search_downloads_as_an_mbox_oldest_first_and_is_audited(server, adm
     assert re.fullmatch(r'attachment; filename="archive-\d{8}-\d{6}\.mbox"', headers["Content-Disposition"])
     path = server.config.storage.spool.parent / "export.mbox"
     path.write_bytes(body)
-    got = [m.as_bytes() for m in mailbox.mbox(path)]
+    box = mailbox.mbox(path)
+    try:
+        got = [box.get_bytes(key) for key in box.keys()]
+    finally:
+        box.close()
     assert [email.message_from_bytes(g, policy=email.policy.default)["subject"] for g in got] == \
         ["report 0", "report 1", "report 2"]
     (line,) = audit(server, "archive_export")
