@@ -46,8 +46,8 @@ from relay.errors import CorruptEntryError
 from relay.log import event
 from relay.storage.durable import Owner, fsync_dir, make_dirs, replace_file
 
-BATCH = 200          # messages written before one round of fsyncs
-LINGER = 0.1         # seconds a batch waits for more before it is written
+BATCH = 1000         # messages written before one flush
+LINGER = 1.0         # seconds a batch waits for more before it is written and flushed
 BACKLOG = 2000       # messages waiting for the writer before callers wait
 NAMES_REMEMBERED = 10_000    # recent objects, so the same bytes again need no lookup
 
@@ -399,7 +399,7 @@ class ArchiveWriter:
 
     def _sync(self, written: list[Path]) -> None:
         """Make the batch durable: one syncfs(2) of the archive's file system where Linux has
-        it (a batch of 200 messages costs one flush, not 200 file and directory fsyncs), else
+        it (a batch of messages costs one flush, not a file and a directory fsync each), else
         each file and its directory."""
         if _syncfs is not None:
             fd = os.open(self.archive.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
