@@ -8,20 +8,42 @@ password or a message body (callers pass neither).
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
+
+_listener: logging.handlers.QueueListener | None = None
 
 
 def setup(level: str = "INFO") -> None:
-    """Send every `relay.*` logger to stderr with a timestamp."""
+    """Send every `relay.*` logger to stderr with a timestamp, through a queue and a thread of
+    its own: a log line never blocks the event loop on a slow pipe or a disk busy flushing."""
+    global _listener
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    stop()
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(lines, handler)
+    _listener.start()
     root = logging.getLogger("relay")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(lines)]
     root.setLevel(level)
     root.propagate = False
     # aiosmtpd logs every peer and recipient at INFO: that is ours to say, once.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def stop() -> None:
+    """Write what is queued, then end the writing thread (at exit, and before a new set-up)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(stop)
 
 
 def quote(value: object) -> str:

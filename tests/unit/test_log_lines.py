@@ -106,3 +106,39 @@ def test_plain_values_stay_bare():
 def test_audit_uses_the_logs_quoting():
     import relay.web.audit as audit_module
     assert audit_module.quote is quote and not hasattr(audit_module, "_value")
+
+
+def test_a_stalled_stderr_never_blocks_the_caller(monkeypatch):
+    """A full pipe (journald not reading, a terminal paused) used to block whoever logged, the
+    event loop included: the handler wrote to stderr in the caller's thread."""
+    import os
+    import sys
+    import threading
+
+    from relay import log
+
+    relay_logger = logging.getLogger("relay")
+    saved = (relay_logger.handlers[:], relay_logger.level, relay_logger.propagate)
+    reader, writer = os.pipe()
+    stalled = os.fdopen(writer, "w", buffering=1)
+    monkeypatch.setattr(sys, "stderr", stalled)
+    log.setup("INFO")
+    try:
+        done = threading.Event()
+
+        def flood() -> None:
+            for n in range(2000):                       # far past a pipe's 64 KiB
+                event("panel.change", n=n, padding="x" * 200)
+            done.set()
+        threading.Thread(target=flood, daemon=True).start()
+        assert done.wait(30), "logging blocked on a full stderr"
+    finally:
+        drained = []
+        drain = threading.Thread(target=lambda: drained.extend(iter(lambda: os.read(reader, 1 << 16), b"")))
+        drain.start()
+        log.stop()                                      # every queued line is written now
+        stalled.close()
+        drain.join(10)
+        os.close(reader)
+        relay_logger.handlers[:], relay_logger.level, relay_logger.propagate = saved
+    assert b"".join(drained).count(b"panel.change") == 2000
