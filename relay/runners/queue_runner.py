@@ -18,6 +18,7 @@ hold/, one whose handling raised is counted and goes to hold/ after `MAX_CRASHES
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import logging
@@ -53,7 +54,7 @@ class Outcome:
     moved_to: str = ""          # set aside or crashed: hold or waiting
 
 
-class QueueRunner:
+class QueueRunner(abc.ABC):
     """Subclasses set `name` and implement `judge`; `tell_whom` picks a refusal's reader."""
 
     name = "queue"
@@ -63,9 +64,9 @@ class QueueRunner:
         self.notice = notice
         self.first_delay = first_delay
 
+    @abc.abstractmethod
     def judge(self, envelope: Envelope, reply: Reply) -> Verdict:
         """What a reply other than 250 means: RETRY, STOP or REFUSED."""
-        raise NotImplementedError
 
     async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
         reply = await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
