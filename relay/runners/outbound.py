@@ -20,7 +20,6 @@ from relay.config import Outbound
 from relay.delivery.client import Reply, Upstream
 from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
-from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue
 
 
@@ -37,15 +36,15 @@ class OutboundRunner(QueueRunner):
         self.smarthost = settings.smarthost
         self.queue = queue
         self.credentials = credentials
-        self._kick = asyncio.Event()
 
     def kick(self) -> None:
-        self._kick.set()
+        """Something was queued: send it now rather than at the next rescan."""
+        self.wake()
 
     async def run(self) -> None:
         while True:
             await self.sweep()
-            await sleep_until_kick(self._kick, min(self.settings.retry_delay, 60.0))
+            await self.sleep(min(self.settings.retry_delay, 60.0))
 
     async def sweep(self) -> int:
         """Send every due entry, oldest first; returns how many were delivered."""

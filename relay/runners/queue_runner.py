@@ -1,5 +1,8 @@
 """The queue runner base: one entry's life, the same for every queue (Mailman's runner).
 
+The base also owns the waiting: each loop sleeps until a `wake` (a hint that work arrived) or
+its timer (a rescan), whichever comes first.
+
 `QueueRunner.attempt()` claims an entry (waiting -> active), reads it, sends it over the
 connection it is given (`deliver()`) and settles the outcome; the subclass says only what a
 failed reply means for the entry (`judge()`):
@@ -22,13 +25,14 @@ import abc
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.errors import CorruptEntryError
 from relay.log import event
+from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue
 
 Notice = Callable[[bytes, str], None]
@@ -59,10 +63,29 @@ class QueueRunner(abc.ABC):
 
     name = "queue"
 
-    def __init__(self, hostname: str, notice: Notice, first_delay: float) -> None:
+    def __init__(self, hostname: str, notice: Notice, first_delay: float,
+                 wakes: Iterable[str] = ("",)) -> None:
         self.hostname = hostname
         self.notice = notice
         self.first_delay = first_delay
+        self._wakes = {key: asyncio.Event() for key in wakes}    # one per loop (a domain, or "")
+
+    # -- waiting: a kick is a hint, the timer a rescan (the directory is the truth) ---------------
+
+    def wake(self, key: str = "") -> None:
+        """Cut the loop `key`'s wait short (from the event loop thread): work arrived."""
+        if key in self._wakes:
+            self._wakes[key].set()
+
+    async def sleep(self, seconds: float, key: str = "") -> None:
+        """Until a `wake(key)` or `seconds`, whichever comes first."""
+        await sleep_until_kick(self._wakes[key], seconds)
+
+    def forget_wakes(self, key: str = "") -> None:
+        """Drop a wake that came meanwhile (the runner's own doing is not news)."""
+        self._wakes[key].clear()
+
+    # -- one entry ------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def judge(self, envelope: Envelope, reply: Reply) -> Verdict:

@@ -34,7 +34,6 @@ from relay.delivery.client import Reply, Upstream, probe
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
 from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
-from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue, due_by_user
 
 
@@ -76,12 +75,11 @@ class ReplayRunner(QueueRunner):
 
     def __init__(self, domains: dict[str, Domain], settings: Replay, health: Health,
                  queue_for: Callable[[str], Queue], notice: Notice, hostname: str) -> None:
-        super().__init__(hostname, notice, settings.probe_interval)
+        super().__init__(hostname, notice, settings.probe_interval, wakes=domains)
         self.domains = domains
         self.settings = settings
         self.health = health
         self.queue_for = queue_for
-        self._kicks: dict[str, asyncio.Event] = {name: asyncio.Event() for name in domains}
 
     # -- the loop inside serve ---------------------------------------------------------------
 
@@ -90,14 +88,14 @@ class ReplayRunner(QueueRunner):
 
         A health listener: only the change to `replaying` wakes the loop; the change to
         `outage` must not, or a sweep stopped by a 4xx would probe again at once."""
-        if domain in self._kicks and (state is None or state.state == REPLAYING):
-            self._kicks[domain].set()
+        if state is None or state.state == REPLAYING:
+            self.wake(domain)
 
     async def _wait(self, domain: str, until: float | None = None) -> None:
         seconds = self.settings.probe_interval
         if until is not None:
             seconds = max(0.05, min(seconds, until - time.time()))
-        await sleep_until_kick(self._kicks[domain], seconds)
+        await self.sleep(seconds, domain)
 
     async def run(self) -> None:
         """Run every domain's loop until cancelled; an error in the loop itself ends serve."""
@@ -107,14 +105,13 @@ class ReplayRunner(QueueRunner):
 
     async def _domain_loop(self, domain: Domain) -> None:
         queue = self.queue_for(domain.name)
-        kick = self._kicks[domain.name]
         while True:
             state = self.health.get(domain.name).state
             if state == OUTAGE:
                 await self._wait(domain.name)
                 if self.health.get(domain.name).state == OUTAGE:
                     await self._probe(domain, queue)
-                    kick.clear()  # our own trial sweep's kicks are not news
+                    self.forget_wakes(domain.name)  # our own trial sweep's kicks are not news
                 continue
             if await asyncio.to_thread(queue.count) == 0:
                 if state == REPLAYING:
@@ -122,7 +119,7 @@ class ReplayRunner(QueueRunner):
                 await self._wait(domain.name)
                 continue
             result = await self.sweep(domain)
-            kick.clear()
+            self.forget_wakes(domain.name)
             if result.fault:
                 self.health.primary_failed(domain.name, result.fault)
             elif not result.total:   # only mailboxes told to wait are left
