@@ -20,7 +20,7 @@ import argon2
 import bcrypt
 import pytest
 
-_watched: set[int] = set()
+_watched: set[threading.Thread] = set()    # threads, not idents: Linux reuses an ended thread's id
 _seen: list[str] = []
 _AUDITED = {"open", "os.listdir", "os.scandir"}
 
@@ -41,7 +41,7 @@ def _where() -> str:
 
 
 def _record(what: str) -> None:
-    if threading.get_ident() in _watched:
+    if threading.current_thread() in _watched:
         _seen.append(what + _where())
 
 
@@ -52,7 +52,7 @@ def _python_file(path: object) -> bool:
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event in _AUDITED and threading.get_ident() in _watched and not _python_file(args[0]):
+    if event in _AUDITED and threading.current_thread() in _watched and not _python_file(args[0]):
         _record(f"{event}({args[0]!r})")
 
 
@@ -70,7 +70,7 @@ def _blocking(name: str, call):
 def watch_thread(thread: threading.Thread) -> None:
     """Count blocking calls made on `thread` (started) from now on."""
     assert thread.ident is not None, "start the thread first"
-    _watched.add(thread.ident)
+    _watched.add(thread)
 
 
 @contextlib.contextmanager
@@ -83,6 +83,7 @@ def no_blocking_calls_on_loops() -> Iterator[list[str]]:
             patch.setattr(module, name, _blocking(f"{getattr(module, '__name__', module)}.{name}",
                                                   getattr(module, name)))
         del _seen[:]
+        _watched.intersection_update(t for t in list(_watched) if t.is_alive())
         try:
             yield _seen
         finally:

@@ -56,3 +56,18 @@ def test_the_same_work_in_a_worker_thread_is_not_reported(tmp_path):
 
     assert _on_a_watched_loop(offloaded) == []
 
+
+
+def test_a_thread_that_ended_is_not_confused_with_a_new_one_given_its_id(tmp_path):
+    """CI: a server watched (and stopped) in an earlier test left its thread id registered; the
+    id went to a later test's health writer, whose state-file fsyncs were reported as the loop's.
+    Linux gives an ended thread's id to the next thread started, every time on this machine."""
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    watch_thread(ended)                 # outside any watch, as a helper's start() does
+    ended.join()
+    with no_blocking_calls_on_loops() as blocking:
+        worker = threading.Thread(target=lambda: (tmp_path / "f").write_text("x"))
+        worker.start()
+        worker.join()
+        assert list(blocking) == []
