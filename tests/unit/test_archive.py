@@ -10,7 +10,7 @@ from datetime import date
 import pytest
 
 from relay.addresses import AddressError
-from relay.storage.archive import Archive, ArchiveWriter, Item
+from relay.storage.archive import Archive, ArchiveWriter, Item, Record, chain_of
 
 MESSAGE = b"From: s@sender.test\r\nTo: a@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
 
@@ -149,3 +149,16 @@ def test_a_hold_is_a_normalised_address_or_at_domain():
     for bad in ("", "@", "@nodot", "@a@b.test", "alice", "@exa mple.org", "a/b@example.org", "x@"):
         with pytest.raises(AddressError):
             Archive.hold_key(bad)
+
+
+def test_a_day_file_line_written_before_the_faster_encoding_still_verifies(tmp_path):
+    """The line as `dataclasses.asdict` wrote it (before 2026-12-01): the chain covers these
+    exact bytes, so the encoding may never change them."""
+    line = (b'{"chain":"c51b0a88ebae04dab87241121e23823b016f0c04fcac909895128151c8376277",'
+            b'"direction":"in","id":"20261201.1","keep_until":"2027-03-01","kind":"passed",'
+            b'"object":"' + b"ab" * 32 + b'","outcome":"primary 250","queue_id":"Q1",'
+            b'"rcpts":["alice@example.com","bob@example.com"],"sender":"s@sender.test",'
+            b'"sha256":"' + b"ab" * 32 + b'","size":10,"time":1764547200.25,"user":""}\n')
+    record = Record.from_line(line)
+    assert record.line() == line
+    assert chain_of("2026-12-01", record) == record.chain
