@@ -10,7 +10,7 @@ DAYS days into a temp archive, through the real `ArchiveWriter` with the index a
              7- and 30-day ranges), plus a few other shapes (a user, a user and a word, page
              20, a count), on the index as ingested and again after the reindex (optimised)
   reindex    seconds to rebuild the index from the files and put it in place
-  size       the index's bytes as a share of the archive's (objects and day files)
+  size       the index's bytes as a share of the archive's (packs, objects and day files)
 
 Messages, seeded and reproducible: a Zipf vocabulary of 40,000 made-up words; bodies of
 lognormal length (median 120 words); 35% with an HTML alternative, 12% with a base64
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     corpus = Corpus(args.seed, args.messages, args.days)
     print(f"fill: {args.messages} messages over {args.days} days into {archive.root}", flush=True)
     seconds, add, parse = fill(archive, index, corpus, args.fsync)
-    archive_bytes = size_of([archive.root / "objects", archive.root / "days"])
+    archive_bytes = size_of([archive.root / "packs", archive.root / "objects", archive.root / "days"])
     print(f"fill seconds={seconds:.1f} (archive writes{'' if args.fsync else ', no fsync'} + index) "
           f"archive={archive_bytes / 2**20:.0f}MiB avg-message={archive_bytes / args.messages / 1024:.1f}KiB")
     rate = args.messages / add.seconds

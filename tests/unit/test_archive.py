@@ -31,10 +31,10 @@ def test_five_recipients_one_object_one_record_listing_them_all(tmp_path):
     (record,) = ArchiveWriter(archive).write([item(rcpts=rcpts)])
     assert record.rcpts == rcpts and record.keep_until == "2027-01-30"
     assert archive.read(record) == MESSAGE
-    again = ArchiveWriter(archive).write([item()])       # the same bytes later: the same object
-    assert again[0].object == record.object
-    objects = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
-    assert len(objects) == 1 and [r.id for r in archive.records()] == ["20261101.1", "20261101.2"]
+    again = ArchiveWriter(archive).write([item()])       # the same bytes later: the same copy
+    assert again[0].object == record.object == "2026-11-01.pack@0"
+    assert (tmp_path / "packs" / "2026-11-01.pack").read_bytes() == MESSAGE      # stored once
+    assert [r.id for r in archive.records()] == ["20261101.1", "20261101.2"]
 
 
 def test_a_kept_message_is_a_hard_link_to_its_maildir_file(tmp_path):
@@ -59,6 +59,8 @@ def test_retention_to_the_day_and_hold(tmp_path):
     assert archive.purge(date(2026, 12, 1)) == {"dropped": 1, "held": 1, "objects": 1}
     assert sorted(archive.read(r)[:5] for r in archive.records()) == [b"held ", b"young"]
     assert archive.verify() == []          # the held record's bytes still check out
+    assert not (tmp_path / "packs" / "2026-09-01.pack").exists()     # the held one copied out
+    assert not any(b"old " + MESSAGE in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert archive.purge(date(2026, 12, 2))["dropped"] == 1
     assert [archive.read(r)[:5] for r in archive.records()] == [b"held "]
 
@@ -69,7 +71,9 @@ def test_verify_names_a_changed_byte_a_removed_record_and_an_inserted_one(tmp_pa
         [item(b"%d " % n + MESSAGE) for n in range(3)])
     assert archive.verify() == []
     path = archive.object_path(second)
-    path.write_bytes(path.read_bytes().replace(b"body", b"bodY"))
+    offset = int(second.object.partition("@")[2])
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + data[offset:].replace(b"body", b"bodY", 1))
     assert archive.verify() == [f"{second.id}: its message bytes changed"]
     day = tmp_path / "days" / "2026-11-01.jsonl"
     lines = day.read_bytes().splitlines(keepends=True)
@@ -89,10 +93,14 @@ def test_a_line_torn_by_a_crash_is_cut_at_the_next_start(tmp_path, caplog):
     whole = day.read_bytes()
     day.write_bytes(whole + whole.splitlines(keepends=True)[1][:40])      # a torn third line
     (tmp_path / "writer.open").write_text("1")                           # as a crash leaves it
+    pack = tmp_path / "packs" / "2026-11-01.pack"
+    packed = pack.read_bytes()
+    pack.write_bytes(packed + b"3 " + MESSAGE[:20])       # a batch's bytes without its lines
     writer = ArchiveWriter(archive)
     writer.start()
     try:
         assert day.read_bytes() == whole and archive.verify() == []
+        assert pack.read_bytes() == packed                # bytes no record names are cut too
         assert "archive.unclean_stop" in caplog.text and "archive.repaired" in caplog.text
         (third,) = writer.write([item(b"3 " + MESSAGE)])
         assert third.id == "20261101.3" and archive.verify() == []          # the chain goes on
