@@ -497,7 +497,7 @@ def _archive_commands(commands, command) -> None:
 
 def _query_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("words", nargs="*", help="words in the subject or the text")
-    sub.add_argument("--user", help="mail this user sent or got (an envelope recipient: Bcc too)")
+    sub.add_argument("--user", help="mail this user (or @domain) sent or got (Bcc recipients too)")
     sub.add_argument("--from", dest="sender", help="the From: header's address")
     sub.add_argument("--to", help="an address in To: or Cc:")
     sub.add_argument("--subject", help="words in the subject")

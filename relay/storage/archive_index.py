@@ -13,7 +13,8 @@ Tables:
                so a search returns `Record`s without reading the day files
     addresses  (address, role, key), indexed by address: the envelope sender, every envelope
                recipient (a Bcc recipient too), the sending user, the From and the To/Cc header
-               addresses, lower-cased
+               addresses, lower-cased, and each one's "@domain" in the same role (so a
+               domain's mail is one index lookup too)
     words      FTS5, contentless: the subject's words and the text parts' words (text/plain,
                and text/html with its tags dropped), at most `MAX_TEXT` characters a message,
                from its first `MAX_PARSE` bytes
@@ -75,7 +76,7 @@ from relay.storage.durable import Owner, UnsafePathError, make_dirs
 
 __all__ = ["MAX_PARSE", "MAX_TEXT", "ArchiveIndex", "Page", "Query", "html_text", "key_of", "message_text"]
 
-SCHEMA = 1                      # PRAGMA user_version of the index this module writes
+SCHEMA = 2                      # PRAGMA user_version of the index this module writes (2: @domain rows)
 MAX_TEXT = 256 * 1024           # characters of text (subject aside) indexed per message
 MAX_PARSE = 2 * 1024 * 1024     # bytes of a message parsed for its parts
 MAX_DEPTH = 20                  # multipart levels followed; deeper is taken as one part
@@ -103,7 +104,7 @@ _SCHEMA_SQL = (
     "CREATE VIRTUAL TABLE words USING fts5 (subject, body, content='', columnsize=0,"
     " tokenize='unicode61 remove_diacritics 2')",
     "CREATE TABLE days (day TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID",
-    "PRAGMA user_version = 1",
+    f"PRAGMA user_version = {SCHEMA}",
 )
 
 _INSERT_RECORD = ("INSERT OR IGNORE INTO records (key, id, time, day, direction, kind, sender, user,"
@@ -130,7 +131,8 @@ _ATTACHMENT_LINE = re.compile(rb"^content-disposition:[ \t]*attachment", re.IGNO
 class Query:
     """What to look for; every field is optional and all given fields must match.
 
-    user: the envelope sender, any envelope recipient (Bcc included) or the sending user.
+    user: the envelope sender, any envelope recipient (Bcc included) or the sending user;
+        `@domain` for any address of that domain in those places (likewise from_ and to).
     mailbox: any envelope recipient (Bcc included) or the sending user, not the envelope
         sender: the mail that was this mailbox's own (the webmail's archive). Mail from outside
         names its envelope sender unauthenticated, so anyone can claim a user's address there.
@@ -461,6 +463,20 @@ class ArchiveIndex:
                 else:
                     self._pool.append(conn)
 
+    def stale(self) -> bool:
+        """Whether the index file is there but of another version (a reindex replaces it)."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return False
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error:
+            return True                     # not a database: replaced the same way
+        finally:
+            conn.close()
+        return version not in (0, SCHEMA)
+
     def close(self) -> None:
         with self._pool_lock:
             self._closed = True
@@ -605,8 +621,9 @@ class ArchiveIndex:
         people = {(record.sender.lower(), SENDER), (record.user.lower(), USER)}
         people |= {(a.lower(), RCPT) for a in record.rcpts}
         people |= {(a, FROM) for a in doc.from_} | {(a, TO) for a in doc.to}
+        people |= {("@" + a.rpartition("@")[2], role) for a, role in people if "@" in a}
         conn.executemany("INSERT OR IGNORE INTO addresses (address, role, key) VALUES (?, ?, ?)",
-                         [(address, role, key) for address, role in people if address])
+                         [(address, role, key) for address, role in people if address.strip("@")])
         conn.execute("INSERT INTO words (rowid, subject, body) VALUES (?, ?, ?)",
                      (key, doc.subject, doc.text))
         return 1
@@ -709,6 +726,9 @@ def follow(archive: Archive, stop: Callable[[float], bool], interval: float = FO
     the index never takes the SMTP listeners' interpreter (blocking)."""
     index = ArchiveIndex(archive)
     try:
+        if index.stale():       # written by another version: rebuilt from the files, no command
+            event("archive.index_rebuilding", logging.WARNING, reason=f"not version {SCHEMA}")
+            index.reindex()
         while True:
             try:
                 index.sync()

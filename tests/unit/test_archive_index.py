@@ -124,6 +124,37 @@ def test_each_field_finds_its_messages_and_only_them(index, mail):
     assert index.count(Query(words="budget")) == 2 and index.count(Query()) == 7
 
 
+def test_a_domain_finds_every_message_with_an_address_of_it(index, mail):
+    budget, lunch, secret, reply, report, notice, late = mail
+    assert ids(index, Query(user="@Example.COM")) == [late, report, reply, secret, lunch, budget]
+    assert ids(index, Query(user="@elsewhere.test")) == [reply]
+    assert ids(index, Query(user="@sender.test")) == [late, notice, report, secret, lunch, budget]
+    assert ids(index, Query(from_="@relay.test")) == [notice]
+    assert ids(index, Query(to="@elsewhere.test")) == [reply]
+    assert ids(index, Query(user="@example.co")) == []          # a domain, never a suffix
+    assert ids(index, Query(user="@")) == []                    # no address is just "@"
+
+
+def test_an_index_of_the_previous_version_is_rebuilt_by_the_follower(archive, index, mail, caplog):
+    """Users of other archivers see search break after an upgrade: here the follower rebuilds
+    an index another version wrote, from the files, with no command."""
+    index.close()
+    with sqlite3.connect(index.path) as conn:
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    old = ArchiveIndex(archive)
+    with pytest.raises(StorageError, match="reindex"):
+        old.search(Query())
+    old.close()
+    archive_index.follow(archive, lambda seconds: True, interval=0.01)
+    rebuilt = ArchiveIndex(archive)
+    try:
+        assert len(ids(rebuilt, Query(user="@example.com"))) == 6
+        assert "archive.index_rebuilding" in caplog.text
+    finally:
+        rebuilt.close()
+
+
 def test_a_bcc_recipient_finds_the_message_by_user(index, mail):
     secret = mail[2]
     (record,) = index.search(Query(user="hidden@example.com")).records
