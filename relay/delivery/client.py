@@ -252,12 +252,26 @@ class Upstream:
     async def send(self, sender: str, rcpt: str, mail_options: list[str], data: bytes,
                    rcpt_options: Iterable[str] = ()) -> Reply:
         """One whole transaction: MAIL, RCPT, DATA; the first reply that is not 2xx."""
-        reply = await self.begin(sender, mail_options, size=len(data), rcpts=[rcpt])
-        if reply.ok:
-            reply = await self.rcpt(rcpt, rcpt_options)
-        if reply.ok:
-            reply = await self.data(data)
-        return reply
+        return (await self.send_many(sender, [(rcpt, tuple(rcpt_options))], mail_options, data))[0]
+
+    async def send_many(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
+                        mail_options: list[str], data: bytes) -> list[Reply]:
+        """One transaction for several recipients (each with its RCPT options), as Postfix
+        sends one copy a destination: each recipient's reply, its RCPT's when refused, else
+        DATA's. MAIL refused, or the connection lost, answers the rest the same way."""
+        reply = await self.begin(sender, mail_options, size=len(data), rcpts=[r for r, _ in rcpts])
+        if not reply.ok:
+            return [reply] * len(rcpts)
+        replies: list[Reply] = []
+        for rcpt, options in rcpts:
+            reply = await self.rcpt(rcpt, options)
+            replies.append(reply)
+            if not reply.reached:
+                return replies + [reply] * (len(rcpts) - len(replies))
+        if not any(r.ok for r in replies):
+            return replies          # the transaction stays open: the next `begin` says RSET
+        final = await self.data(data)
+        return [final if r.ok else r for r in replies]
 
     async def quit(self) -> None:
         """Say goodbye politely; a primary that does not answer is simply dropped."""

@@ -94,7 +94,20 @@ class QueueRunner(abc.ABC):
     async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
         reply = await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
                                     envelope.rcpt_options)
-        return (Verdict.DELIVERED if reply.ok else self.judge(envelope, reply)), reply
+        return self._verdict(envelope, reply), reply
+
+    async def deliver_many(self, envelopes: list[Envelope], data: bytes,
+                           upstream: Upstream) -> list[tuple[Verdict, Reply]]:
+        """One transaction for entries of the same message, sender and MAIL options."""
+        if len(envelopes) == 1:
+            return [await self.deliver(envelopes[0], data, upstream)]
+        first = envelopes[0]
+        replies = await upstream.send_many(first.mail_from, [(e.rcpt, e.rcpt_options) for e in envelopes],
+                                           list(first.mail_options), data)
+        return [(self._verdict(e, r), r) for e, r in zip(envelopes, replies, strict=True)]
+
+    def _verdict(self, envelope: Envelope, reply: Reply) -> Verdict:
+        return Verdict.DELIVERED if reply.ok else self.judge(envelope, reply)
 
     def tell_whom(self, envelope: Envelope) -> str | None:
         """Who hears of a refusal: the envelope sender (None for `<>`)."""
@@ -106,23 +119,52 @@ class QueueRunner(abc.ABC):
 
     async def attempt(self, queue: Queue, entry: str, upstream: Upstream) -> Outcome | None:
         """Claim, read, deliver and settle one entry; None when another worker had it."""
-        if not await asyncio.to_thread(queue.claim, entry):
-            return None
+        return (await self.attempt_many(queue, [entry], upstream))[entry]
+
+    async def attempt_many(self, queue: Queue, entries: list[str],
+                           upstream: Upstream) -> dict[str, Outcome | None]:
+        """`attempt` for several entries, those of one message (the same bytes, sender and
+        MAIL options: `Submitter` queues one entry per recipient) in one transaction each."""
+        outcomes: dict[str, Outcome | None] = {}
+        groups: dict[tuple[str, tuple[str, ...], bytes], list[tuple[str, Envelope]]] = {}
+        for entry in entries:
+            if not await asyncio.to_thread(queue.claim, entry):
+                outcomes[entry] = None
+                continue
+            try:
+                envelope, data = await asyncio.to_thread(queue.read, entry, "active")
+            except CorruptEntryError as exc:
+                await asyncio.to_thread(queue.set_aside, entry)
+                event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
+                outcomes[entry] = Outcome(None, moved_to="hold")
+                continue
+            groups.setdefault((envelope.mail_from, envelope.mail_options, data), []).append((entry, envelope))
+        for (_, _, data), members in groups.items():
+            outcomes |= await self._send_group(queue, members, data, upstream)
+        return outcomes
+
+    async def _send_group(self, queue: Queue, members: list[tuple[str, Envelope]], data: bytes,
+                          upstream: Upstream) -> dict[str, Outcome | None]:
+        outcomes: dict[str, Outcome | None] = {}
         try:
-            envelope, data = await asyncio.to_thread(queue.read, entry, "active")
-        except CorruptEntryError as exc:
-            await asyncio.to_thread(queue.set_aside, entry)
-            event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
-            return Outcome(None, moved_to="hold")
-        try:
-            verdict, reply = await self.deliver(envelope, data, upstream)
-            return await asyncio.to_thread(self._settle, queue, entry, envelope, data, verdict, reply,
-                                           upstream.server_name)
+            results = await self.deliver_many([e for _, e in members], data, upstream)
         except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
-            target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
-            event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
-                  error=type(exc).__name__, detail=exc, now_in=target)
-            return Outcome(None, envelope=envelope, moved_to=target)
+            for entry, envelope in members:
+                outcomes[entry] = await self._crashed(queue, entry, envelope, exc)
+            return outcomes
+        for (entry, envelope), (verdict, reply) in zip(members, results, strict=True):
+            try:
+                outcomes[entry] = await asyncio.to_thread(self._settle, queue, entry, envelope, data,
+                                                          verdict, reply, upstream.server_name)
+            except Exception as exc:  # noqa: BLE001 - likewise
+                outcomes[entry] = await self._crashed(queue, entry, envelope, exc)
+        return outcomes
+
+    async def _crashed(self, queue: Queue, entry: str, envelope: Envelope, exc: Exception) -> Outcome:
+        target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
+        event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
+              error=type(exc).__name__, detail=exc, now_in=target)
+        return Outcome(None, envelope=envelope, moved_to=target)
 
     def _settle(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, verdict: Verdict,
                 reply: Reply, server: str) -> Outcome:

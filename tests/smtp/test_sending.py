@@ -33,12 +33,11 @@ def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarth
         alice = parse_mailbox("alice@example.com")
         sender_of(relay).submit(alice, "alice@example.com",
                                 ["bob@example.org", "carol@example.net", "secret@example.net"], MESSAGE)
-        wait_for(lambda: len(smarthost.received) == 3)
-        rcpts = sorted(r.rcpt_tos[0] for r in smarthost.received)
-        assert rcpts == ["bob@example.org", "carol@example.net", "secret@example.net"]
-        for got in smarthost.received:
-            assert got.mail_from == "alice@example.com"
-            assert got.content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
+        wait_for(lambda: len(smarthost.received) == 1)
+        (got,) = smarthost.received        # one transaction for the three, as Postfix sends it
+        assert got.rcpt_tos == ["bob@example.org", "carol@example.net", "secret@example.net"]
+        assert got.mail_from == "alice@example.com"
+        assert got.content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
         (sent,) = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
         assert sent.name.endswith(":2,S") and sent.read_bytes() == MESSAGE
         primary.script.rcpt = "250 2.1.5 Ok"
@@ -50,6 +49,31 @@ def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarth
         assert copy.content.endswith(b"\r\n\r\nsent during the outage \xe2\x82\xac\r\n")
     finally:
         primary.stop()
+
+
+def test_each_recipient_of_one_transaction_is_settled_by_its_own_reply(make_relay):
+    """One MAIL and DATA for three recipients: the refused one is told to the user and filed,
+    the deferred one is sent alone later, the accepted one is done."""
+    smarthost = FakePrimary(Script(rcpt_for={"bob@example.org": "550 5.1.1 no such user",
+                                             "carol@example.net": "451 4.3.0 try later"})).start()
+    try:
+        relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+        sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                                ["bob@example.org", "carol@example.net", "secret@example.net"], MESSAGE)
+        outbound = relay.config.storage.spool / "outbound"
+        wait_for(lambda: smarthost.received and files(outbound / "failed"))
+        assert [r.rcpt_tos for r in smarthost.received] == [["secret@example.net"]]
+        (failed,) = files(outbound / "failed")
+        assert b'"rcpt": "bob@example.org"' in failed.read_bytes()
+        inbox = relay.config.storage.maildirs / "example.com" / "alice" / "new"
+        wait_for(lambda: files(inbox))
+        assert b"Final-Recipient: rfc822; bob@example.org" in files(inbox)[0].read_bytes()
+        smarthost.script.rcpt_for.clear()
+        wait_for(lambda: len(smarthost.received) == 2)
+        assert smarthost.received[1].rcpt_tos == ["carol@example.net"]
+        wait_for(lambda: not files(outbound / "waiting") and not files(outbound / "active"))
+    finally:
+        smarthost.stop()
 
 
 def test_smarthost_down_then_up_sends_after_a_retry(make_relay):
@@ -100,8 +124,10 @@ def test_outbox_message_is_sent_to_to_cc_bcc_and_removed(smarthost, make_relay):
     sender_of(relay).store.maildirs.ensure(parse_mailbox("alice@example.com"))
     time.sleep(0.3)
     drop_in_outbox(relay, "alice", MESSAGE, "cur", ":2,S")
-    wait_for(lambda: len(smarthost.received) == 3)
-    assert all(b"secret@" not in r.content for r in smarthost.received)
+    wait_for(lambda: smarthost.received)
+    (got,) = smarthost.received
+    assert sorted(got.rcpt_tos) == ["bob@example.org", "carol@example.net", "secret@example.net"]
+    assert b"secret@" not in got.content
     outbox = relay.config.storage.maildirs / "example.com" / "alice" / ".Outbox"
     wait_for(lambda: not files(outbox / "cur") and not files(outbox / "new"))
     assert files(outbox.parent / ".Sent" / "cur")
