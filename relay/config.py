@@ -616,13 +616,14 @@ def load(path: str | Path) -> Config:
 
 def changed_keys(old: Config, new: Config) -> list[str]:
     """The dotted keys whose values differ between two loaded configurations (a SIGHUP
-    reload), deepest first found: `domains.example.com.primary.address`; a domain added or
-    removed is `domains.<name>`, a block set or unset its own key (`tls`)."""
+    reload), in field order, as deep as they go (`domains.example.com.primary.address`, a
+    host:port being one value); a domain added or removed is `domains.<name>`, a block set or
+    unset its own key (`tls`)."""
     return _diff(old, new, "")
 
 
 def _diff(old: Any, new: Any, key: str) -> list[str]:
-    if dataclasses.is_dataclass(old) and type(old) is type(new):
+    if dataclasses.is_dataclass(old) and type(old) is type(new) and not isinstance(old, HostPort):
         return [changed for f in dataclasses.fields(old) if f.name != "file"
                 for changed in _diff(getattr(old, f.name), getattr(new, f.name),
                                      f"{key}.{f.name}" if key else f.name)]
