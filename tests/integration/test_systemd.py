@@ -31,6 +31,7 @@ EXPOSURE_LIMIT = 2.0
 def installed_unit(tmp_path: Path) -> Path:
     """A copy of the unit whose ExecStartPre/ExecStart name this checkout's installed command
     (systemd-analyze verify checks that the binary exists)."""
+    assert shutil.which("systemd-analyze"), "Debian's systemd package has it (scripts/test installs it)"
     command = Path(sys.executable).parent / "continuity-relay"
     assert command.exists(), "pip install -e . gives the continuity-relay command"
     text = UNIT.read_text().replace("/usr/local/bin/continuity-relay", str(command))
@@ -242,5 +243,3 @@ class _Sink:
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
 
-
-assert shutil.which("systemd-analyze"), "Debian's systemd package gives systemd-analyze"
