@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fnmatch
 import logging
 import os
 import signal
@@ -10,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp.web import AppRunner
@@ -18,13 +20,14 @@ from aiohttp.web import AppRunner
 from relay.addresses import Mailbox
 from relay.admins import Admins
 from relay.auth import LoginThrottle
-from relay.config import Config, HostPort
+from relay.config import Config, HostPort, changed_keys, load
 from relay.delivery.health import REFRESH, Health
 from relay.delivery.rspamd import Rspamd
 from relay.delivery.submit import Submitter
 from relay.directory import Directory, User
-from relay.errors import RelayError
-from relay.log import event
+from relay.errors import ConfigErrors, RelayError
+from relay.log import event, set_level
+from relay.notify import Notifier
 from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
 from relay.runners.queue_runner import Notice
@@ -41,6 +44,7 @@ from relay.storage.archive_index import ArchiveIndex
 from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
+from relay.storage.state import domain_status, summary
 from relay.web import start_web
 
 # Deliveries are fsync-bound: more threads than cores lets the disk batch them.
@@ -82,6 +86,10 @@ class Running:
     web: AppRunner | None = None
     tls: ServerTLS | None = None
     archive: tuple[ArchiveWriter, ArchiveIndex] | None = None
+    config: Config | None = None         # in effect: what SIGHUP reloads compare against
+    store: ContinuityStore | None = None
+    directory: Directory | None = None
+    limits: dict[str, ConnectionLimits] = field(default_factory=dict)
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -230,7 +238,7 @@ async def start(config: Config) -> Running:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls, archiving)
+                   submission, web, tls, archiving, config, store, directory, limits)
 
 
 def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
@@ -384,24 +392,120 @@ async def replay_once(config: Config, domain: str, progress: Callable[[int], Non
 
 
 async def serve(config: Config) -> None:
-    """Run every listener until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
+    """Run every listener until SIGTERM or SIGINT; SIGHUP reloads (see `reload`). Under systemd
+    (`Type=notify`, relay/notify.py): READY=1 once every listener is bound and the queues are
+    recovered, STATUS= a one-line summary, the watchdog pinged from this loop, STOPPING=1."""
+    notifier = Notifier()
     running = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task] = set()
+    changed = asyncio.Event()
+    running.replay.health.listen(lambda _domain, _state: loop.call_soon_threadsafe(changed.set))
+    notifier.ready(await asyncio.to_thread(status_line, running))
+    tasks: set[asyncio.Task] = set()
+    if notifier.watchdog_interval is not None:
+        tasks.add(loop.create_task(supervise("watchdog", notifier.watchdog), name="watchdog"))
+    if notifier.enabled:
+        tasks.add(loop.create_task(supervise("status", lambda: _report_status(running, notifier, changed)),
+                                   name="status"))
+    reloading = asyncio.Lock()            # one reload at a time, in the order the HUPs came
 
-    def hangup() -> None:
-        task = loop.create_task(running.reload_tls())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-    loop.add_signal_handler(signal.SIGHUP, hangup)
+    async def reload_now() -> None:
+        async with reloading:
+            notifier.reloading()
+            await reload(running)
+            notifier.reloaded()
+            changed.set()
+    loop.add_signal_handler(signal.SIGHUP, lambda: tasks.add(loop.create_task(reload_now())))
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([stopping, running.runners], return_when=asyncio.FIRST_COMPLETED)
+    notifier.stopping()
+    for task in tasks:
+        task.cancel()
     if running.runners.done():  # supervision itself failed (a bug): end non-zero, systemd restarts
         stopping.cancel()
         running.inbound.close()
         running.runners.result()
     await running.close()
+    notifier.close()
     event("app.stopped")
+
+
+# -- systemd's STATUS= ----------------------------------------------------------------------------
+
+STATUS_INTERVAL = 5.0      # seconds between recounts of the queues for STATUS=
+
+
+def status_line(running: Running) -> str:
+    """The summary `systemctl status` shows (blocking: directory listings)."""
+    assert running.config is not None and running.store is not None
+    statuses = [domain_status(running.config, name) for name in sorted(running.config.domains)]
+    return summary(statuses, running.store.outbound.count())
+
+
+async def _report_status(running: Running, notifier: Notifier, changed: asyncio.Event) -> None:
+    """STATUS= again when a health state changes (at once) or the counts moved (every
+    STATUS_INTERVAL); the notifier sends only a line that differs from the last."""
+    while True:
+        try:
+            await asyncio.wait_for(changed.wait(), STATUS_INTERVAL)
+        except TimeoutError:
+            pass
+        changed.clear()
+        notifier.status(await asyncio.to_thread(status_line, running))
+
+
+# -- SIGHUP: the configuration, the certificate and the passwd-file again --------------------------
+
+# What a reload changes in the running service: a configured domain's primary, subscription and
+# directory (every reader looks its domain up in the one `domains` mapping on each use), the
+# connection limits (for new sessions) and the log level. Every other key is wired in at
+# start-up (listen addresses, storage roots, TLS file names, the web, the smarthost, replay
+# settings, a domain added or removed...): a change there is logged as needing a restart and
+# the old value stays in use.
+LIVE_KEYS = ("domains.*.primary", "domains.*.continuity", "domains.*.ldap", "limits", "log_level")
+
+
+def is_live(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) or fnmatch.fnmatchcase(key, pattern + ".*")
+               for pattern in LIVE_KEYS)
+
+
+async def reload(running: Running) -> bool:
+    """Read the configuration file again and apply what can change live; a file with problems
+    is logged (file, key, what) and the configuration in use stays. Then, either way, the TLS
+    certificate and the passwd-file. True when the file was good."""
+    assert running.config is not None and running.directory is not None
+    try:
+        new = await asyncio.to_thread(load, running.config.file)
+    except ConfigErrors as exc:
+        for problem in exc.problems:
+            event("config.reload_failed", logging.ERROR, file=problem.file, key=problem.key,
+                  error=problem.message, kept="the configuration in use")
+        new = None
+    if new is not None:
+        _apply(running, new)
+    await running.reload_tls()
+    await asyncio.to_thread(running.directory.refresh)
+    return new is not None
+
+
+def _apply(running: Running, new: Config) -> None:
+    """The live keys of `new` into the running service (see LIVE_KEYS), one log line."""
+    current = running.config
+    assert current is not None
+    changed = changed_keys(current, new)
+    restart = [key for key in changed if not is_live(key)]
+    for name in current.domains.keys() & new.domains.keys():
+        current.domains[name] = new.domains[name]     # the mapping every component holds
+    for name, limits in listener_limits(new.limits, list(running.limits)).items():
+        running.limits[name].adopt(limits)
+    set_level(new.log_level)
+    running.config = dataclasses.replace(current, limits=new.limits, log_level=new.log_level)
+    fields: dict[str, object] = {"applied": ",".join(k for k in changed if is_live(k)) or "none"}
+    if restart:
+        fields["restart_needed"] = ",".join(restart)
+    event("config.reloaded", logging.WARNING if restart else logging.INFO,
+          file=str(current.file), **fields)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import getpass
@@ -25,7 +26,7 @@ from relay.admins import Admins
 from relay.config import Config, load
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
-from relay.log import setup
+from relay.log import event, formatter, setup, stop
 from relay.storage import spool
 from relay.storage.archive import Archive, Record
 from relay.storage.archive_export import FORMATS, export
@@ -40,7 +41,20 @@ from relay.web.revoked import Revoked
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load(args.config)
+    """The configuration, and the log set up as it says (`log_level`, `log.format`): every
+    command logs to stderr, as serve does; `main` writes what is queued before it returns."""
+    config = load(args.config)
+    setup(config.log_level, config.log.format)
+    return config
+
+
+def _audited(config: Config, action: str, **fields: object) -> None:
+    """An administrator's change made from the command line: one log line (`cli.admin_action`,
+    as the panel's `web.admin_action`) and one audit line, naming the Unix user. Never a
+    password (the audit log refuses a field named so)."""
+    who = getpass.getuser()
+    event("cli.admin_action", admin=who, action=action, **fields)
+    AuditLog(config.audit_log).record("cli", who, action, **fields)
 
 
 def _password(args: argparse.Namespace) -> str | None:
@@ -53,9 +67,7 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args)
-    setup(config.log_level)
-    asyncio.run(app.serve(config))
+    asyncio.run(app.serve(_config(args)))
     return 0
 
 
@@ -73,13 +85,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    user = Directory(_config(args)).add(args.email, args.name or "", _password(args))
+    config = _config(args)
+    user = Directory(config).add(args.email, args.name or "", _password(args))
+    _audited(config, "add_user", user=user.email, can_log_in="yes" if user.password_hash else "no")
     print(f"added {user.email}" + ("" if user.password_hash else " (no password: cannot log in)"))
     return 0
 
 
 def cmd_users_import(args: argparse.Namespace) -> int:
-    added, problems = Directory(_config(args)).import_csv(Path(args.file))
+    config = _config(args)
+    added, problems = Directory(config).import_csv(Path(args.file))
+    _audited(config, "import", file=args.file, added=len(added), refused=len(problems))
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"imported {len(added)} user(s), {len(problems)} line(s) refused")
@@ -90,12 +106,18 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
     password = _password(args)
     if password is None:
         raise UsageError("users passwd reads the new password with --password-stdin")
-    print(f"password changed for {Directory(_config(args)).set_password(args.email, password).email}")
+    config = _config(args)
+    user = Directory(config).set_password(args.email, password)
+    _audited(config, "set_password", user=user.email)
+    print(f"password changed for {user.email}")
     return 0
 
 
 def cmd_users_activate(args: argparse.Namespace) -> int:
-    print(f"activated {Directory(_config(args)).set_active(args.email, True).email}")
+    config = _config(args)
+    user = Directory(config).set_active(args.email, True)
+    _audited(config, "activate", user=user.email)
+    print(f"activated {user.email}")
     return 0
 
 
@@ -103,6 +125,7 @@ def cmd_users_deactivate(args: argparse.Namespace) -> int:
     config = _config(args)
     user = Directory(config).set_active(args.email, False)
     Revoked(config.web.revoked_file, config.web.session_lifetime).end_account(user.email)
+    _audited(config, "deactivate", user=user.email)
     print(f"deactivated {user.email} (and ended their web sessions)")
     return 0
 
@@ -119,7 +142,10 @@ def cmd_admins_add(args: argparse.Namespace) -> int:
     password = _password(args)
     if password is None:
         raise UsageError("admins add reads the password with --password-stdin")
-    print(f"added administrator {Admins(_config(args)).add(args.email, password).email}")
+    config = _config(args)
+    admin = Admins(config).add(args.email, password)
+    _audited(config, "add_admin", user=admin.email)
+    print(f"added administrator {admin.email}")
     return 0
 
 
@@ -127,7 +153,9 @@ def cmd_admins_passwd(args: argparse.Namespace) -> int:
     password = _password(args)
     if password is None:
         raise UsageError("admins passwd reads the new password with --password-stdin")
-    admin = Admins(_config(args)).set_password(args.email, password)
+    config = _config(args)
+    admin = Admins(config).set_password(args.email, password)
+    _audited(config, "set_admin_password", user=admin.email)
     print(f"password changed for administrator {admin.email}")
     return 0
 
@@ -178,7 +206,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"{name}: {queue.count('waiting')} waiting for {len(waiting_by_user(queue))} user(s), "
                   f"oldest {_age(oldest) if oldest is not None else '-'}; nothing sent (--dry-run)")
         return 0
-    setup(config.log_level)
     return asyncio.run(_replay(config, names))
 
 
@@ -187,7 +214,7 @@ async def _replay(config: Config, names: list[str]) -> int:
     for name in names:
         waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
         with (tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar,
-              logging_redirect_tqdm(loggers=[logging.getLogger("relay")])):  # logs above the bar
+              _above_the_bar()):
             result = await app.replay_once(config, name, bar.update)
         left = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
         stopped = f"; stopped by the primary: {result.fault}" if result.fault else ""
@@ -195,6 +222,20 @@ async def _replay(config: Config, names: list[str]) -> int:
               f"{result.held} set aside, {left} still waiting{stopped}")
         status = 1 if result.fault or left else status
     return status
+
+
+@contextlib.contextmanager
+def _above_the_bar() -> Iterator[None]:
+    """Log lines go above the progress bar (tqdm's handler, in the format set up) and, for the
+    while, not also to the stderr writer: each line once."""
+    relay = logging.getLogger("relay")
+    with logging_redirect_tqdm(loggers=[relay]):
+        relay.handlers[-1].setFormatter(formatter())
+        relay.propagate = False
+        try:
+            yield
+        finally:
+            relay.propagate = True
 
 
 # -- queue management, as Postfix's postqueue and postsuper -------------------------------------
@@ -262,6 +303,7 @@ def _each(args: argparse.Namespace, action: str) -> int:
             print(f"continuity-relay: {exc}", file=sys.stderr)
             failed += 1
             continue
+        _audited(config, f"queue_{action}", id=entry, was=was)
         print(f"{entry}: {action} (was {was})")
     return 1 if failed else 0
 
@@ -293,7 +335,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
             except EntryError:
                 continue          # taken by a runner meanwhile
     names = [domain for name, domain, _queue in selected if name == "replay"]
-    setup(config.log_level)
+    _audited(config, "queue_flush", domain=getattr(args, "domain", None) or "all")
     return asyncio.run(_replay(config, names)) if names else 0
 
 
@@ -315,7 +357,6 @@ def cmd_archive_release(args: argparse.Namespace) -> int:
     archive, store = _archive(config), app.build_store(config)
     to = _mailbox(args.to) if args.to else None
     who = getpass.getuser()
-    audit = AuditLog(config.audit_log)
     status = 0
     for record_id in args.ids:
         try:
@@ -326,8 +367,8 @@ def cmd_archive_release(args: argparse.Namespace) -> int:
             status = 1
             continue
         for item in done:
-            audit.record("cli", who, "archive_release", id=record_id, to=item.user, went=item.went,
-                         queue_id=item.queue_id)
+            _audited(config, "archive_release", id=record_id, to=item.user, went=item.went,
+                     queue_id=item.queue_id)
             print(f"{record_id}: released to {item.user}, {item.went} (queue id {item.queue_id})")
     return status
 
@@ -346,8 +387,7 @@ def cmd_archive_hold(args: argparse.Namespace) -> int:
     changed = sorted(set(holds) | set(wanted)) if args.action == "add" else \
         [h for h in holds if h not in wanted]
     archive.set_holds(changed)
-    AuditLog(config.audit_log).record("cli", getpass.getuser(), f"archive_hold_{args.action}",
-                                      who=",".join(wanted))
+    _audited(config, f"archive_hold_{args.action}", who=",".join(wanted))
     return 0
 
 
@@ -439,9 +479,12 @@ def _decoded(values: list[str]) -> str:
 
 
 def cmd_archive_reindex(args: argparse.Namespace) -> int:
-    index = ArchiveIndex(_archive(_config(args)))
+    config = _config(args)
+    index = ArchiveIndex(_archive(config))
     try:
-        print(f"{index.reindex()} message(s) indexed")
+        count = index.reindex()
+        _audited(config, "archive_reindex", messages=count)
+        print(f"{count} message(s) indexed")
     finally:
         index.close()
     return 0
@@ -593,6 +636,13 @@ def _queue_commands(commands, command) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        stop()                         # every queued log line is written before we return
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ConfigErrors as exc:

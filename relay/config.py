@@ -13,6 +13,7 @@ against the configuration file's folder: a loaded Config holds absolute paths.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import socket
@@ -24,6 +25,7 @@ import yaml
 
 from relay.addresses import AddressError, normalise_domain
 from relay.errors import ConfigError, ConfigErrors
+from relay.log import FORMATS as LOG_FORMATS
 
 PASSWORD_SCHEMES = ("BLF-CRYPT", "ARGON2ID")
 STARTTLS_MODES = ("off", "opportunistic", "required")
@@ -121,6 +123,13 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Log:
+    """How log lines look on stderr (relay/log.py)."""
+
+    format: str = "text"               # or json: one object a line, for journald and collectors
+
+
+@dataclass(frozen=True)
 class Primary:
     address: HostPort
     starttls: str = "opportunistic"
@@ -192,6 +201,7 @@ class Config:
     rspamd: Rspamd = Rspamd()
     limits: Limits = Limits()
     archive: ArchiveSettings = ArchiveSettings()
+    log: Log = Log()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -477,6 +487,11 @@ def _archive(r: _Reader, raw: Any) -> ArchiveSettings:
     return ArchiveSettings(days=r.value(data, "archive", "days", _positive_int, ArchiveSettings.days))
 
 
+def _log(r: _Reader, raw: Any) -> Log:
+    data = r.section(raw, "log", {"format"})
+    return Log(format=r.value(data, "log", "format", _choice(LOG_FORMATS), Log.format))
+
+
 def _rspamd(r: _Reader, raw: Any) -> Rspamd:
     data = r.section(raw, "rspamd", {"url", "timeout", "on_failure"})
     return Rspamd(url=r.value(data, "rspamd", "url", _http_url, Rspamd.url),
@@ -552,7 +567,7 @@ def load(path: str | Path) -> Config:
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
-                              "rspamd", "limits", "archive"},
+                              "rspamd", "limits", "archive", "log"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner", "archive"},
@@ -592,10 +607,31 @@ def load(path: str | Path) -> Config:
         rspamd=_rspamd(r, top.get("rspamd")),
         limits=_limits(r, top.get("limits")),
         archive=_archive(r, top.get("archive")),
+        log=_log(r, top.get("log")),
     )
     if r.problems:
         raise ConfigErrors(r.problems)
     return config
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two loaded configurations (a SIGHUP
+    reload), in field order, as deep as they go (`domains.example.com.primary.address`, a
+    host:port being one value); a domain added or removed is `domains.<name>`, a block set or
+    unset its own key (`tls`)."""
+    return _diff(old, new, "")
+
+
+def _diff(old: Any, new: Any, key: str) -> list[str]:
+    if dataclasses.is_dataclass(old) and type(old) is type(new) and not isinstance(old, HostPort):
+        return [changed for f in dataclasses.fields(old) if f.name != "file"
+                for changed in _diff(getattr(old, f.name), getattr(new, f.name),
+                                     f"{key}.{f.name}" if key else f.name)]
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [changed for name in sorted(set(old) | set(new))
+                for changed in ([f"{key}.{name}"] if (name in old) != (name in new)
+                                else _diff(old[name], new[name], f"{key}.{name}"))]
+    return [] if old == new else [key]
 
 
 def _owner(value: Any) -> str:

@@ -1,46 +1,104 @@
-"""Logging set-up: one logger per subsystem, one key=value line per state change, to stderr.
+"""Logging set-up (the `log.*` keys): one logger per subsystem, one line per state change, to
+stderr (journald, under systemd).
 
 Call sites use `event("replay.primary_up", domain=..., queued=...)`: the event's prefix names its
-logger (`relay.replay`), so a logger and its events can never disagree. Values are quoted
-(`quote`) when they hold spaces, quotes, backslashes or control characters, and never contain a
-password or a message body (callers pass neither).
+logger (`relay.replay`), so a logger and its events can never disagree. Values never contain a
+password or a message body (callers pass neither). Two formats (`log.format`):
+
+    text  2026-12-01 10:00:00,123 INFO relay.replay replay.primary_up domain=example.com queued=3
+          (values quoted by `quote` when they hold spaces, quotes, backslashes or control
+          characters, so no value can forge another field)
+    json  {"ts": "2026-12-01T10:00:00.123Z", "level": "INFO", "event": "replay.primary_up",
+           "domain": "example.com", "queued": 3}
+          (one object a line; a line from a library's logger has its logger's name as `event`
+          and its text as `message`)
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime as dt
+import json
 import logging
 import logging.handlers
 import queue
 import sys
 
+FORMATS = ("text", "json")
+
 _listener: logging.handlers.QueueListener | None = None
+_queued: logging.Handler | None = None
+_format = "text"
 
 
-def setup(level: str = "INFO") -> None:
-    """Send every `relay.*` logger to stderr with a timestamp, through a queue and a thread of
-    its own: a log line never blocks the event loop on a slow pipe or a disk busy flushing."""
-    global _listener
+def setup(level: str = "INFO", format: str = "text") -> None:
+    """Send every log line to stderr in `format`, through a queue and a thread of its own: a log
+    line never blocks the event loop on a slow pipe or a disk busy flushing. The handler sits on
+    the root logger, so libraries' warnings (asyncio, aiohttp, aiosmtpd) come out in the same
+    format; `relay.*` loggers log from `level`, the others from WARNING."""
+    global _listener, _queued, _format
+    _format = format
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(formatter())
     stop()
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(lines, handler)
     _listener.start()
-    root = logging.getLogger("relay")
-    root.handlers[:] = [logging.handlers.QueueHandler(lines)]
-    root.setLevel(level)
-    root.propagate = False
+    _queued = logging.handlers.QueueHandler(lines)
+    root = logging.getLogger()
+    root.addHandler(_queued)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("relay").setLevel(level)
     # aiosmtpd logs every peer and recipient at INFO: that is ours to say, once.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
+def formatter() -> logging.Formatter:
+    """The formatter of the format set up (`setup`), for a handler of one's own (the replay
+    command's lines above its progress bar)."""
+    if _format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def set_level(level: str) -> None:
+    """The `relay.*` loggers' level, now (a SIGHUP reload)."""
+    logging.getLogger("relay").setLevel(level)
+
+
 def stop() -> None:
-    """Write what is queued, then end the writing thread (at exit, and before a new set-up)."""
-    global _listener
+    """Write what is queued, then end the writing thread (at exit, at the end of a command, and
+    before a new set-up)."""
+    global _listener, _queued
+    if _queued is not None:
+        logging.getLogger().removeHandler(_queued)
+        _queued = None
     if _listener is not None:
         _listener.stop()
         _listener = None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: `ts` (UTC, milliseconds), `level`, `event`, then the event's
+    fields (numbers and booleans as they are, anything else as its text). A field never
+    replaces `ts`, `level` or `event`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        ts = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+        line: dict[str, object] = {"ts": ts, "level": record.levelname}
+        name = getattr(record, "event", None)
+        if name is None:                        # a library's line, or a plain logger call
+            line["event"] = record.name
+            line["message"] = record.getMessage()
+        else:
+            line["event"] = name
+            for key, value in getattr(record, "fields", {}).items():
+                line.setdefault(key, value if isinstance(value, (int, float, bool)) or value is None
+                                else str(value))
+        if record.exc_info:
+            line.setdefault("traceback", self.formatException(record.exc_info))
+        return json.dumps(line, ensure_ascii=False)
 
 
 atexit.register(stop)
@@ -71,4 +129,4 @@ def event(name: str, level: int = logging.INFO, **fields: object) -> None:
     logger = logging.getLogger("relay." + name.split(".", 1)[0])
     if logger.isEnabledFor(level):
         pairs = " ".join(f"{k}={quote(v)}" for k, v in fields.items())
-        logger.log(level, f"{name} {pairs}".rstrip())
+        logger.log(level, f"{name} {pairs}".rstrip(), extra={"event": name, "fields": fields})

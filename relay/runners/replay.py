@@ -106,6 +106,7 @@ class ReplayRunner(QueueRunner):
     async def _domain_loop(self, domain: Domain) -> None:
         queue = self.queue_for(domain.name)
         while True:
+            domain = self.domains.get(domain.name, domain)    # a SIGHUP may change its primary
             state = self.health.get(domain.name).state
             if state == OUTAGE:
                 await self._wait(domain.name)

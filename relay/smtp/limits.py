@@ -91,6 +91,12 @@ class ConnectionLimits:
         return cls(listener, total or settings.connections, settings.connections_per_client,
                    settings.idle_timeout, settings.max_errors)
 
+    def adopt(self, other: ConnectionLimits) -> None:
+        """`other`'s limits from now on (a SIGHUP reload): new sessions get them, and sessions
+        already open count against the new totals."""
+        self.total, self.per_client = other.total, other.per_client
+        self.idle_timeout, self.max_errors = other.idle_timeout, other.max_errors
+
     @property
     def open(self) -> int:
         return self._open

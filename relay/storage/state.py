@@ -77,3 +77,17 @@ def domain_status(config: Config, name: str) -> DomainStatus:
     return DomainStatus(name, read_state(state_dir(config.storage.spool), name),
                         config.domains[name].continuity_active(),
                         {state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+
+
+def summary(statuses: list[DomainStatus], outbound_waiting: int) -> str:
+    """One line for systemd's STATUS= (`systemctl status`): domains in outage and replaying, and
+    the messages waiting (replay queues waiting or active; outbound)."""
+    outage = [s.name for s in statuses if s.health.state == OUTAGE]
+    replaying = [s.name for s in statuses if s.health.state == REPLAYING]
+    waiting = sum(s.queue["waiting"] + s.queue["active"] for s in statuses)
+    named = ", ".join(outage[:5]) + (" ..." if len(outage) > 5 else "")
+    parts = [f"{len(statuses)} domain(s)", f"in outage: {named or 'none'}"]
+    if replaying:
+        parts.append(f"replaying: {len(replaying)}")
+    parts.append(f"{waiting} message(s) waiting for replay, {outbound_waiting} outbound")
+    return "; ".join(parts)
