@@ -44,6 +44,8 @@ class Listen:
     inbound: HostPort
     submission: HostPort | None = None
     web: HostPort | None = None
+    # Prometheus scrapes here (relay/web/metrics.py); null or off: no metrics listener.
+    metrics: HostPort | None = HostPort("127.0.0.1", 9125)
 
 
 @dataclass(frozen=True)
@@ -554,7 +556,8 @@ def load(path: str | Path) -> Config:
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
                               "rspamd", "limits", "archive"},
                     {"listen", "storage", "domains"})
-    listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
+    listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web", "metrics"},
+                       {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner", "archive"},
                         {"maildirs", "spool"})
     replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
@@ -563,7 +566,8 @@ def load(path: str | Path) -> Config:
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
         listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport),
                       submission=r.value(listen, "listen", "submission", parse_hostport, Listen.submission),
-                      web=r.value(listen, "listen", "web", parse_hostport, Listen.web)),
+                      web=r.value(listen, "listen", "web", parse_hostport, Listen.web),
+                      metrics=_metrics_address(r, listen)),
         storage=Storage(
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
@@ -596,6 +600,15 @@ def load(path: str | Path) -> Config:
     if r.problems:
         raise ConfigErrors(r.problems)
     return config
+
+
+def _metrics_address(r: _Reader, listen: dict) -> HostPort | None:
+    """`listen.metrics`: on by default (`Listen.metrics`); written as null or off, none."""
+    if "metrics" in listen:
+        value = listen["metrics"]
+        if value is None or value is False or value == "off":   # YAML reads a bare off as false
+            return None
+    return r.value(listen, "listen", "metrics", parse_hostport, Listen.metrics)
 
 
 def _owner(value: Any) -> str:
