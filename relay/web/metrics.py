@@ -72,7 +72,9 @@ class StatusGauges:
             self._close(domain, start, state.since)
 
     def _close(self, domain: str, start: float, end: float) -> None:
-        self._ended[domain] = self._ended.get(domain, 0.0) + max(0.0, end - start)
+        # An end seen late may lie before a scrape that already showed more: count up to that.
+        self._ended[domain] = max(self._ended.get(domain, 0.0) + max(0.0, end - start),
+                                  self._shown.get(domain, 0.0))
         self._closed[domain] = start
         self._open.pop(domain, None)
 

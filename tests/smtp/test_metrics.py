@@ -21,11 +21,12 @@ from relay.web.metrics import StatusGauges, start_metrics
 from tests.helpers import free_port, wait_for
 from tests.loopwatch import no_blocking_calls_on_loops, watch_thread
 from tests.smtp.fakes import FakePrimary, InProcessRelay, Script, send, write_config
-from tests.smtp.helpers import PASSWORDS, auth_plain, cheap_hash, tls_client
+from tests.smtp.helpers import PASSWORDS, auth_plain, cheap_hash, outbound_config, sender_of, tls_client
 from tests.web.helpers import Client
 
 pytestmark = pytest.mark.timeout(90)
 
+SENT = b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: out\r\n\r\nbody\r\n"
 MESSAGE = b"From: s@sender.test\r\nTo: alice@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
 DOMAIN = "example.com"
 Samples = dict[tuple[str, frozenset], float]
@@ -109,6 +110,21 @@ def test_counts_and_gauges_follow_an_outage_and_the_replay(tmp_path):
     finally:
         relay.stop()
         fake.stop()
+
+
+def test_outbound_outcomes_are_counted(make_relay, primary, smarthost):
+    relay = make_relay(primary.port, extra=outbound_config(smarthost.port))
+    port = relay.metrics_port
+    alice = parse_mailbox("alice@example.com")
+    before = scrape(port)
+    sender_of(relay).submit(alice, "alice@example.com", ["bob@example.org"], SENT)
+    wait_for(lambda: value(scrape(port), "relay_outbound_messages_total", result="sent")
+             == value(before, "relay_outbound_messages_total", result="sent") + 1, what="one sent")
+    assert len(smarthost.received) == 1
+    smarthost.script.rcpt = "550 5.1.1 no such user"
+    sender_of(relay).submit(alice, "alice@example.com", ["nobody@example.org"], SENT)
+    wait_for(lambda: value(scrape(port), "relay_outbound_messages_total", result="failed")
+             == value(before, "relay_outbound_messages_total", result="failed") + 1, what="one failed")
 
 
 def test_open_sessions_are_a_gauge_per_listener(make_relay, primary):
