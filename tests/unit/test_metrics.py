@@ -4,6 +4,7 @@ the counts the spam screen keeps (issue 12, point 1). No sockets: `metrics.rende
 from __future__ import annotations
 
 import asyncio
+import re
 import textwrap
 from pathlib import Path
 
@@ -134,3 +135,19 @@ def test_every_known_label_is_there_from_the_start():
         assert ("relay_inbound_messages_total", frozenset({("result", result)})) in samples
     for service in metrics.AUTH_SERVICES:
         assert ("relay_auth_failures_total", frozenset({("service", service)})) in samples
+
+
+def test_contrib_and_the_readme_name_only_metrics_the_relay_exposes(tmp_path):
+    """contrib/prometheus/ (rules, dashboard) and the README's list stay in step with the code."""
+    status, _, _ = gauges(tmp_path)
+    body = metrics.render([status])[0].decode()
+    suffixes = re.compile(r"_(total|bucket|count|sum|info)$")
+    exposed = {suffixes.sub("", family.name) for family in text_string_to_metric_families(body)
+               if family.name.startswith("relay_")}
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "contrib/prometheus/rules.yml", root / "contrib/prometheus/dashboard.json"):
+        used = {suffixes.sub("", name) for name in re.findall(r"\brelay_[a-z_]+", path.read_text())}
+        assert used and used <= exposed, (path.name, used - exposed)
+    readme = set(re.findall(r"`(relay_[a-z_]+)", (root / "README.md").read_text()))
+    listed = {suffixes.sub("", name) for name in readme}
+    assert listed == exposed, (exposed - listed, listed - exposed)
