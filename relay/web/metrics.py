@@ -6,7 +6,8 @@ Beside the process-wide counts (relay/metrics.py), each scrape reads the status 
 `outbound_status`):
 
     relay_domain_state{domain,state}              1 for the current state, 0 for the others
-    relay_domain_outage_seconds_total{domain}     seconds spent in outage since serve started
+    relay_domain_outage_seconds_total{domain}     seconds spent in outage (one going on at start-up
+                                                  counts from its start)
     relay_queue_messages{queue,domain,state}      entries per state: queue replay (per domain)
                                                   or outbound (domain "")
     relay_queue_oldest_age_seconds{queue,domain}  the oldest waiting entry's age (0: none)
