@@ -305,7 +305,7 @@ def write_relay_config(root: Path, port: int, primary: int, archive: bool = Fals
     config = root / "config.yaml"
     config.write_text(f"""\
 hostname: relay.localhost
-listen: {{inbound: 127.0.0.1:{port}}}
+listen: {{inbound: 127.0.0.1:{port}, metrics: null}}
 storage: {{maildirs: maildirs, spool: spool, owner: null{", archive: archive" if archive else ""}}}
 users_file: users.passwd
 message_size_limit: 50MiB

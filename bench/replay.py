@@ -336,7 +336,7 @@ def write_relay_config(root: Path, inbound: int, primary: int, concurrency: int 
     config = root / "config.yaml"
     config.write_text(f"""\
 hostname: relay.localhost
-listen: {{inbound: 127.0.0.1:{inbound}}}
+listen: {{inbound: 127.0.0.1:{inbound}, metrics: null}}
 storage: {{maildirs: maildirs, spool: spool, owner: null}}
 users_file: users.passwd
 replay: {{{replay}}}

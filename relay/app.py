@@ -46,6 +46,7 @@ from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
 from relay.storage.state import domain_status, summary
 from relay.web import start_web
+from relay.web.metrics import StatusGauges, start_metrics
 
 # Deliveries are fsync-bound: more threads than cores lets the disk batch them.
 STORAGE_THREADS = 32
@@ -90,6 +91,7 @@ class Running:
     store: ContinuityStore | None = None
     directory: Directory | None = None
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)
+    metrics: AppRunner | None = None
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -104,6 +106,8 @@ class Running:
         the runners (an entry in flight goes back to waiting at the next start)."""
         if self.web is not None:
             await self.web.cleanup()    # stops listening; requests in hand get a few seconds
+        if self.metrics is not None:
+            await self.metrics.cleanup()
         self.inbound.close()
         if self.submission is not None:
             self.submission[0].close()
@@ -234,11 +238,12 @@ async def start(config: Config) -> Running:
         config.listen.inbound)
     web = await _web(config, directory, store, submit, throttle, tls, archiving)
     submission = await _submission(config, sending, tls, limits.get("submission"))
+    metrics = await _metrics(config, health)
     if submit is None:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls, archiving, config, store, directory, limits)
+                   submission, web, tls, archiving, config, store, directory, limits, metrics)
 
 
 def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
@@ -360,6 +365,16 @@ async def _web(config: Config, directory: Directory, store: ContinuityStore,
     return await start_web(config, directory, Admins(config), throttle, ssl_context=context,
                            maildirs=store.maildirs, submit=submit,
                            archive=writer.archive if writer else None, index=index, store=store)
+
+
+async def _metrics(config: Config, health: Health) -> AppRunner | None:
+    """Prometheus' endpoint on listen.metrics: the counts, and the status model's gauges, which
+    hear every health change of this process at once."""
+    if config.listen.metrics is None:
+        return None
+    gauges = StatusGauges(config)
+    health.listen(gauges.changed)
+    return await start_metrics(config.listen.metrics, gauges)
 
 
 def _notices(config: Config, store: ContinuityStore, directory: Directory) -> Notice:

@@ -46,6 +46,8 @@ class Listen:
     inbound: HostPort
     submission: HostPort | None = None
     web: HostPort | None = None
+    # Prometheus scrapes here (relay/web/metrics.py); null or off: no metrics listener.
+    metrics: HostPort | None = HostPort("127.0.0.1", 9125)
 
 
 @dataclass(frozen=True)
@@ -569,7 +571,8 @@ def load(path: str | Path) -> Config:
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
                               "rspamd", "limits", "archive", "log"},
                     {"listen", "storage", "domains"})
-    listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web"}, {"inbound"})
+    listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web", "metrics"},
+                       {"inbound"})
     storage = r.section(top.get("storage"), "storage", {"maildirs", "spool", "owner", "archive"},
                         {"maildirs", "spool"})
     replay = r.section(top.get("replay"), "replay", {"probe_interval", "concurrency", "rate"})
@@ -578,7 +581,8 @@ def load(path: str | Path) -> Config:
         hostname=r.value(top, "", "hostname", _hostname, None) or socket.getfqdn(),
         listen=Listen(inbound=r.value(listen, "listen", "inbound", parse_hostport),
                       submission=r.value(listen, "listen", "submission", parse_hostport, Listen.submission),
-                      web=r.value(listen, "listen", "web", parse_hostport, Listen.web)),
+                      web=r.value(listen, "listen", "web", parse_hostport, Listen.web),
+                      metrics=_metrics_address(r, listen)),
         storage=Storage(
             maildirs=r.path(storage, "storage", "maildirs"),
             spool=r.path(storage, "storage", "spool"),
@@ -632,6 +636,15 @@ def _diff(old: Any, new: Any, key: str) -> list[str]:
                 for changed in ([f"{key}.{name}"] if (name in old) != (name in new)
                                 else _diff(old[name], new[name], f"{key}.{name}"))]
     return [] if old == new else [key]
+
+
+def _metrics_address(r: _Reader, listen: dict) -> HostPort | None:
+    """`listen.metrics`: on by default (`Listen.metrics`); written as null or off, none."""
+    if "metrics" in listen:
+        value = listen["metrics"]
+        if value is None or value is False or value == "off":   # YAML reads a bare off as false
+            return None
+    return r.value(listen, "listen", "metrics", parse_hostport, Listen.metrics)
 
 
 def _owner(value: Any) -> str:

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from relay import metrics
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.errors import CorruptEntryError
@@ -136,6 +137,7 @@ class QueueRunner(abc.ABC):
             except CorruptEntryError as exc:
                 await asyncio.to_thread(queue.set_aside, entry)
                 event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
+                metrics.settled(self.name, "held", self.fields(queue))
                 outcomes[entry] = Outcome(None, moved_to="hold")
                 continue
             groups.setdefault((envelope.mail_from, envelope.mail_options, data), []).append((entry, envelope))
@@ -164,6 +166,7 @@ class QueueRunner(abc.ABC):
         target = await asyncio.to_thread(queue.crashed, entry, envelope, f"error: {type(exc).__name__}")
         event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
               error=type(exc).__name__, detail=exc, now_in=target)
+        metrics.settled(self.name, "error", self.fields(queue))
         return Outcome(None, envelope=envelope, moved_to=target)
 
     def _settle(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, verdict: Verdict,
@@ -174,19 +177,23 @@ class QueueRunner(abc.ABC):
         if verdict is Verdict.DELIVERED:
             queue.finish(entry)
             event(f"{self.name}.sent", **where, id=entry, rcpt=envelope.rcpt, attempts=attempts)
+            metrics.settled(self.name, "sent", where)
             return Outcome(verdict, reply, envelope)
         if verdict is Verdict.REFUSED:
             told = self._tell(envelope, data, reply, server)
             queue.fail(entry, envelope, note)
             event(f"{self.name}.failed", logging.WARNING, **where, id=entry,
                   rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
+            metrics.settled(self.name, "failed", where)
             return Outcome(verdict, reply, envelope, told=told)
         if verdict is Verdict.STOP:       # the runner logs the destination's trouble, once
             queue.requeue(entry, envelope, note)
+            metrics.settled(self.name, "stopped", where)
             return Outcome(verdict, reply, envelope)
         delay = queue.defer(entry, envelope, note, self.first_delay)
         event(f"{self.name}.deferred", **where, id=entry, rcpt=envelope.rcpt, reply=note,
               attempts=attempts, retry_in=int(delay))
+        metrics.settled(self.name, "deferred", where)
         return Outcome(verdict, reply, envelope, retry_in=delay)
 
     def _tell(self, envelope: Envelope, data: bytes, reply: Reply, server: str) -> bool:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay import metrics
 from relay.config import Domain, Replay
 from relay.delivery.client import Reply, Upstream, probe
 from relay.delivery.health import OUTAGE, REPLAYING, Health, State
@@ -130,7 +131,9 @@ class ReplayRunner(QueueRunner):
         """A primary that greets may still refuse every message (a 451 for a broken mailbox
         store): with mail waiting, only a delivery ends the outage, so a sweep is the test,
         and a failed one leaves the outage as it is, unlogged."""
+        started = time.monotonic()
         reply = await probe(domain.primary, self.hostname)
+        metrics.probed(time.monotonic() - started)
         if not reply.ok:
             return
         if await asyncio.to_thread(queue.count):

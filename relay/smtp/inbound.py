@@ -34,6 +34,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from relay import metrics
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Limits, Primary
 from relay.delivery.client import Reply, Upstream
@@ -279,6 +280,7 @@ class InboundHandler:
             # differently, so none of them gets it (the primary's open transaction is reset
             # by the next one).
             event("inbound.refused", id=envelope.id, code=550, reason="NUL")
+            metrics.inbound("refused")
             return replies.NUL_REFUSED
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
@@ -315,12 +317,14 @@ class InboundHandler:
             first = next(iter(failed.values()))
             if len(failed) == len(outcome) and len({(r.code, r.text) for r in failed.values()}) == 1:
                 event("inbound.refused", id=tx.id, code=first.code, rcpts=len(failed))
+                metrics.inbound("refused" if first.permanent else "deferred")
                 if first.reached:
                     return replies.relayed(first.code, first.text)
                 user = next(iter(failed))
                 return replies.PRIMARY_UNREACHABLE.format(domain=user.domain)
             event("inbound.split", logging.WARNING, id=tx.id, failed=len(failed),
                   rcpts=len(outcome))
+            metrics.inbound("deferred")
             return replies.SPLIT_OUTCOME
         sender = parse_sender(tx.mail_from)
         options = tuple(o for o in tx.mail_options
@@ -339,12 +343,14 @@ class InboundHandler:
                                                          tx.options[user])
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
             event("inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
+            metrics.inbound("deferred")
             return replies.LOCAL_ERROR
         if self.archive is not None:
             outcomes = {u: "kept" if u in kept_ids else f"primary {answers[u].code}" for u in outcome}
             self.archive(tx.id, sender, message, outcomes, kept_ids)
         event("inbound.accepted", id=tx.id, size=len(message), rcpts=len(outcome),
               kept=len(kept))
+        metrics.inbound("kept" if kept else "passed")
         if kept:
             return replies.QUEUED.format(id=tx.id)
         return replies.DELIVERED.format(id=tx.id)

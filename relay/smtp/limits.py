@@ -39,6 +39,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP
 
+from relay import metrics
 from relay.addresses import client_network
 from relay.config import Limits
 from relay.log import event
@@ -123,6 +124,7 @@ class ConnectionLimits:
             return Refusal.CLIENT
         self._open += 1
         self._by_client[key] += 1
+        metrics.connection_opened(self.listener)
         return None
 
     def release(self, peer: Any) -> None:
@@ -132,6 +134,7 @@ class ConnectionLimits:
             raise ValueError(f"no session open for {key}")
         self._open -= 1
         self._by_client[key] -= 1
+        metrics.connection_closed(self.listener)
         if not self._by_client[key]:
             del self._by_client[key]
         if key in self._refused_client and self._by_client[key] < self.per_client:

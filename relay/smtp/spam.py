@@ -27,7 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from relay import headers
+from relay import headers, metrics
 from relay.delivery import rspamd
 from relay.delivery.rspamd import Scan, Verdict
 from relay.log import event
@@ -58,6 +58,7 @@ class Screen:
         if refusal is not None and not delivered:
             event("rspamd.refused", id=scan.queue_id, action=verdict.action,
                   score=verdict.score, code=refusal[:3])
+            metrics.inbound("deferred" if verdict.action == rspamd.UNAVAILABLE else "rejected_spam")
             return Screened(refusal, message)
         if verdict.action == rspamd.UNAVAILABLE or verdict.action == rspamd.NO_ACTION:
             return Screened(None, message)

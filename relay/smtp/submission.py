@@ -25,6 +25,7 @@ from typing import Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from relay import metrics
 from relay.addresses import AddressError, parse_mailbox, parse_sender
 from relay.auth import LoginThrottle, account_key, check_password, login_address
 from relay.config import Limits
@@ -156,6 +157,7 @@ class SubmissionHandler:
             return _refuse(replies.AUTH_UNAVAILABLE)
         if user is None:
             self.throttle.failed(peer, account)
+            metrics.auth_failed("smtp")
             delay = self.throttle.delay(peer, account)
             event("submission.auth_failed", logging.WARNING, peer=peer, user=account,
                   mechanism=mechanism, delay=f"{delay:g}")

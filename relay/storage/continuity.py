@@ -38,6 +38,10 @@ def replay_queue_path(spool: Path, domain: str) -> Path:
     return spool / "replay" / domain
 
 
+def outbound_queue_path(spool: Path) -> Path:
+    return spool / "outbound"
+
+
 def trace_headers(user: Mailbox, sender: str) -> bytes:
     """What a kept copy carries above the message, as a delivery agent writes it."""
     return f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n".encode()
@@ -51,7 +55,7 @@ class ContinuityStore:
         self.spool = spool
         self.owner = owner
         self._queues: dict[str, Queue] = {}
-        self.outbound = Queue(spool / "outbound", owner)
+        self.outbound = Queue(outbound_queue_path(spool), owner)
         self.archive: Callable[[Item], None] | None = None    # set when storage.archive is
 
     def kept_file(self, user: Mailbox, queue_id: str) -> Path:

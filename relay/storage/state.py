@@ -7,7 +7,8 @@
 transitions themselves are `delivery/health.py`'s; this module only keeps them.
 
 `domain_status()` is what `continuity-relay status`, the panel and the metrics show about one
-domain: its state, its subscription, and its replay queue's entries per state and oldest age.
+domain: its state, its subscription, and its replay queue's entries per state and oldest age;
+`outbound_status()` the same counts for the outbound queue (the metrics show it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from relay.config import Config
-from relay.storage.continuity import replay_queue_path
+from relay.storage.continuity import outbound_queue_path, replay_queue_path
 from relay.storage.durable import Owner, make_dirs, replace_file
 from relay.storage.queue import STATES, Queue
 
@@ -71,12 +72,24 @@ class DomainStatus:
     oldest: float | None         # age in seconds of the oldest waiting entry
 
 
+@dataclass(frozen=True)
+class QueueStatus:
+    """One queue as the status readers show it."""
+
+    queue: dict[str, int]        # entries per state (waiting, active, failed, hold)
+    oldest: float | None         # age in seconds of the oldest waiting entry
+
+
+def queue_status(queue: Queue) -> QueueStatus:
+    """Count a queue's entries (blocking: a few directory listings)."""
+    return QueueStatus({state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+
+
 def domain_status(config: Config, name: str) -> DomainStatus:
     """Read one domain's status (blocking: a state file and a few directory listings)."""
-    queue = Queue(replay_queue_path(config.storage.spool, name))
+    queue = queue_status(Queue(replay_queue_path(config.storage.spool, name)))
     return DomainStatus(name, read_state(state_dir(config.storage.spool), name),
-                        config.domains[name].continuity_active(),
-                        {state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+                        config.domains[name].continuity_active(), queue.queue, queue.oldest)
 
 
 def summary(statuses: list[DomainStatus], outbound_waiting: int) -> str:
@@ -91,3 +104,10 @@ def summary(statuses: list[DomainStatus], outbound_waiting: int) -> str:
         parts.append(f"replaying: {len(replaying)}")
     parts.append(f"{waiting} message(s) waiting for replay, {outbound_waiting} outbound")
     return "; ".join(parts)
+
+
+
+
+def outbound_status(config: Config) -> QueueStatus:
+    """The outbound queue's counts (blocking)."""
+    return queue_status(Queue(outbound_queue_path(config.storage.spool)))

@@ -13,6 +13,7 @@ webmail, served by aiohttp on `listen.web` inside `continuity-relay serve`.
     audit.py     the audit log of administrators' actions
     page.py      templates, rendering, redirects, error pages
     password.py  what a new password must be; generated passwords
+    metrics.py   Prometheus' endpoint on its own listener, `listen.metrics` (not this site)
 """
 
 from relay.web.server import make_app, start_web

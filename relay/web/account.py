@@ -18,6 +18,7 @@ import logging
 
 from aiohttp import web
 
+from relay import metrics
 from relay.auth import check_password
 from relay.errors import DirectoryError
 from relay.log import event
@@ -70,6 +71,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
         return _form(request, 400, problem)
     if await check_password(site.directory, user.email, old) is None:
         site.throttle.failed(peer, key)
+        metrics.auth_failed("web")
         event("web.password_refused", logging.WARNING, user=user.email, peer=peer)
         await asyncio.sleep(site.throttle.delay(peer, key))
         return _form(request, 400, "Your current password is not right.")

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from relay import metrics
 from relay.auth import LoginResult, account_key, authenticate, login_address
 from relay.directory import User
 from relay.log import event
@@ -144,6 +145,7 @@ async def _login(request: web.Request, kind: str) -> web.StreamResponse:
     user = result.user
     if user is None:
         site.throttle.failed(peer, account)
+        metrics.auth_failed("web")
         event("web.login_failed", logging.WARNING, **fields)
         await asyncio.sleep(site.throttle.delay(peer, account))
         return _form(request, kind, 401, email=login, error=result.problem or "Wrong address or password.")

@@ -91,7 +91,7 @@ def write_config(dir: Path | str, *, primary_port: int, inbound_port: int | None
         domains[name] = domain_entry(body) if isinstance(body, int) else dict(body)
     config = {
         "hostname": HOSTNAME,
-        "listen": {"inbound": f"127.0.0.1:{inbound_port}"},
+        "listen": {"inbound": f"127.0.0.1:{inbound_port}", "metrics": None},   # never the shared 9125
         "storage": {"maildirs": "maildirs", "spool": "spool", "owner": owner},
         "users_file": "users.passwd",
         "domains": domains,

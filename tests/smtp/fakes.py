@@ -148,11 +148,14 @@ def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01
 
 
 class InProcessRelay:
-    """The relay's inbound listener on a loop in a background thread, on a free port."""
+    """The relay's inbound listener on a loop in a background thread, on a free port (and the
+    metrics listener, unless the config turns it off: never the shared default port)."""
 
     def __init__(self, config: Config) -> None:
+        metrics = HostPort("127.0.0.1", 0) if config.listen.metrics else None
         self.config = dataclasses.replace(
-            config, listen=dataclasses.replace(config.listen, inbound=HostPort("127.0.0.1", 0)))
+            config, listen=dataclasses.replace(config.listen, inbound=HostPort("127.0.0.1", 0),
+                                               metrics=metrics))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: app.Running | None = None
@@ -170,6 +173,11 @@ class InProcessRelay:
     def port(self) -> int:
         assert self.running is not None
         return self.running.inbound.sockets[0].getsockname()[1]
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.running is not None and self.running.metrics is not None
+        return self.running.metrics.addresses[0][1]
 
     def stop(self) -> None:
         if self.loop.is_closed():
