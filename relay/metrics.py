@@ -117,16 +117,16 @@ def connection_closed(listener: str) -> None:
 def gauge(name: str, documentation: str, labels: list[str],
           samples: Iterable[tuple[list[str], float]]) -> Metric:
     """A gauge family from `(label values, value)` pairs, for a collector's `collect()`."""
-    family = GaugeMetricFamily(name, documentation, labels=labels)
-    for values, value in samples:
-        family.add_metric(values, value)
-    return family
+    return _filled(GaugeMetricFamily(name, documentation, labels=labels), samples)
 
 
 def counter(name: str, documentation: str, labels: list[str],
             samples: Iterable[tuple[list[str], float]]) -> Metric:
     """A counter family (`name` without `_total`) from `(label values, value)` pairs."""
-    family = CounterMetricFamily(name, documentation, labels=labels)
+    return _filled(CounterMetricFamily(name, documentation, labels=labels), samples)
+
+
+def _filled(family, samples: Iterable[tuple[list[str], float]]) -> Metric:
     for values, value in samples:
         family.add_metric(values, value)
     return family
