@@ -99,6 +99,7 @@ class Result:
     seconds: float
     cpu_percent: float
     memory: str
+    cpu_seconds: float = 0.0        # the server's own (relay: `cpu_of_tree`), when measured
 
     @property
     def rate(self) -> float:
@@ -158,6 +159,20 @@ def proc_kb(path: str, key: str) -> int:
 
 def peak_rss(pid: int) -> str:
     return f"{proc_kb(f'/proc/{pid}/status', 'VmHWM') / 1024:.0f}MiB(peak-RSS)"
+
+
+def cpu_of_tree(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and its children (the relay and its
+    archive index follower): less moved by other work on the machine than msg/s is."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in (pid, *children(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])       # utime, stime
+    return total / tick
 
 
 def pss_of_tree(pid: int) -> str:
@@ -418,6 +433,7 @@ def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = F
         log = root / "relay.log"
         with relay(config, log) as pid:
             seconds, cpu = send_load(load, port)
+            used = cpu_of_tree(pid)
             stored, waiting = relay_stored(root)
             memory = peak_rss(pid)
     print(f"relay log: {log_summary(log)}")
@@ -430,7 +446,9 @@ def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = F
         expect(sum(1 for _ in archived.records()), load.messages, "archived messages")
         expect(len(archived.verify()), 0, "archive problems")
     name = "relay" + ("+pass" if through else "") + ("+archive" if archive else "")
-    return Result(name, load.messages, seconds, cpu, memory)
+    print(f"{name} cpu: {used * 1000 / load.messages:.2f} ms a message (the relay and its children, "
+          "during the load)")
+    return Result(name, load.messages, seconds, cpu, memory, used)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -479,12 +497,14 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
         results["archive"] = bench_relay(load, tmp / "relay-archive", archive=True)
         print(results["archive"].line(), flush=True)
         print(f"ratio archive on/off (kept in an outage) = "
-              f"{results['archive'].rate / results['relay'].rate:.2f}")
+              f"{results['archive'].rate / results['relay'].rate:.2f}; cpu a message on/off = "
+              f"{results['archive'].cpu_seconds / results['relay'].cpu_seconds:.2f}")
         off = bench_relay(load, tmp / "pass", through=True)
         print(off.line(), flush=True)
         on = bench_relay(load, tmp / "pass-archive", archive=True, through=True)
         print(on.line(), flush=True)
-        print(f"ratio archive on/off (passed through) = {on.rate / off.rate:.2f}")
+        print(f"ratio archive on/off (passed through) = {on.rate / off.rate:.2f}; cpu a message "
+              f"on/off = {on.cpu_seconds / off.cpu_seconds:.2f}")
     return results
 
 
