@@ -248,6 +248,8 @@ class Alerter:
         """A health listener's event: an alert (and user notices) when the domain enters or
         leaves an outage; other changes (replaying -> normal) are replay_finished's."""
         before = self._states.get(domain, State())
+        if is_outage(before) and is_outage(state):
+            return                         # the same outage (since when: its first event)
         self._states[domain] = state
         if is_outage(state) and not is_outage(before):
             self.send(Alert(OUTAGE_START, domain, f"{domain}: primary down, mail is kept",
