@@ -48,9 +48,10 @@ def rate_per_day(samples: Iterable[tuple[float, int]]) -> float | None:
 
 
 def free_bytes(path: Path) -> tuple[int, int]:
-    """(file system id, bytes free to a non-root writer) of the file system holding `path`."""
+    """(device, bytes free to a non-root writer) of the file system holding `path`. The device
+    number tells file systems apart (statvfs's f_fsid is 0 on some, e.g. overlayfs)."""
     st = os.statvfs(path)
-    return st.f_fsid, st.f_bavail * st.f_frsize
+    return os.stat(path).st_dev, st.f_bavail * st.f_frsize
 
 
 class DiskWatch:
@@ -67,7 +68,10 @@ class DiskWatch:
         now = self.clock()
         systems: dict[int, tuple[list[str], int]] = {}
         for root in self.roots:
-            fsid, free = self.measure(root)
+            try:
+                fsid, free = self.measure(root)
+            except OSError:           # not there (yet): nothing to fill; the others still count
+                continue
             systems.setdefault(fsid, ([], free))[0].append(str(root))
         readings = []
         for fsid, (roots, free) in systems.items():

@@ -172,3 +172,25 @@ def test_an_alert_queued_while_smarthost_and_webhook_are_down_survives_a_restart
         again.stop()
         smarthost.stop()
         hook.stop()
+
+
+def test_a_replayed_entry_refused_for_good_alerts_the_admins_with_its_queue_and_domain(
+        smarthost, make_relay):
+    primary = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    hook = WebhookReceiver().start()
+    try:
+        relay = make_relay(primary.port, users=("alice@example.com",),
+                           extra=alerts_config(smarthost.port, hook.port))
+        send(relay.port, "bob@example.net", ["alice@example.com"], MESSAGE)
+        wait_for(lambda: mails(smarthost, ADMIN, "example.com: primary down"))
+        primary.script.rcpt = "550 5.1.1 <alice@example.com>: no such user here"
+        (alert,) = wait_for(lambda: mails(smarthost, ADMIN, "refused for good"))
+        assert "example.com: 1 refused for good, 0 set aside in the replay queue" in alert
+        assert "no such user here" in alert
+        body = wait_for(lambda: [b for b in hook.taken if b["event"] == "entries_failed"])[0]
+        assert (body["domain"], body["queue"], body["failed"]) == ("example.com", "replay", 1)
+        (failed,) = files(relay.config.storage.spool / "replay" / "example.com" / "failed")
+        assert body["ids"] == [failed.name]
+    finally:
+        primary.stop()
+        hook.stop()
