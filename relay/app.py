@@ -21,6 +21,7 @@ from relay.addresses import Mailbox
 from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort, changed_keys, load
+from relay.delivery.alerts import Alerter, webhook_queue
 from relay.delivery.health import REFRESH, Health
 from relay.delivery.rspamd import Rspamd
 from relay.delivery.submit import Submitter
@@ -28,6 +29,7 @@ from relay.directory import Directory, User
 from relay.errors import ConfigErrors, RelayError
 from relay.log import event, set_level
 from relay.notify import Notifier
+from relay.runners.alerts import AlertRunner
 from relay.runners.outbound import OutboundRunner
 from relay.runners.outbox import OutboxRunner
 from relay.runners.queue_runner import Notice
@@ -42,6 +44,7 @@ from relay.smtp.tls import ServerTLS
 from relay.storage.archive import Archive, ArchiveWriter, Item
 from relay.storage.archive_index import ArchiveIndex
 from relay.storage.continuity import ContinuityStore, trace_headers
+from relay.storage.disk import DiskWatch
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.maildir import MaildirStore
 from relay.storage.state import domain_status, summary
@@ -69,7 +72,8 @@ def build_store(config: Config) -> ContinuityStore:
 def recover(config: Config, store: ContinuityStore) -> None:
     """Start-up rescan of every queue: the directories are the truth."""
     queues = [(domain, store.replay_queue(domain)) for domain in config.domains]
-    for name, queue in [*queues, ("(outbound)", store.outbound)]:
+    alerts = webhook_queue(config.storage.spool, store.owner)
+    for name, queue in [*queues, ("(outbound)", store.outbound), ("(alerts)", alerts)]:
         result = queue.recover()
         if any(result.values()):
             event("queue.recovered", queue=name, **result)
@@ -214,6 +218,7 @@ async def start(config: Config) -> Running:
         runners += [("archive", lambda: _purge_daily(archiving[0].archive)),
                     ("archive-index", lambda: _follow_index(config))]
     submit = None
+    outbound: OutboundRunner | None = None
     if config.outbound.smarthost is not None:
         outbound = OutboundRunner(config.outbound, store.outbound, config.hostname,
                                   _notices(config, store, directory), _credentials(config))
@@ -222,6 +227,7 @@ async def start(config: Config) -> Running:
         runners += [("outbound", outbound.run), ("outbox", OutboxRunner(
             store.maildirs, submitter, lambda: list(config.domains), directory.is_registered,
             outbound.kick, config.hostname, store.notify, max_size=config.message_size_limit).run)]
+    runners.append(("alerts", _alerts(config, store, directory, health, replay, outbound).run))
     tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls else None
     throttle = LoginThrottle()   # one count of failed logins: submission, port 25 AUTH, web
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
@@ -319,6 +325,23 @@ async def _refresh(health: Health, directory: Directory) -> None:
         await asyncio.sleep(REFRESH)
         await asyncio.to_thread(health.refresh)
         await asyncio.to_thread(directory.refresh)
+
+
+def _alerts(config: Config, store: ContinuityStore, directory: Directory, health: Health,
+            replay: ReplayRunner, outbound: OutboundRunner | None) -> AlertRunner:
+    """The alerts runner, hooked to what it alerts about: health changes, a replay's end, and
+    queue entries refused or set aside (relay/delivery/alerts.py)."""
+    disk = DiskWatch([config.storage.maildirs, config.storage.spool, config.storage.archive])
+    alerter = Alerter(config, store, directory, health.get,
+                      {name: health.get(name) for name in config.domains}, disk)
+    runner = AlertRunner(alerter, config.alerts, config.hostname,
+                         outbound.kick if outbound is not None else lambda: None)
+    health.listen(runner.health_changed)
+    replay.finished = runner.replay_finished
+    replay.trouble = alerter.entry_trouble
+    if outbound is not None:
+        outbound.trouble = alerter.entry_trouble
+    return runner
 
 
 def _screen(config: Config) -> Screen | None:

@@ -113,6 +113,15 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_set(args: argparse.Namespace) -> int:
+    """Change a user's settings: today the alternate address outage notices go to."""
+    if args.alternate is None:
+        raise UsageError("users set: say what to change (--alternate ADDRESS, or '' to clear it)")
+    user = Directory(_config(args)).set_alternate(args.email, args.alternate)
+    print(f"{user.email}: alternate " + (user.alternate or "cleared"))
+    return 0
+
+
 def cmd_users_activate(args: argparse.Namespace) -> int:
     config = _config(args)
     user = Directory(config).set_active(args.email, True)
@@ -585,11 +594,15 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
     imp = command(users, "import", cmd_users_import, "register users from a CSV file "
-                  "(header row; columns email, name, optional password)")
+                  "(header row; columns email, name, optional password and alternate)")
     imp.add_argument("file")
     pw = command(users, "passwd", cmd_users_passwd, "set a user's password")
     pw.add_argument("email")
     pw.add_argument("--password-stdin", action="store_true", required=True)
+    upd = command(users, "set", cmd_users_set, "change a user's settings")
+    upd.add_argument("email")
+    upd.add_argument("--alternate", metavar="ADDRESS",
+                     help="where outage start and end notices go (outside the user's domain); '' clears it")
     for name, func in (("activate", cmd_users_activate), ("deactivate", cmd_users_deactivate)):
         command(users, name, func, f"{name} a user").add_argument("email")
     lst = command(users, "list", cmd_users_list, "list registered users")

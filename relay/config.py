@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from relay.addresses import AddressError, normalise_domain
+from relay.addresses import AddressError, normalise_domain, parse_mailbox
 from relay.errors import ConfigError, ConfigErrors
 from relay.log import FORMATS as LOG_FORMATS
 
@@ -58,6 +58,9 @@ class Web:
     # Sessions ended for good (logout, deactivation); None: remembered in memory only.
     revoked_file: Path | None = Path("web.revoked")
     session_lifetime: float = 8 * 3600.0
+    # The site's public address (https://relay.example.com), for links in notices; None: made
+    # from listen.web.
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,20 @@ class Storage:
 @dataclass(frozen=True)
 class ArchiveSettings:
     days: int = 90                     # retention, fixed on each message as it is archived
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """Who hears of outages and trouble, and how (relay/delivery/alerts.py)."""
+
+    to: tuple[str, ...] = ()           # administrators, mailed through outbound.smarthost
+    sender: str | None = None          # key `from`; None: continuity-relay@<hostname>
+    webhook: str | None = None         # a URL: one JSON POST per alert
+    webhook_timeout: float = 10.0
+    retry_delay: float = 30.0          # the webhook's first retry; doubles, at most an hour
+    max_age: float = 86400.0           # then a webhook alert is given up (logged)
+    disk_days: float | None = 7.0      # alert below this many days of mail; None: never
+    disk_interval: float = 3600.0      # how often free space is measured
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,7 @@ class Domain:
     primary: Primary
     continuity: Continuity | None
     ldap: LDAP | None = None
+    notify_users: bool = True          # outage start and end notices to users' alternates
 
     def continuity_active(self, day: dt.date | None = None) -> bool:
         return self.continuity is not None and self.continuity.active_on(day or dt.date.today())
@@ -204,6 +222,7 @@ class Config:
     limits: Limits = Limits()
     archive: ArchiveSettings = ArchiveSettings()
     log: Log = Log()
+    alerts: Alerts = Alerts()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -474,14 +493,15 @@ def _ldap_url(value: Any) -> str:
 
 
 def _web(r: _Reader, raw: Any, tls: TLS | None) -> Web:
-    data = r.section(raw, "web", {"tls", "secret_file", "revoked_file", "session_lifetime"})
+    data = r.section(raw, "web", {"tls", "secret_file", "revoked_file", "session_lifetime", "url"})
     use_tls = r.value(data, "web", "tls", _boolean, Web.tls)
     if use_tls and tls is None:
         r.problem("web.tls", "needs tls.cert and tls.key")
     return Web(tls=use_tls, secret_file=r.path(data, "web", "secret_file", Web.secret_file),
                revoked_file=r.path(data, "web", "revoked_file", Web.revoked_file),
                session_lifetime=r.value(data, "web", "session_lifetime", parse_duration,
-                                        Web.session_lifetime))
+                                        Web.session_lifetime),
+               url=r.value(data, "web", "url", _http_url, Web.url))
 
 
 def _archive(r: _Reader, raw: Any) -> ArchiveSettings:
@@ -543,14 +563,15 @@ def _domains(r: _Reader, raw: Any) -> dict[str, Domain]:
         except AddressError as exc:
             r.problem(key, f"not a valid domain: {exc}")
             continue
-        data = r.section(body, key, {"primary", "continuity", "ldap"}, {"primary"})
+        data = r.section(body, key, {"primary", "continuity", "ldap", "notify_users"}, {"primary"})
         primary = _primary(r, data["primary"], f"{key}.primary") if "primary" in data else None
         continuity = _continuity(r, data.get("continuity"), f"{key}.continuity")
         ldap = _ldap(r, data.get("ldap"), f"{key}.ldap")
+        notify = r.value(data, key, "notify_users", _boolean, Domain.notify_users)
         if domain in domains:
             r.problem(key, "domain listed twice")
         elif primary is not None:
-            domains[domain] = Domain(domain, primary, continuity, ldap)
+            domains[domain] = Domain(domain, primary, continuity, ldap, notify)
     return domains
 
 
@@ -569,7 +590,7 @@ def load(path: str | Path) -> Config:
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
-                              "rspamd", "limits", "archive", "log"},
+                              "rspamd", "limits", "archive", "log", "alerts"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web", "metrics"},
                        {"inbound"})
@@ -612,7 +633,10 @@ def load(path: str | Path) -> Config:
         limits=_limits(r, top.get("limits")),
         archive=_archive(r, top.get("archive")),
         log=_log(r, top.get("log")),
+        alerts=_alerts(r, top.get("alerts")),
     )
+    if config.alerts.to and config.outbound.smarthost is None:
+        r.problem("alerts.to", "alert mail goes through outbound.smarthost, which is not set")
     if r.problems:
         raise ConfigErrors(r.problems)
     return config
@@ -645,6 +669,38 @@ def _metrics_address(r: _Reader, listen: dict) -> HostPort | None:
         if value is None or value is False or value == "off":   # YAML reads a bare off as false
             return None
     return r.value(listen, "listen", "metrics", parse_hostport, Listen.metrics)
+
+
+def _alerts(r: _Reader, raw: Any) -> Alerts:
+    data = r.section(raw, "alerts", {"to", "from", "webhook", "webhook_timeout", "retry_delay",
+                                     "max_age", "disk_days", "disk_interval"})
+    return Alerts(
+        to=r.value(data, "alerts", "to", _addresses, Alerts.to),
+        sender=r.value(data, "alerts", "from", _address, Alerts.sender),
+        webhook=r.value(data, "alerts", "webhook", _http_url, Alerts.webhook),
+        webhook_timeout=r.value(data, "alerts", "webhook_timeout", _positive_duration,
+                                Alerts.webhook_timeout),
+        retry_delay=r.value(data, "alerts", "retry_delay", _positive_duration, Alerts.retry_delay),
+        max_age=r.value(data, "alerts", "max_age", _positive_duration, Alerts.max_age),
+        # Written as null it is off; absent, the default.
+        disk_days=None if "disk_days" in data and data["disk_days"] is None else
+        r.value(data, "alerts", "disk_days", _positive_number, Alerts.disk_days),
+        disk_interval=r.value(data, "alerts", "disk_interval", _at_least_a_second, Alerts.disk_interval),
+    )
+
+
+def _address(value: Any) -> str:
+    try:
+        return str(parse_mailbox(str(value)))
+    except AddressError as exc:
+        raise ValueError(f"not a usable address {value!r}: {exc}") from None
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected an address or a list of addresses")
+    return tuple(_address(item) for item in items)
 
 
 def _owner(value: Any) -> str:

@@ -6,10 +6,14 @@ accept the same password. One line per user:
     alice@example.com:{BLF-CRYPT}$2b$12$...:::Alice Smith:::
     bob@example.com::::Bob:::                        registered, no password: logs in nowhere
     carol@example.com:{ARGON2ID}$argon2id$...:::Carol:::nologin reason=deactivated
+    dave@example.com:{BLF-CRYPT}$2b$12$...:::Dave::dave@home.example:   with an alternate
 
-Field 5 (gecos, ignored by Dovecot) holds the display name. Every change is a read-modify-write
-under a file lock, written as temp file, fsync, rename, fsync of the directory: a crash leaves
-either the old file or the new one.
+Field 5 (gecos) holds the display name and field 7 (shell) the user's alternate address, where
+outage notices go (relay/delivery/alerts.py): Dovecot documents both fields as unused, whereas
+the extra fields are expanded (%) and given meaning by Dovecot's key names.
+
+Every change is a read-modify-write under a file lock, written as temp file, fsync, rename,
+fsync of the directory: a crash leaves either the old file or the new one.
 
 The file is read as bytes and split on b"\n" only (as Dovecot does), never with
 `str.splitlines()`, which also splits on \x0b \x0c \x1c-\x1e \x85 \u2028 \u2029. A line that
@@ -51,6 +55,7 @@ class User:
     name: str = ""
     password_hash: str = ""        # "{SCHEME}hash", or "" for a user without a password
     active: bool = True
+    alternate: str = ""            # where outage notices go (another domain's address), or ""
 
     @property
     def email(self) -> str:
@@ -62,7 +67,7 @@ class User:
 
     def line(self) -> str:
         extra = "" if self.active else DEACTIVATED
-        return f"{self.email}:{self.password_hash}:::{self.name}:::{extra}"
+        return f"{self.email}:{self.password_hash}:::{self.name}::{self.alternate}:{extra}"
 
 
 def hash_password(password: str, scheme: str = "BLF-CRYPT") -> str:
@@ -100,11 +105,27 @@ def _check_name(name: str) -> str:
     return name
 
 
+def check_alternate(user: Mailbox, alternate: str) -> str:
+    """The alternate address as stored ("" clears it): a checked address (so no ":", space or
+    control character can break the line), outside the user's own domain, whose primary is the
+    one that is down whenever a notice goes out."""
+    if not alternate.strip():
+        return ""
+    try:
+        address = parse_mailbox(alternate)
+    except AddressError as exc:
+        raise DirectoryError(f"alternate {alternate!r}: {exc}") from None
+    if address.domain == user.domain:
+        raise DirectoryError(f"alternate {address}: it must be outside {user.domain}, whose "
+                             f"server is the one down when the notice is sent")
+    return str(address)
+
+
 def parse_line(line: str) -> User:
     fields = line.split(":", 7)
     if len(fields) != 8:
         raise ValueError("expected 8 colon-separated fields")
-    return User(parse_mailbox(fields[0]), fields[4], fields[1], DEACTIVATED not in fields[7])
+    return User(parse_mailbox(fields[0]), fields[4], fields[1], DEACTIVATED not in fields[7], fields[6])
 
 
 def password_is_usable(password: str) -> bool:
@@ -271,6 +292,11 @@ class Directory:
         """Remove the stored hash: the user can log in nowhere until one is set again."""
         return self._change(email, lambda old, a: replace(self._existing(old, a), password_hash=""))
 
+    def set_alternate(self, email: str, alternate: str) -> User:
+        """Set (or with "" clear) the address outage notices go to."""
+        return self._change(email, lambda old, a: replace(self._existing(old, a),
+                                                          alternate=check_alternate(a, alternate)))
+
     def set_active(self, email: str, active: bool) -> User:
         return self._change(email, lambda old, a: replace(self._existing(old, a), active=active))
 
@@ -281,7 +307,8 @@ class Directory:
         return user
 
     def import_csv(self, path: Path) -> tuple[list[User], list[str]]:
-        """Add users from a CSV file with a header row (email, name, optional password).
+        """Add users from a CSV file with a header row (email, name, optional password and
+        alternate).
 
         Returns the users added and one message per refused line, naming its line number;
         good lines are imported even when others are refused.
@@ -306,9 +333,11 @@ class Directory:
                 address = self._address((row.get("email") or "").strip())
                 if str(address) in pending:
                     raise DirectoryError(f"{address}: listed twice")
+                name = _check_name(row.get("name") or "")
+                alternate = check_alternate(address, row.get("alternate") or "")
                 password = row.get("password") or None
                 password_hash = hash_password(password, self.config.password_scheme) if password else ""
-                user = User(address, _check_name(row.get("name") or ""), password_hash)
+                user = User(address, name, password_hash, alternate=alternate)
                 pending[str(address)] = (line, user)
             except DirectoryError as exc:
                 problems.append(f"{path}:{line}: {exc}")

@@ -16,7 +16,8 @@ failed reply means for the entry (`judge()`):
 The base also owns what no subclass should write again: an entry that cannot be read goes to
 hold/, one whose handling raised is counted and goes to hold/ after `MAX_CRASHES`
 (`Queue.crashed`, the same count `recover()` keeps), and the one log line per outcome,
-`<name>.sent|deferred|failed|held|error`, from the logger `relay.<name>`.
+`<name>.sent|deferred|failed|held|error`, from the logger `relay.<name>`, and telling `trouble`
+(the alerts, when app.py sets it) of each entry that went to failed/ or hold/.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ from relay.errors import CorruptEntryError
 from relay.log import event
 from relay.runners.wake import sleep_until_kick
 from relay.storage.queue import Envelope, Queue
+from relay.storage.spool import sender_domain
 
 Notice = Callable[[bytes, str], None]
 """(DSN bytes, recipient): route the notice (`ContinuityStore.bounce`), blocking."""
+
+Trouble = Callable[[str, str, str, str, "Envelope | None", str], None]
+"""(runner name, domain, entry id, failed or hold, envelope if read, note): an entry went wrong.
+Called from the event loop or a worker thread: it must neither block nor raise."""
 
 
 class Verdict(enum.Enum):
@@ -63,6 +69,7 @@ class QueueRunner(abc.ABC):
     """Subclasses set `name` and implement `judge`; `tell_whom` picks a refusal's reader."""
 
     name = "queue"
+    trouble: Trouble | None = None      # set by app.py: the alerts (relay/delivery/alerts.py)
 
     def __init__(self, hostname: str, notice: Notice, first_delay: float,
                  wakes: Iterable[str] = ("",)) -> None:
@@ -138,6 +145,7 @@ class QueueRunner(abc.ABC):
                 await asyncio.to_thread(queue.set_aside, entry)
                 event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
                 metrics.settled(self.name, "held", self.fields(queue))
+                self._troubled(queue, entry, "hold", None, "unreadable")
                 outcomes[entry] = Outcome(None, moved_to="hold")
                 continue
             groups.setdefault((envelope.mail_from, envelope.mail_options, data), []).append((entry, envelope))
@@ -167,6 +175,8 @@ class QueueRunner(abc.ABC):
         event(f"{self.name}.error", logging.ERROR, **self.fields(queue), id=entry,
               error=type(exc).__name__, detail=exc, now_in=target)
         metrics.settled(self.name, "error", self.fields(queue))
+        if target == "hold":
+            self._troubled(queue, entry, "hold", envelope, f"error: {type(exc).__name__}")
         return Outcome(None, envelope=envelope, moved_to=target)
 
     def _settle(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, verdict: Verdict,
@@ -185,6 +195,7 @@ class QueueRunner(abc.ABC):
             event(f"{self.name}.failed", logging.WARNING, **where, id=entry,
                   rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
             metrics.settled(self.name, "failed", where)
+            self._troubled(queue, entry, "failed", envelope, note)
             return Outcome(verdict, reply, envelope, told=told)
         if verdict is Verdict.STOP:       # the runner logs the destination's trouble, once
             queue.requeue(entry, envelope, note)
@@ -195,6 +206,12 @@ class QueueRunner(abc.ABC):
               attempts=attempts, retry_in=int(delay))
         metrics.settled(self.name, "deferred", where)
         return Outcome(verdict, reply, envelope, retry_in=delay)
+
+    def _troubled(self, queue: Queue, entry: str, moved_to: str, envelope: Envelope | None,
+                  note: str) -> None:
+        if self.trouble is not None:
+            domain = self.fields(queue).get("domain") or (sender_domain(envelope) if envelope else "")
+            self.trouble(self.name, str(domain), entry, moved_to, envelope, note)
 
     def _tell(self, envelope: Envelope, data: bytes, reply: Reply, server: str) -> bool:
         """Fail and notify: a DSN to whoever `tell_whom` names, unless their RCPT said NOTIFY

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from relay import metrics
 from relay.config import Domain, Replay
 from relay.delivery.client import Reply, Upstream, probe
-from relay.delivery.health import OUTAGE, REPLAYING, Health, State
+from relay.delivery.health import NORMAL, OUTAGE, REPLAYING, Health, State
 from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.storage.queue import Envelope, Queue, due_by_user
@@ -73,6 +73,9 @@ class ReplayRunner(QueueRunner):
     """Probes and drains; one instance serves every domain."""
 
     name = "replay"
+    # Set by app.py (the alerts): (domain, delivered, failed, held, seconds) once a domain's
+    # replay queue drained after an outage; blocking is not allowed (it runs on the loop).
+    finished: Callable[[str, int, int, int, float], None] | None = None
 
     def __init__(self, domains: dict[str, Domain], settings: Replay, health: Health,
                  queue_for: Callable[[str], Queue], notice: Notice, hostname: str) -> None:
@@ -81,6 +84,7 @@ class ReplayRunner(QueueRunner):
         self.settings = settings
         self.health = health
         self.queue_for = queue_for
+        self._tallies: dict[str, Sweep] = {}    # per domain, since its last replay finished
 
     # -- the loop inside serve ---------------------------------------------------------------
 
@@ -117,15 +121,27 @@ class ReplayRunner(QueueRunner):
                 continue
             if await asyncio.to_thread(queue.count) == 0:
                 if state == REPLAYING:
+                    since = self.health.get(domain.name).since
                     self.health.replay_done(domain.name)
+                    self._finish(domain.name, since)
                 await self._wait(domain.name)
                 continue
             result = await self.sweep(domain)
             self.forget_wakes(domain.name)
+            if state == NORMAL:      # mail queued with the primary up: no outage's replay
+                self._tallies.pop(domain.name, None)
             if result.fault:
                 self.health.primary_failed(domain.name, result.fault)
             elif not result.total:   # only mailboxes told to wait are left
                 await self._wait(domain.name, result.next_due)
+
+    def _finish(self, domain: str, since: float) -> None:
+        """The queue drained: tell `finished` what this replay did (nothing when it replayed
+        nothing: the outage's end was news enough)."""
+        tally = self._tallies.pop(domain, Sweep())
+        if self.finished is not None and (tally.delivered or tally.failed or tally.held):
+            self.finished(domain, tally.delivered, tally.failed, tally.held,
+                          max(0.0, time.time() - since) if since else 0.0)
 
     async def _probe(self, domain: Domain, queue: Queue) -> None:
         """A primary that greets may still refuse every message (a 451 for a broken mailbox
@@ -163,6 +179,10 @@ class ReplayRunner(QueueRunner):
                 break
             result.total += sum(len(ids) for ids in users.values())
             await self._sweep_once(domain, queue, deque(users.values()), result, progress)
+        tally = self._tallies.setdefault(domain.name, Sweep())
+        tally.delivered += result.delivered
+        tally.failed += result.failed
+        tally.held += result.held
         if result.delivered or result.failed or result.held or result.deferred:
             event("replay.swept", domain=domain.name, delivered=result.delivered,
                   failed=result.failed, held=result.held, deferred=result.deferred,

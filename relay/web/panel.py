@@ -4,7 +4,8 @@
     GET  /panel/domains/{domain}                   one domain: the same in full, and its users
     GET  /panel/domains/{domain}/add               form: register a user
     POST /panel/domains/{domain}/add
-    GET  /panel/domains/{domain}/users/{local}     one user: allocate a password, (de)activate
+    GET  /panel/domains/{domain}/users/{local}     one user: allocate a password, (de)activate,
+                                                   the alternate address outage notices go to
     POST /panel/domains/{domain}/users/{local}     save
     POST /panel/domains/{domain}/users/{local}/generate    allocate a generated password
     GET  /panel/import                             form: import users from a CSV file
@@ -30,7 +31,7 @@ from aiohttp import web
 
 from relay.addresses import AddressError, parse_mailbox
 from relay.config import Config, Domain
-from relay.directory import Directory, User
+from relay.directory import Directory, User, check_alternate
 from relay.errors import DirectoryError, EntryError
 from relay.log import event
 from relay.storage import spool
@@ -158,10 +159,11 @@ async def queue_action(request: web.Request) -> web.StreamResponse:
 # -- one user ------------------------------------------------------------------------------------
 
 def _user_form(request: web.Request, user: User, status: int = 200, error: str | None = None,
-               generated: str | None = None) -> web.Response:
+               generated: str | None = None, alternate: str | None = None) -> web.Response:
     domain = site_of(request).config.domains[user.address.domain]
     return render(request, "panel/user.html", status, user=user, url=user_url(user), error=error,
                   generated=generated, ldap=domain.ldap is not None,
+                  alternate=user.alternate if alternate is None else alternate,
                   done=DONE.get(request.query.get("done", "")))
 
 
@@ -172,14 +174,21 @@ async def user_page(request: web.Request) -> web.StreamResponse:
 
 @admin_only
 async def save_user(request: web.Request) -> web.StreamResponse:
-    """Allocate the password typed twice (if any) and set the state (if it changed)."""
+    """Allocate the password typed twice (if any), set the state and the alternate address
+    (each if it changed)."""
     site, user = site_of(request), await _user(request)
     form = await request.post()
     new, repeat, state = form_text(form, "password"), form_text(form, "repeat"), form_text(form, "state")
+    alternate = form_text(form, "alternate").strip() if "alternate" in form else None
     if (new or repeat) and (problem := password.problem(new, repeat)):
         return _user_form(request, user, 400, error=problem)
     if state not in ("", "active", "inactive"):
         return _user_form(request, user, 400, error="Choose active or inactive.")
+    if alternate:
+        try:
+            check_alternate(user.address, alternate)     # refused before anything changes
+        except DirectoryError as exc:
+            return _user_form(request, user, 400, error=str(exc), alternate=alternate)
     changed = False
     try:
         if new:
@@ -191,6 +200,10 @@ async def save_user(request: web.Request) -> web.StreamResponse:
             if not user.active:     # for good: re-activating later revives no old cookie
                 await asyncio.to_thread(site.sessions.revoked.end_account, user.email)
             await audit_admin(request, "activate" if user.active else "deactivate", user=user.email)
+            changed = True
+        if alternate is not None and alternate.lower() != user.alternate:
+            user = await asyncio.to_thread(site.directory.set_alternate, user.email, alternate)
+            await audit_admin(request, "set_alternate", user=user.email, alternate=user.alternate or "-")
             changed = True
     except DirectoryError as exc:
         return _user_form(request, user, 400, error=str(exc))

@@ -191,7 +191,9 @@ def _populate(base: Path) -> tuple[Path, Path]:
         [
             f"alice@{DOMAIN}:{bcrypt_hash(PASSWORDS['alice'])}:::Alice Smith:::",
             f"paul@{DOMAIN}:{bcrypt_hash(PASSWORDS['paul'])}:::Paul:::",
-            f"carol@{DOMAIN}:{argon2_hash(PASSWORDS['carol'])}:::Carol Zoë Weiß:::",
+            # with an alternate address in the shell field, as `users set --alternate` writes
+            # it (relay/directory.py): Dovecot still takes the line, and logs no error for it
+            f"carol@{DOMAIN}:{argon2_hash(PASSWORDS['carol'])}:::Carol Zoë Weiß::carol@home.example.net:",
             f"bob@{DOMAIN}::::Bob:::",  # registered, no password yet
             f"dave@{DOMAIN}:{bcrypt_hash(PASSWORDS['dave'])}:::Dave:::nologin reason=deactivated",
             f"{ZOE}@{DOMAIN}:{bcrypt_hash(PASSWORDS[ZOE])}:::Zoe:::",

@@ -324,3 +324,28 @@ def test_the_queue_page_holds_the_domains_outbound_mail_too_and_no_one_elses(ser
     admin.get(base)
     assert admin.post(f"{base}/{theirs}/hold").status == 409       # not this domain's
     assert outbound.state_of(theirs) == "waiting"
+
+
+def test_the_alternate_address_is_set_on_the_user_page_checked_escaped_and_audited(server, admin):
+    page = admin.get(ALICE)
+    assert 'name="alternate" value=""' in page.body and "none: no outage notices" in page.text
+    reply = admin.post(ALICE, {"alternate": "Alice@Home.Example.NET", "state": "active"})
+    assert (reply.status, reply.location) == (303, ALICE + "?done=saved")
+    assert line_of(server, "alice@example.com").split(":")[6] == "alice@home.example.net"
+    assert audit(server)[-1] == (ADMIN, "set_alternate",
+                                 " user=alice@example.com alternate=alice@home.example.net")
+    assert 'value="alice@home.example.net"' in admin.get(ALICE).body
+    before = server.config.users_file.read_bytes()
+    # refused before anything changes (the password typed with it included), typed text kept, escaped
+    reply = admin.post(ALICE, {"alternate": '"><b>x</b>@example.net', "password": "brand new pass",
+                               "repeat": "brand new pass", "state": "active"})
+    assert reply.status == 400 and "<b>x</b>" not in reply.body and "&lt;b&gt;x&lt;/b&gt;" in reply.body
+    reply = admin.post(ALICE, {"alternate": "alice2@example.com", "state": "active"})
+    assert reply.status == 400 and "must be outside example.com" in reply.text
+    assert 'value="alice2@example.com"' in reply.body
+    assert server.config.users_file.read_bytes() == before
+    # without the token nothing changes
+    assert admin.post(ALICE, {"alternate": "", "state": "active"}, csrf=False).status == 403
+    assert server.config.users_file.read_bytes() == before
+    assert admin.post(ALICE, {"alternate": "", "state": "active"}).status == 303
+    assert line_of(server, "alice@example.com").split(":")[6] == ""
