@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from relay import __version__, app, headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.admins import Admins
-from relay.config import Config, load
+from relay.config import Config, load, parse_duration, parse_time, reason_text
+from relay.delivery import planned
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
@@ -163,6 +165,69 @@ def cmd_status(args: argparse.Namespace) -> int:
             cover = f"{'active' if status.subscribed else 'inactive'} {sub.since}..{sub.until}"
         print(f"{name:28} {state.state:9} {since:19} {counts[0]:>7} {counts[1]:>6} {counts[2]:>6} "
               f"{counts[3]:>5} {_age(oldest) if oldest is not None else '-':>6}  {cover}")
+        if state.planned:
+            print(f"  planned outage until {_local(state.until)}: {_shown(state.reason)}")
+        for window in planned.windows(config, name):
+            if window.end > time.time():
+                print(f"  planned window {_local(window.start)} .. {_local(window.end)}"
+                      f"{': ' + _shown(window.reason) if window.reason else ''}")
+    return 0
+
+
+def _local(stamp: float | None) -> str:
+    if stamp is None:
+        return "outage end"
+    return dt.datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %z")
+
+
+# -- planned outages ---------------------------------------------------------------------------------
+
+def _until(text: str | None) -> float | None:
+    """--until: a time (`2026-12-05 20:00`, local unless it says otherwise) or a duration from
+    now (`2h`, `90m`)."""
+    if text is None:
+        return None
+    try:
+        return time.time() + parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise UsageError(f"--until: {exc}; or a duration like 2h") from None
+
+
+def _planned_domain(config: Config, name: str) -> str:
+    if name not in config.domains:
+        raise UsageError(f"--domain {name}: not a configured domain")
+    return name
+
+
+def cmd_outage_start(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup(config.log_level)
+    domain = _planned_domain(config, args.domain)
+    try:
+        reason = reason_text(args.reason or "")
+    except ValueError as exc:
+        raise UsageError(f"--reason: {exc}") from None
+    who = getpass.getuser()
+    state = planned.start(config, domain, _until(args.until), reason, f"{who} (command line)")
+    AuditLog(config.audit_log).record("cli", who, "outage_start", domain=domain,
+                                      until=_local(state.until), reason=state.reason)
+    print(f"{domain}: planned outage until {_local(state.until)}; mail is kept, nothing goes to "
+          f"the primary (a running serve takes it up within a second)")
+    return 0
+
+
+def cmd_outage_end(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup(config.log_level)
+    domain = _planned_domain(config, args.domain)
+    who = getpass.getuser()
+    planned.end(config, domain, f"{who} (command line)")
+    AuditLog(config.audit_log).record("cli", who, "outage_end", domain=domain)
+    print(f"{domain}: planned outage ended; a running serve replays what was kept")
     return 0
 
 
@@ -185,6 +250,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 async def _replay(config: Config, names: list[str]) -> int:
     status = 0
     for name in names:
+        if (state := domain_status(config, name).health).planned:
+            print(f"{name}: in a planned outage until {_local(state.until)}: nothing sent "
+                  f"(`continuity-relay outage end --domain {name}` first)")
+            status = 1
+            continue
         waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
         with (tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar,
               logging_redirect_tqdm(loggers=[logging.getLogger("relay")])):  # logs above the bar
@@ -562,7 +632,22 @@ def _parser() -> argparse.ArgumentParser:
     command(admins, "list", cmd_admins_list, "list administrators")
     _queue_commands(commands, command)
     _archive_commands(commands, command)
+    _outage_commands(commands, command)
     return parser
+
+
+def _outage_commands(commands, command) -> None:
+    outage = commands.add_parser("outage", help="planned outages: divert a domain on purpose "
+                                 "(maintenance, migration)").add_subparsers(dest="outage_command",
+                                                                           required=True)
+    start = command(outage, "start", cmd_outage_start, "keep the domain's mail as in an outage, "
+                    "without asking the primary, until --until or `outage end`")
+    start.add_argument("--domain", required=True)
+    start.add_argument("--until", help="a time (2026-12-05 20:00, local unless it says +01:00 or "
+                       "Z) or a duration from now (2h)")
+    start.add_argument("--reason", help="one line, shown in status and the panel")
+    end = command(outage, "end", cmd_outage_end, "end the domain's planned outage: replay runs")
+    end.add_argument("--domain", required=True)
 
 
 def _queue_commands(commands, command) -> None:
