@@ -72,7 +72,7 @@ def start(config: Config, domain: str, until: float | None, reason: str, by: str
     _, new = update_state(state_dir(config.storage.spool), domain,
                           lambda current: _planned(current, until, reason, now), _owner(config))
     assert new is not None
-    event("planned.started", logging.WARNING, domain=domain, until=_moment(until), reason=new.reason,
+    event("planned.started", logging.WARNING, domain=domain, until=moment(until), reason=new.reason,
           by=by)
     return new
 
@@ -132,10 +132,10 @@ def _tick(config: Config, domain: str, now: float) -> bool:
     if new is None:
         return False
     if new.planned and not before.planned:
-        event("planned.started", logging.WARNING, domain=domain, until=_moment(new.until),
+        event("planned.started", logging.WARNING, domain=domain, until=moment(new.until),
               reason=new.reason, by=why[-1])
     elif new.planned:
-        event("planned.extended", domain=domain, until=_moment(new.until), by=why[-1])
+        event("planned.extended", domain=domain, until=moment(new.until), by=why[-1])
     else:
         event("planned.ended", domain=domain, lasted=int(now - before.since), by=why[-1])
     return True
@@ -151,7 +151,7 @@ def schedule(config: Config, domain: str, window: Window, by: str,
         raise PlannedError("that window has already ended")
     result = update_windows(state_dir(config.storage.spool), domain,
                             lambda old: [*_current(old, now), window], _owner(config))
-    event("planned.scheduled", domain=domain, start=_moment(window.start), end=_moment(window.end),
+    event("planned.scheduled", domain=domain, start=moment(window.start), end=moment(window.end),
           reason=window.reason, by=by)
     return result
 
@@ -169,7 +169,7 @@ def unschedule(config: Config, domain: str, window: Window, by: str,
     result = update_windows(state_dir(config.storage.spool), domain, change, _owner(config))
     if not removed[-1]:
         raise PlannedError(f"{domain}: no such window scheduled")
-    event("planned.unscheduled", domain=domain, start=_moment(window.start), end=_moment(window.end),
+    event("planned.unscheduled", domain=domain, start=moment(window.start), end=moment(window.end),
           by=by)
     return result
 
@@ -178,7 +178,7 @@ def _current(found: list[Window], now: float) -> list[Window]:
     return [w for w in found if w.end > now - KEEP_ENDED]
 
 
-def _moment(stamp: float | None) -> str:
+def moment(stamp: float | None) -> str:
     if stamp is None:
         return "-"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
