@@ -20,11 +20,11 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from relay import __version__, app, headers
+from relay import __version__, app, drill, headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.admins import Admins
 from relay.config import Config, load, parse_duration, parse_time, reason_text
-from relay.delivery import planned
+from relay.delivery import planned, readiness
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import setup
@@ -218,6 +218,45 @@ def cmd_outage_start(args: argparse.Namespace) -> int:
     print(f"{domain}: planned outage until {_local(state.until)}; mail is kept, nothing goes to "
           f"the primary (a running serve takes it up within a second)")
     return 0
+
+
+def cmd_readiness(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.domain:
+        _planned_domain(config, args.domain)
+    checks = asyncio.run(readiness.report(config, args.domain))
+    for check in checks:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(check)))
+        else:
+            name = f"{check.domain} {check.name}" if check.domain else check.name
+            print(f"{name:36} {check.result:4}  {check.detail}")
+    return 1 if readiness.failed(checks) else 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    config = _config(args)
+    domain = _planned_domain(config, args.domain)
+    user = _mailbox(args.user if "@" in args.user else f"{args.user}@{domain}")
+    if user.domain != domain:
+        raise UsageError(f"--user {args.user}: not in {domain}")
+    if args.password_file:
+        try:
+            password = readiness.read_password(Path(args.password_file))
+        except DirectoryError as exc:
+            raise UsageError(f"--password-file: {exc}") from None
+    else:
+        password = _password(args)
+    if not password:
+        raise UsageError("the drill logs in as the user: --password-stdin or --password-file")
+    setup(config.log_level)
+    steps = asyncio.run(drill.run(config, user, password))
+    for n, step in enumerate(steps, 1):
+        result = {True: "pass", False: "fail", None: "skip"}[step.passed]
+        print(f"{n}. {step.name:11} {result}  {step.seconds:6.2f}s  {step.detail}")
+    passed = all(step.passed for step in steps)
+    print(f"drill {'passed' if passed else 'FAILED'} for {user}")
+    return 0 if passed else 1
 
 
 def cmd_outage_end(args: argparse.Namespace) -> int:
@@ -633,6 +672,17 @@ def _parser() -> argparse.ArgumentParser:
     _queue_commands(commands, command)
     _archive_commands(commands, command)
     _outage_commands(commands, command)
+    ready = command(commands, "readiness", cmd_readiness, "what would hurt in an outage now, one "
+                    "line a check (name, ok|warn|fail, detail); exit 1 when something fails")
+    ready.add_argument("--domain", help="only this domain's checks (and the relay's own)")
+    ready.add_argument("--json", action="store_true", help="one JSON object per line")
+    rehearse = command(commands, "drill", cmd_drill, "rehearse an outage for one test user: keep a "
+                       "message, read it over IMAP, reply through submission, replay both")
+    rehearse.add_argument("--domain", required=True)
+    rehearse.add_argument("--user", required=True, help="the test user (address or local part)")
+    rehearse.add_argument("--password-stdin", action="store_true",
+                          help="the user's password, first line of standard input")
+    rehearse.add_argument("--password-file", help="a file whose first line is the user's password")
     return parser
 
 
