@@ -15,10 +15,11 @@ Per domain:
   subscription  none, not active today, or ending within `readiness.subscription_days`
 For the relay:
   disk          free space under each storage root, in days of mail at the rate of the last
-                7 days (the archive's records when `storage.archive` is set, else the Maildir
-                files written in those days); fewer than `readiness.disk_days` fails. An
-                outage keeps each message once in the Maildirs (the spool and the archive
-                hold hard links to it), so a day of mail needs about a day's rate there
+                7 days, today so far included (the sizes in the archive's day files when
+                `storage.archive` is set, else the Maildir files written in those days);
+                fewer than `readiness.disk_days` fails. An outage keeps each message once in
+                the Maildirs (the spool and the archive hold hard links to it), so a day of
+                mail needs about a day's rate there
   imap          Dovecot answers an IMAP login for `readiness.account` at `readiness.imap`
   smarthost     `outbound.smarthost` answers EHLO (users send through it during an outage)
 """
@@ -44,7 +45,7 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 RATE_DAYS = 7
 NAMES_SHOWN = 5
 IMAP_TIMEOUT = 15.0
-_SIZE = re.compile(rb'"size":(\d+)')
+_SIZE = re.compile(rb'"size": ?(\d+)')
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def daily_rate(config: Config, now: float | None = None) -> tuple[float, str]:
         first = dt.date.fromtimestamp(now - RATE_DAYS * 86400)
         total = 0
         try:
-            names = [n for n in os.listdir(days) if n.endswith(".jsonl") and n[:-6] >= first.isoformat()]
+            names = [n for n in os.listdir(days) if n.endswith(".jsonl") and n[:-6] > first.isoformat()]
         except FileNotFoundError:
             names = []
         for name in names:
