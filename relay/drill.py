@@ -38,6 +38,7 @@ from relay.delivery.client import Upstream
 from relay.delivery.health import NORMAL, Health
 from relay.delivery.readiness import login_imap
 from relay.directory import Directory
+from relay.errors import EntryError, RelayError
 from relay.runners.queue_runner import Verdict
 from relay.runners.replay import ReplayRunner
 from relay.storage.durable import Owner
@@ -83,7 +84,7 @@ class Drill:
         try:
             step.detail = await work()
             step.passed = True
-        except DrillFailed as exc:
+        except (DrillFailed, RelayError) as exc:    # the relay's own faults (a disk) too
             step.detail, step.passed = str(exc), False
         step.seconds = time.monotonic() - started
         return bool(step.passed)
@@ -134,8 +135,16 @@ def _keep(drill: Drill) -> str:
     store = build_store(drill.config)
     entry = store.keep(drill.user, drill.sender, _message(drill))
     drill.entries.append(entry)
-    drill.queue.hold(entry)           # no runner replays it but the drill (see the docstring)
+    _hold(drill.queue, entry)
     return f"kept as {entry}"
+
+
+def _hold(queue: Queue, entry: str) -> None:
+    """Set the drill's entry aside, so that no runner replays it but the drill."""
+    try:
+        queue.hold(entry)
+    except EntryError:
+        pass     # serve's sweep claimed it first: the replay step waits for its outcome
 
 
 def _imap(drill: Drill) -> str:
@@ -202,14 +211,22 @@ def _sent_copy(drill: Drill) -> str:
     deadline = time.monotonic() + FIND_SECONDS
     while time.monotonic() < deadline:
         for entry in queue.list("waiting"):
-            if entry in drill.entries or queue.envelope(entry).rcpt != str(drill.user):
+            if entry in drill.entries or not _carries(queue, entry, str(drill.user), mark):
                 continue
-            if mark in queue.read(entry)[1]:
-                drill.entries.append(entry)
-                queue.hold(entry)
-                return f"queued for replay as {entry}"
+            drill.entries.append(entry)
+            _hold(queue, entry)
+            return f"queued for replay as {entry}"
         time.sleep(0.1)
     raise DrillFailed("the reply's (CS-SENT) copy did not appear in the replay queue")
+
+
+def _carries(queue: Queue, entry: str, rcpt: str, mark: bytes) -> bool:
+    """Is this waiting entry for `rcpt` with `mark` in its bytes? (False when it went meanwhile.)"""
+    try:
+        envelope, data = queue.read(entry)
+    except (RelayError, OSError):
+        return False
+    return envelope.rcpt == rcpt and mark in data
 
 
 async def _replay(drill: Drill) -> str:
