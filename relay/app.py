@@ -21,6 +21,7 @@ from relay.addresses import Mailbox
 from relay.admins import Admins
 from relay.auth import LoginThrottle
 from relay.config import Config, HostPort, changed_keys, load
+from relay.delivery import planned
 from relay.delivery.alerts import Alerter, webhook_queue
 from relay.delivery.health import REFRESH, Health
 from relay.delivery.rspamd import Rspamd
@@ -213,7 +214,7 @@ async def start(config: Config) -> Running:
     replay = _replay_runner(config, store, health, directory)
     health.listen(replay.kick)
     runners: list[Runner] = [("replay", replay.run),     # run once every listener is up
-                             ("refresh", lambda: _refresh(health, directory))]
+                             ("refresh", lambda: _refresh(config, health, directory))]
     if archiving is not None:
         runners += [("archive", lambda: _purge_daily(archiving[0].archive)),
                     ("archive-index", lambda: _follow_index(config))]
@@ -319,11 +320,14 @@ async def _follow_index(config: Config) -> None:
                 await proc.wait()
 
 
-async def _refresh(health: Health, directory: Directory) -> None:
-    """Keep the hot path's answers (health states, the passwd-file) fresh, off the loop."""
+async def _refresh(config: Config, health: Health, directory: Directory) -> None:
+    """Keep the hot path's answers (health states, the passwd-file) fresh, off the loop. Planned
+    outage windows open and close here too (delivery/planned.py), and a state another process
+    wrote (`outage start`, the panel) is announced to health's listeners on the loop."""
     while True:
         await asyncio.sleep(REFRESH)
-        await asyncio.to_thread(health.refresh)
+        await asyncio.to_thread(planned.tick, config)
+        health.announce(await asyncio.to_thread(health.refresh))
         await asyncio.to_thread(directory.refresh)
 
 

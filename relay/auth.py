@@ -37,6 +37,8 @@ from relay.directory import Directory, User, password_is_usable, verify_password
 from relay.errors import DirectoryError, StorageError
 from relay.ldap import Outcome, ldap_bind
 from relay.log import event
+from relay.storage import synced
+from relay.storage.durable import Owner
 
 # Hashes of random strings nobody knows, at the cost `hash_password` uses, checked when the login
 # names no usable account: the answer is always "no", after the same work as a real check.
@@ -152,6 +154,7 @@ def _keep_password(directory: Directory, user: User, password: str) -> User | No
     """After the directory's yes: store a fresh hash of `password` unless the stored one already
     verifies it. A write that fails is logged and the login still succeeds: the directory said
     yes; the next login tries the write again."""
+    _note_synced(directory, user)
     if user.password_hash and _still_verifies(user.password_hash, password):
         return user
     try:
@@ -162,6 +165,16 @@ def _keep_password(directory: Directory, user: User, password: str) -> User | No
         return user
     event("auth.password_synced", user=user.email)
     return fresh if fresh.active else None
+
+
+def _note_synced(directory: Directory, user: User) -> None:
+    """For the readiness report: when the directory last confirmed this user's password. A
+    note that cannot be written is logged; the login goes on."""
+    storage = directory.config.storage
+    try:
+        synced.mark(storage.spool, user.address, Owner.named(storage.owner))
+    except StorageError as exc:
+        event("auth.sync_note_failed", logging.ERROR, user=user.email, error=exc)
 
 
 def _forget_stale(directory: Directory, user: User, login: str, password: str, gone: bool) -> None:

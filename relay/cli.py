@@ -14,16 +14,18 @@ import getpass
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from relay import __version__, app, headers
+from relay import __version__, app, drill, headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.admins import Admins
-from relay.config import Config, load
+from relay.config import Config, load, parse_duration, parse_time, reason_text
+from relay.delivery import planned, readiness
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import event, formatter, setup, stop
@@ -200,6 +202,108 @@ def cmd_status(args: argparse.Namespace) -> int:
             cover = f"{'active' if status.subscribed else 'inactive'} {sub.since}..{sub.until}"
         print(f"{name:28} {state.state:9} {since:19} {counts[0]:>7} {counts[1]:>6} {counts[2]:>6} "
               f"{counts[3]:>5} {_age(oldest) if oldest is not None else '-':>6}  {cover}")
+        if state.planned:
+            print(f"  planned outage until {_local(state.until)}: {_shown(state.reason)}")
+        for window in planned.windows(config, name):
+            if window.end > time.time():
+                print(f"  planned window {_local(window.start)} .. {_local(window.end)}"
+                      f"{': ' + _shown(window.reason) if window.reason else ''}")
+    return 0
+
+
+def _local(stamp: float | None) -> str:
+    if stamp is None:
+        return "outage end"
+    return dt.datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %z")
+
+
+# -- planned outages ---------------------------------------------------------------------------------
+
+def _until(text: str | None) -> float | None:
+    """--until: a time (`2026-12-05 20:00`, local unless it says otherwise) or a duration from
+    now (`2h`, `90m`)."""
+    if text is None:
+        return None
+    try:
+        return time.time() + parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise UsageError(f"--until: {exc}; or a duration like 2h") from None
+
+
+def _planned_domain(config: Config, name: str) -> str:
+    if name not in config.domains:
+        raise UsageError(f"--domain {name}: not a configured domain")
+    return name
+
+
+def cmd_outage_start(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup(config.log_level)
+    domain = _planned_domain(config, args.domain)
+    try:
+        reason = reason_text(args.reason or "")
+    except ValueError as exc:
+        raise UsageError(f"--reason: {exc}") from None
+    who = getpass.getuser()
+    state = planned.start(config, domain, _until(args.until), reason, f"{who} (command line)")
+    AuditLog(config.audit_log).record("cli", who, "outage_start", domain=domain,
+                                      until=_local(state.until), reason=state.reason)
+    print(f"{domain}: planned outage until {_local(state.until)}; mail is kept, nothing goes to "
+          f"the primary (a running serve takes it up within a second)")
+    return 0
+
+
+def cmd_readiness(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.domain:
+        _planned_domain(config, args.domain)
+    checks = asyncio.run(readiness.report(config, args.domain))
+    for check in checks:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(check)))
+        else:
+            name = f"{check.domain} {check.name}" if check.domain else check.name
+            print(f"{name:36} {check.result:4}  {check.detail}")
+    return 1 if readiness.failed(checks) else 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    config = _config(args)
+    domain = _planned_domain(config, args.domain)
+    user = _mailbox(args.user if "@" in args.user else f"{args.user}@{domain}")
+    if user.domain != domain:
+        raise UsageError(f"--user {args.user}: not in {domain}")
+    if args.password_file:
+        try:
+            password = readiness.read_password(Path(args.password_file))
+        except DirectoryError as exc:
+            raise UsageError(f"--password-file: {exc}") from None
+    else:
+        password = _password(args)
+    if not password:
+        raise UsageError("the drill logs in as the user: --password-stdin or --password-file")
+    setup(config.log_level)
+    steps = asyncio.run(drill.run(config, user, password))
+    for n, step in enumerate(steps, 1):
+        result = {True: "pass", False: "fail", None: "skip"}[step.passed]
+        print(f"{n}. {step.name:11} {result}  {step.seconds:6.2f}s  {step.detail}")
+    passed = all(step.passed for step in steps)
+    print(f"drill {'passed' if passed else 'FAILED'} for {user}")
+    return 0 if passed else 1
+
+
+def cmd_outage_end(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup(config.log_level)
+    domain = _planned_domain(config, args.domain)
+    who = getpass.getuser()
+    planned.end(config, domain, f"{who} (command line)")
+    AuditLog(config.audit_log).record("cli", who, "outage_end", domain=domain)
+    print(f"{domain}: planned outage ended; a running serve replays what was kept")
     return 0
 
 
@@ -221,6 +325,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 async def _replay(config: Config, names: list[str]) -> int:
     status = 0
     for name in names:
+        if (state := domain_status(config, name).health).planned:
+            print(f"{name}: in a planned outage until {_local(state.until)}: nothing sent "
+                  f"(`continuity-relay outage end --domain {name}` first)")
+            status = 1
+            continue
         waiting = Queue(replay_queue_path(config.storage.spool, name)).count("waiting")
         with (tqdm(total=waiting, desc=name, unit="msg", file=sys.stderr, smoothing=0.1) as bar,
               _above_the_bar()):
@@ -618,7 +727,33 @@ def _parser() -> argparse.ArgumentParser:
     command(admins, "list", cmd_admins_list, "list administrators")
     _queue_commands(commands, command)
     _archive_commands(commands, command)
+    _outage_commands(commands, command)
+    ready = command(commands, "readiness", cmd_readiness, "what would hurt in an outage now, one "
+                    "line a check (name, ok|warn|fail, detail); exit 1 when something fails")
+    ready.add_argument("--domain", help="only this domain's checks (and the relay's own)")
+    ready.add_argument("--json", action="store_true", help="one JSON object per line")
+    rehearse = command(commands, "drill", cmd_drill, "rehearse an outage for one test user: keep a "
+                       "message, read it over IMAP, reply through submission, replay both")
+    rehearse.add_argument("--domain", required=True)
+    rehearse.add_argument("--user", required=True, help="the test user (address or local part)")
+    rehearse.add_argument("--password-stdin", action="store_true",
+                          help="the user's password, first line of standard input")
+    rehearse.add_argument("--password-file", help="a file whose first line is the user's password")
     return parser
+
+
+def _outage_commands(commands, command) -> None:
+    outage = commands.add_parser("outage", help="planned outages: divert a domain on purpose "
+                                 "(maintenance, migration)").add_subparsers(dest="outage_command",
+                                                                           required=True)
+    start = command(outage, "start", cmd_outage_start, "keep the domain's mail as in an outage, "
+                    "without asking the primary, until --until or `outage end`")
+    start.add_argument("--domain", required=True)
+    start.add_argument("--until", help="a time (2026-12-05 20:00, local unless it says +01:00 or "
+                       "Z) or a duration from now (2h)")
+    start.add_argument("--reason", help="one line, shown in status and the panel")
+    end = command(outage, "end", cmd_outage_end, "end the domain's planned outage: replay runs")
+    end.add_argument("--domain", required=True)
 
 
 def _queue_commands(commands, command) -> None:

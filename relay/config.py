@@ -189,15 +189,38 @@ class LDAP:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A planned outage window (`domains.<d>.planned`, or the panel's): mail for the domain is
+    kept from `start` to `end` (Unix times) as in an outage, and replayed after it."""
+
+    start: float
+    end: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     primary: Primary
     continuity: Continuity | None
     ldap: LDAP | None = None
     notify_users: bool = True          # outage start and end notices to users' alternates
+    planned: tuple[Window, ...] = ()
 
     def continuity_active(self, day: dt.date | None = None) -> bool:
         return self.continuity is not None and self.continuity.active_on(day or dt.date.today())
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What `continuity-relay readiness` checks against (relay/delivery/readiness.py)."""
+
+    imap: HostPort | None = None       # Dovecot's IMAP, for a test login; None: not checked
+    account: str | None = None         # the test account (a registered user)
+    password_file: Path | None = None  # its password, first line
+    ldap_sync_days: int = 30           # an LDAP user's password confirmed longer ago: a warning
+    subscription_days: int = 30        # a subscription ending sooner: a failure
+    disk_days: int = 7                 # free disk for fewer days of mail: a failure
 
 
 @dataclass(frozen=True)
@@ -223,6 +246,7 @@ class Config:
     archive: ArchiveSettings = ArchiveSettings()
     log: Log = Log()
     alerts: Alerts = Alerts()
+    readiness: Readiness = Readiness()
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
@@ -551,6 +575,72 @@ def _continuity(r: _Reader, raw: Any, key: str) -> Continuity | None:
     return Continuity(since, until)
 
 
+# -- planned outage windows and readiness (issue 12) ----------------------------------------------
+
+REASON_MAX = 200
+
+
+def parse_time(value: Any) -> float:
+    """A moment as a Unix time: ISO 8601 (`2026-12-05 20:00`, `2026-12-05T20:00:00+01:00`,
+    `...Z`), or a YAML timestamp; without an offset it is the machine's local time."""
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"expected a time like 2026-12-05 20:00 or 2026-12-05T20:00:00+01:00, "
+                             f"got {value!r}") from None
+    else:
+        raise ValueError(f"expected a time like 2026-12-05 20:00, got {value!r}")
+    return moment.timestamp()      # a naive datetime counts as local time
+
+
+def reason_text(value: Any) -> str:
+    """A planned outage's reason: one printable line, at most REASON_MAX characters."""
+    text = str(value).strip()
+    if len(text) > REASON_MAX or not all(c.isprintable() for c in text):
+        raise ValueError(f"expected one printable line of at most {REASON_MAX} characters")
+    return text
+
+
+def _windows(r: _Reader, raw: Any, key: str) -> tuple[Window, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problem(key, "expected a list of windows, each with start, end and an optional reason")
+        return ()
+    windows = []
+    for n, item in enumerate(raw):
+        where = f"{key}[{n}]"
+        data = r.section(item, where, {"start", "end", "reason"}, {"start", "end"})
+        start, end = r.value(data, where, "start", parse_time), r.value(data, where, "end", parse_time)
+        reason = r.value(data, where, "reason", reason_text, "")
+        if start is None or end is None:
+            continue
+        if end <= start:
+            r.problem(f"{where}.end", "must be after start")
+            continue
+        windows.append(Window(start, end, reason))
+    return tuple(sorted(windows, key=lambda w: w.start))
+
+
+def _readiness(r: _Reader, raw: Any) -> Readiness:
+    data = r.section(raw, "readiness", {"imap", "account", "password_file", "ldap_sync_days",
+                                        "subscription_days", "disk_days"})
+    readiness = Readiness(
+        imap=r.value(data, "readiness", "imap", parse_hostport, Readiness.imap),
+        account=r.value(data, "readiness", "account", lambda v: str(v).strip().lower(), Readiness.account),
+        password_file=r.path(data, "readiness", "password_file", Readiness.password_file),
+        ldap_sync_days=r.value(data, "readiness", "ldap_sync_days", _positive_int, Readiness.ldap_sync_days),
+        subscription_days=r.value(data, "readiness", "subscription_days", _positive_int,
+                                  Readiness.subscription_days),
+        disk_days=r.value(data, "readiness", "disk_days", _positive_int, Readiness.disk_days))
+    if readiness.imap is not None and (readiness.account is None or readiness.password_file is None):
+        r.problem("readiness.imap", "needs readiness.account and readiness.password_file")
+    return readiness
+
+
 def _domains(r: _Reader, raw: Any) -> dict[str, Domain]:
     if not isinstance(raw, dict) or not raw:
         r.problem("domains", "expected a mapping of at least one domain")
@@ -563,15 +653,16 @@ def _domains(r: _Reader, raw: Any) -> dict[str, Domain]:
         except AddressError as exc:
             r.problem(key, f"not a valid domain: {exc}")
             continue
-        data = r.section(body, key, {"primary", "continuity", "ldap", "notify_users"}, {"primary"})
+        data = r.section(body, key, {"primary", "continuity", "ldap", "notify_users", "planned"}, {"primary"})
         primary = _primary(r, data["primary"], f"{key}.primary") if "primary" in data else None
         continuity = _continuity(r, data.get("continuity"), f"{key}.continuity")
         ldap = _ldap(r, data.get("ldap"), f"{key}.ldap")
         notify = r.value(data, key, "notify_users", _boolean, Domain.notify_users)
+        planned = _windows(r, data.get("planned"), f"{key}.planned")
         if domain in domains:
             r.problem(key, "domain listed twice")
         elif primary is not None:
-            domains[domain] = Domain(domain, primary, continuity, ldap, notify)
+            domains[domain] = Domain(domain, primary, continuity, ldap, notify, planned)
     return domains
 
 
@@ -590,7 +681,7 @@ def load(path: str | Path) -> Config:
     top = r.section(raw, "", {"hostname", "listen", "storage", "users_file", "password_scheme",
                               "message_size_limit", "max_recipients", "replay", "domains",
                               "log_level", "tls", "outbound", "web", "admins_file", "audit_log",
-                              "rspamd", "limits", "archive", "log", "alerts"},
+                              "rspamd", "limits", "archive", "log", "alerts", "readiness"},
                     {"listen", "storage", "domains"})
     listen = r.section(top.get("listen"), "listen", {"inbound", "submission", "web", "metrics"},
                        {"inbound"})
@@ -634,6 +725,7 @@ def load(path: str | Path) -> Config:
         archive=_archive(r, top.get("archive")),
         log=_log(r, top.get("log")),
         alerts=_alerts(r, top.get("alerts")),
+        readiness=_readiness(r, top.get("readiness")),
     )
     if config.alerts.to and config.outbound.smarthost is None:
         r.problem("alerts.to", "alert mail goes through outbound.smarthost, which is not set")

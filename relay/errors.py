@@ -8,6 +8,8 @@
     +-- CorruptEntryError  a queue entry that cannot be read
     +-- EntryError         an administrator's queue action on an entry that is not there, or
                            not in a state that action takes (exit 1)
+    +-- PlannedError       a planned outage change that cannot be made: ending one that is not
+                           going on, an `until` in the past (exit 1)
     +-- DeliveryError      talking to another server failed
         +-- PermFail       5xx: refused for good (raised by the sending checks; a temporary
                            failure is a `delivery.client.Reply`, never an exception)
@@ -56,6 +58,10 @@ class CorruptEntryError(RelayError):
 
 class EntryError(RelayError):
     """A queue entry that is missing, or in the wrong state for what was asked."""
+
+
+class PlannedError(RelayError):
+    """A planned outage start, end or window that cannot be made as asked."""
 
 
 class DeliveryError(RelayError):

@@ -92,8 +92,11 @@ def inbound(result: str) -> None:
 
 def settled(runner: str, result: str, fields: dict[str, object]) -> None:
     """A queue runner (`replay`, `outbound`) settled one entry; `fields` are the runner's log
-    fields naming the queue (the replay runner's `domain`)."""
-    _SETTLED[runner].labels(result=result, **{k: str(v) for k, v in fields.items()}).inc()
+    fields naming the queue (the replay runner's `domain`). Other runners (the alerts' webhook
+    queue) have no family of their own: the mail queues are what the issue's alerts watch."""
+    family = _SETTLED.get(runner)
+    if family is not None:
+        family.labels(result=result, **{k: str(v) for k, v in fields.items()}).inc()
 
 
 def auth_failed(service: str) -> None:

@@ -3,7 +3,9 @@
 Per domain, a loop (inside `serve`):
   outage     probe the primary every `replay.probe_interval` (connect, EHLO, QUIT); when it
              greets, try a sweep: the first message it takes ends the outage. A kick from the
-             inbound listener (a message the primary accepted) ends the wait early
+             inbound listener (a message the primary accepted) ends the wait early. A planned
+             outage is never probed nor swept: it ends when the administrator (or its
+             window) says, to `replaying` (delivery/planned.py)
   replaying  sweep: every waiting entry goes to the primary, per user oldest first, several
              users at once (`replay.concurrency`), at most `replay.rate` messages a second,
              one reused SMTP connection per worker; an empty queue -> normal
@@ -115,7 +117,8 @@ class ReplayRunner(QueueRunner):
             state = self.health.get(domain.name).state
             if state == OUTAGE:
                 await self._wait(domain.name)
-                if self.health.get(domain.name).state == OUTAGE:
+                now = self.health.get(domain.name)
+                if now.state == OUTAGE and not now.planned:
                     await self._probe(domain, queue)
                     self.forget_wakes(domain.name)  # our own trial sweep's kicks are not news
                 continue

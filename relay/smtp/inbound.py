@@ -21,6 +21,10 @@ rules (own address only, the same pipeline). Every other session keeps the rules
 
 With `rspamd.url` set, a message about to be kept goes through the spam filter first
 (relay/smtp/spam.py says what each verdict does).
+
+During a planned outage (relay/delivery/planned.py) the primary is not asked at all: every
+recipient is treated as if it were unreachable, so mail is kept by the rules above (or the
+sender gets 451 4.4.1 and retries) and nothing reaches the primary until the outage ends.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ Keep = Callable[[Mailbox, str, bytes, tuple[str, ...], tuple[str, ...]], str]
 """(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id; blocking."""
 
 KEPT_MAIL_OPTIONS = ("BODY", "SMTPUTF8", "RET", "ENVID")   # what replay passes on later
+PLANNED_TEXT = "planned outage"    # the reply that stands for a primary not asked
 
 
 class Route(Enum):
@@ -214,7 +219,10 @@ class InboundHandler:
         if len(envelope.routes) >= self.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         options = tuple(envelope.next_rcpt_options)
-        reply = await self._primary_rcpt(session, envelope, domain, address, options)
+        if self.health.get(domain.name).planned:      # diverted on purpose: never asked
+            reply = Reply(421, PLANNED_TEXT, reached=False, stage="connect")
+        else:
+            reply = await self._primary_rcpt(session, envelope, domain, address, options)
         if reply.ok:
             route = Route.PRIMARY
         elif reply.permanent or _policy(reply):

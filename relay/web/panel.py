@@ -1,7 +1,9 @@
 """The control panel for administrators: domains -> a domain -> its users -> a user.
 
     GET  /panel                                    every domain: subscription, health, queue
-    GET  /panel/domains/{domain}                   one domain: the same in full, and its users
+    GET  /panel/domains/{domain}                   one domain: the same in full, its planned
+                                                   outage and windows (relay/web/planned.py
+                                                   takes their forms), and its users
     GET  /panel/domains/{domain}/add               form: register a user
     POST /panel/domains/{domain}/add
     GET  /panel/domains/{domain}/users/{local}     one user: allocate a password, (de)activate,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -31,6 +34,7 @@ from aiohttp import web
 
 from relay.addresses import AddressError, parse_mailbox
 from relay.config import Config, Domain
+from relay.delivery import planned
 from relay.directory import Directory, User, check_alternate
 from relay.errors import DirectoryError, EntryError
 from relay.log import event
@@ -41,7 +45,10 @@ from relay.web.login import account_of, admin_only, audit_admin
 from relay.web.page import form_text, redirect, render
 from relay.web.site import site_of
 
-DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User registered."}
+DONE = {"saved": "Saved.", "unchanged": "Nothing to change.", "added": "User registered.",
+        "outage_start": "Planned outage started: mail is kept, nothing goes to the primary.",
+        "outage_end": "Planned outage ended: what was kept is being replayed.",
+        "outage_schedule": "Window scheduled.", "outage_unschedule": "Window removed."}
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ def user_url(user: User) -> str:
     return f"/panel/domains/{user.address.domain}/users/{quote(user.address.local, safe='')}"
 
 
-def _domain(request: web.Request) -> str:
+def domain_name(request: web.Request) -> str:
+    """The configured domain the URL names (404 otherwise)."""
     name = request.match_info["domain"]
     if name not in site_of(request).config.domains:
         raise web.HTTPNotFound()
@@ -76,7 +84,7 @@ def _domain(request: web.Request) -> str:
 
 
 async def _user(request: web.Request) -> User:
-    domain = _domain(request)
+    domain = domain_name(request)
     try:
         address = parse_mailbox(f"{request.match_info['local']}@{domain}")
     except AddressError:
@@ -98,11 +106,20 @@ async def domains(request: web.Request) -> web.StreamResponse:
 
 @admin_only
 async def domain_page(request: web.Request) -> web.StreamResponse:
-    site, name = site_of(request), _domain(request)
-    view, users = await asyncio.to_thread(
-        lambda: (domain_view(site.config, name), site.directory.list(name)))
-    return render(request, "panel/domain.html", view=view, users=users, user_url=user_url,
-                  done=DONE.get(request.query.get("done", "")))
+    return await domain_view_page(request)
+
+
+async def domain_view_page(request: web.Request, status: int = 200,
+                           error: str | None = None) -> web.StreamResponse:
+    """The domain page; with `error` (a refused change, relay/web/planned.py) it says why."""
+    site, name = site_of(request), domain_name(request)
+    view, users, windows = await asyncio.to_thread(
+        lambda: (domain_view(site.config, name), site.directory.list(name),
+                 planned.windows(site.config, name)))
+    return render(request, "panel/domain.html", status, view=view, users=users, user_url=user_url,
+                  windows=[w for w in windows if w.end > time.time()],
+                  configured=set(site.config.domains[name].planned), error=error,
+                  done=None if error else DONE.get(request.query.get("done", "")))
 
 
 # -- a domain's replay queue, as `continuity-relay queue` shows and moves it ----------------------
@@ -120,7 +137,7 @@ async def queue_page(request: web.Request) -> web.StreamResponse:
 
 async def _queue_view(request: web.Request, status: int = 200,
                       error: str | None = None) -> web.StreamResponse:
-    site, name = site_of(request), _domain(request)
+    site, name = site_of(request), domain_name(request)
     state = request.query.get("state") or None
     if state not in (None, *spool.SHOWN_STATES):
         state, status, error = None, 400, "Choose one of the states listed."
@@ -142,7 +159,7 @@ async def queue_action(request: web.Request) -> web.StreamResponse:
     """hold, release, retry or delete one entry of this domain's replay queue or of its users'
     outbound mail (audited). A delete needs its confirmation box ticked; the user's Maildir
     copy always stays."""
-    site, name = site_of(request), _domain(request)
+    site, name = site_of(request), domain_name(request)
     entry, action = request.match_info["entry"], request.match_info["action"]
     form = await request.post()
     if action == "delete" and form_text(form, "confirm") != "yes":
@@ -233,12 +250,12 @@ def _add_form(request: web.Request, domain: str, status: int = 200, error: str |
 
 @admin_only
 async def add_user_form(request: web.Request) -> web.StreamResponse:
-    return _add_form(request, _domain(request))
+    return _add_form(request, domain_name(request))
 
 
 @admin_only
 async def add_user(request: web.Request) -> web.StreamResponse:
-    site, domain = site_of(request), _domain(request)
+    site, domain = site_of(request), domain_name(request)
     form = await request.post()
     values = {"email": form_text(form, "email").strip(), "name": form_text(form, "name").strip(),
               "state": form_text(form, "state") or "active"}

@@ -46,6 +46,8 @@ from relay.storage.continuity import ContinuityStore
 from relay.storage.maildir import MaildirStore
 from relay.web import account, login, mail, panel
 from relay.web import archive as archive_pages
+from relay.web import planned as planned_pages
+from relay.web import readiness as readiness_pages
 from relay.web.audit import AuditLog
 from relay.web.csrf import csrf_middleware
 from relay.web.page import STATIC, environment, error_page
@@ -157,7 +159,7 @@ def make_app(config: Config, directory: Directory, admins: Admins, throttle: Log
         audit=AuditLog(config.audit_log, clock),
         templates=environment(), clock=clock)
     app.on_response_prepare.append(_security_headers)
-    for module in (login, panel, archive_pages, account, mail):
+    for module in (login, panel, planned_pages, readiness_pages, archive_pages, account, mail):
         module.add_routes(app)
     app.router.add_static("/static/", STATIC, name="static")
     return app

@@ -27,6 +27,7 @@ from relay.directory import Directory, verify_password
 from relay.ldap import Outcome, ldap_bind
 from relay.smtp.submission import SubmissionHandler
 from relay.smtp.tls import ServerTLS
+from relay.storage import synced
 from tests.smtp.helpers import SubmissionServer, auth_plain, fast_throttle, tls_client
 
 try:  # tests/integration as a package ...
@@ -166,6 +167,19 @@ def test_login_stores_the_directory_password_once(slapd, tmp_path, kind):
     assert stamp(directory) == before                       # the same password is not rewritten
     erin = login(directory, "erin@example.com", ERIN.password).user   # UTF-8 on the wire
     assert erin is not None and verify_password(cached(directory, "erin@example.com"), ERIN.password)
+
+
+def test_a_login_the_directory_confirms_is_noted_for_readiness(slapd, tmp_path):
+    """`readiness` fails LDAP users whose password was never confirmed here (issue 12, point 5)."""
+    directory = make_directory(tmp_path, settings_yaml("bind_dn", slapd, tmp_path))
+    spool, alice = directory.config.storage.spool, parse_mailbox("alice@example.com")
+    assert synced.last(spool, alice) is None
+    assert login(directory, "alice@example.com", "not-her-password").user is None
+    assert synced.last(spool, alice) is None
+    before = time.time()
+    assert login(directory, "alice@example.com", ALICE.password).user is not None
+    noted = synced.last(spool, alice)
+    assert noted is not None and before - 1 <= noted <= time.time() + 1
 
 
 @pytest.mark.parametrize("kind", ["bind_dn", "search"])
