@@ -113,6 +113,7 @@ class Alerts:
     max_age: float = 86400.0           # then a webhook alert is given up (logged)
     disk_days: float | None = 7.0      # alert below this many days of mail; None: never
     disk_interval: float = 3600.0      # how often free space is measured
+    users_end_delay: float = 900.0     # users hear the end once the primary stayed up this long
 
 
 @dataclass(frozen=True)
@@ -765,7 +766,7 @@ def _metrics_address(r: _Reader, listen: dict) -> HostPort | None:
 
 def _alerts(r: _Reader, raw: Any) -> Alerts:
     data = r.section(raw, "alerts", {"to", "from", "webhook", "webhook_timeout", "retry_delay",
-                                     "max_age", "disk_days", "disk_interval"})
+                                     "max_age", "disk_days", "disk_interval", "users_end_delay"})
     return Alerts(
         to=r.value(data, "alerts", "to", _addresses, Alerts.to),
         sender=r.value(data, "alerts", "from", _address, Alerts.sender),
@@ -778,6 +779,8 @@ def _alerts(r: _Reader, raw: Any) -> Alerts:
         disk_days=None if "disk_days" in data and data["disk_days"] is None else
         r.value(data, "alerts", "disk_days", _positive_number, Alerts.disk_days),
         disk_interval=r.value(data, "alerts", "disk_interval", _at_least_a_second, Alerts.disk_interval),
+        users_end_delay=r.value(data, "alerts", "users_end_delay", _positive_duration,
+                                Alerts.users_end_delay),
     )
 
 

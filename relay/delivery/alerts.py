@@ -38,6 +38,7 @@ import datetime as dt
 import email.policy
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ BATCH = 300.0                  # entries_failed: at most one alert per queue and
 DISK_REPEAT = 86400.0          # disk_low again, while still low, after a day
 SUBSCRIPTION_DAYS = (30, 7, 1)   # reminders at these many days left
 MAX_VALUE = 200
+USERS_END = "users_end:"       # a mark per domain: when its users' end notice is due
 MAX_IDS = 10
 MAX_BODY = 8 * 1024
 
@@ -215,6 +217,8 @@ class Alerter:
         self._trouble_sent: dict[tuple[str, str], float] = {}
         self._trouble_lock = threading.Lock()
         self._disk_sent: dict[tuple[str, ...], float] = {}
+        self._next_end: float | None = None     # the next end notice due; None: not read yet
+        self._ends_lock = threading.Lock()       # events and the checks run in two threads
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -254,12 +258,50 @@ class Alerter:
         if is_outage(state) and not is_outage(before):
             self.send(Alert(OUTAGE_START, domain, f"{domain}: primary down, mail is kept",
                             {"reason": state.reason or "-", "since": _iso(state.since or time.time())}))
-            self.notify_users(domain, starting=True)
+            self._users_outage_started(domain)
         elif is_outage(before) and not is_outage(state):
             lasted = (state.since or time.time()) - before.since if before.since else 0.0
             self.send(Alert(OUTAGE_END, domain, f"{domain}: primary back after {_duration(lasted)}",
                             {"outage_seconds": int(lasted), "now": state.state}))
-            self.notify_users(domain, starting=False)
+            due = time.time() + self.settings.users_end_delay
+            with self._ends_lock:
+                self.marks.set(USERS_END + domain, f"{due:.0f}")
+                self._next_end = min(due, self._next_end if self._next_end is not None else due)
+
+    # A primary that flaps (down, up, down in a few minutes) must not send each user a notice a
+    # time: the end notice waits until the primary stayed up `alerts.users_end_delay`, and an
+    # outage starting again before that is the same outage to the users (they were never told it
+    # ended). The wait is a mark, so a restart keeps it.
+
+    def _users_outage_started(self, domain: str) -> None:
+        with self._ends_lock:
+            untold = self.marks.get(USERS_END + domain) is not None
+            if untold:
+                self.marks.set(USERS_END + domain, None)
+        if untold:
+            event("alerts.users_not_notified", domain=domain,
+                  reason="the last outage's end was not told yet: the same outage to them")
+            return
+        self.notify_users(domain, starting=True)
+
+    def users_ends_due(self) -> bool:
+        """Whether an end notice may be due (from memory: the event loop asks every tick)."""
+        return self._next_end is None or self._next_end <= time.time()
+
+    def tell_users_ends(self, now: float | None = None) -> None:
+        """Send the end notices that are due (blocking: reads the marks). Queued before the
+        mark goes: a crash between tells the users twice, never not at all."""
+        now = time.time() if now is None else now
+        later = math.inf
+        with self._ends_lock:
+            for domain, text in self.marks.starting(USERS_END).items():
+                due = _number(text, 0.0)
+                if due > now:
+                    later = min(later, due)
+                    continue
+                self.notify_users(domain, starting=False)
+                self.marks.set(USERS_END + domain, None)
+            self._next_end = later
 
     def notify_users(self, domain: str, starting: bool) -> None:
         """A notice to each user of `domain` with an alternate address (see the module doc)."""
@@ -391,6 +433,13 @@ class Alerter:
                                                        f"{until}, in {left} day(s)",
                             {"until": until, "days_left": left}))
             self.marks.set(key, f"{until}:{step}")
+
+
+def _number(text: str, otherwise: float) -> float:
+    try:
+        return float(text)
+    except ValueError:           # a damaged mark: due now, rather than never
+        return otherwise
 
 
 def _reminded(mark: str | None, until: str) -> int:

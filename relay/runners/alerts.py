@@ -90,6 +90,8 @@ class AlertRunner(QueueRunner):
             now = time.time()
             if self.alerter.has_trouble():
                 await self._run(self.alerter.flush_troubles)
+            if self.alerter.users_ends_due():
+                await self._run(self.alerter.tell_users_ends)
             if self.settings.disk_days is not None and now >= next_disk:
                 await self._run(self.alerter.check_disk)
                 next_disk = now + self.settings.disk_interval

@@ -38,10 +38,20 @@ class Marks:
         with self._lock:
             return self._read().get(key)
 
-    def set(self, key: str, value: str) -> None:
-        """Blocking: the file is rewritten and fsync'd."""
+    def starting(self, prefix: str) -> dict[str, str]:
+        """Every mark whose key starts with `prefix`, the prefix cut off."""
+        with self._lock:
+            return {k[len(prefix):]: v for k, v in self._read().items() if k.startswith(prefix)}
+
+    def set(self, key: str, value: str | None) -> None:
+        """Blocking: the file is rewritten and fsync'd. None removes the mark."""
         with self._lock:
             marks = self._read()
-            marks[key] = value
+            if value is None:
+                if key not in marks:
+                    return
+                del marks[key]
+            else:
+                marks[key] = value
             make_dirs(self.path.parent, self.owner)
             replace_file(self.path, json.dumps(marks, sort_keys=True).encode("utf-8"), 0o600, self.owner)

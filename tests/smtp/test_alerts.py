@@ -70,7 +70,7 @@ class WebhookReceiver:
 def alerts_config(smarthost_port: int, webhook_port: int, domain_extra: str = "") -> str:
     return (domain_extra + outbound_config(smarthost_port)
             + f"alerts: {{to: [{ADMIN}], webhook: 'http://127.0.0.1:{webhook_port}/hook/s3cret', "
-              "retry_delay: 1s}\nweb: {url: 'https://relay.example.com'}\n")
+              "retry_delay: 1s, users_end_delay: 1s}\nweb: {url: 'https://relay.example.com'}\n")
 
 
 def register_alice(relay) -> None:

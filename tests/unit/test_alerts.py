@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -120,11 +121,35 @@ def test_outage_end_tells_admins_and_users_and_a_second_outage_event_is_not_news
     alerter.health_changed("example.com", State("replaying", 4600.0))
     alerter.health_changed("example.com", State("normal", 4700.0))               # replay's business
     ends = [(e, d) for e, d in queued(store) if e.extra["alert"] == OUTAGE_END]
+    assert len(ends) == 2            # the admins at once; the users once it stayed up (below)
+    alerter.tell_users_ends(time.time() + config.alerts.users_end_delay - 5)
+    assert len([e for e, _ in queued(store) if e.extra["alert"] == OUTAGE_END]) == 2
+    alerter.tell_users_ends(time.time() + config.alerts.users_end_delay + 1)
+    ends = [(e, d) for e, d in queued(store) if e.extra["alert"] == OUTAGE_END]
     assert len(ends) == 3
     (notice,) = [d for e, d in ends if e.rcpt == "alice@home.example.net"]
     assert b"back to normal" in notice
     (admin,) = [d for e, d in ends if e.rcpt == "ops@admins.example.net"]
     assert b"back after 1h00m" in admin
+
+
+def test_a_flapping_primary_tells_the_users_one_start_and_one_end(tmp_path):
+    """Down, up, down again within `alerts.users_end_delay`: to the users it is one outage
+    (the admins hear every change); the end notice survives a restart, as a mark."""
+    config = make_config(tmp_path)
+    add_user(config, "alice@example.com", "alice@home.example.net")
+    alerter, store, _health = alerter_for(config)
+    for since in (1000.0, 1300.0, 1600.0):
+        alerter.health_changed("example.com", State("outage", since, "451"))
+        alerter.health_changed("example.com", State("replaying", since + 60))
+        alerter.tell_users_ends(time.time())                 # none due yet: it came back just now
+    alerter, _, _ = alerter_for(config)                     # a restart: the wait is remembered
+    alerter.tell_users_ends(time.time() + config.alerts.users_end_delay + 1)
+    alerter.tell_users_ends(time.time() + config.alerts.users_end_delay + 2)    # told once only
+    told = [e.extra["alert"] for e, _ in queued(store) if e.rcpt == "alice@home.example.net"]
+    admins = [e.extra["alert"] for e, _ in queued(store) if e.rcpt == "ops@admins.example.net"]
+    assert told == [OUTAGE_START, OUTAGE_END]
+    assert admins == [OUTAGE_START, OUTAGE_END] * 3
 
 
 def test_notify_users_false_switches_the_user_notices_off_for_that_domain_only(tmp_path):
