@@ -119,7 +119,9 @@ def cmd_users_set(args: argparse.Namespace) -> int:
     """Change a user's settings: today the alternate address outage notices go to."""
     if args.alternate is None:
         raise UsageError("users set: say what to change (--alternate ADDRESS, or '' to clear it)")
-    user = Directory(_config(args)).set_alternate(args.email, args.alternate)
+    config = _config(args)
+    user = Directory(config).set_alternate(args.email, args.alternate)
+    _audited(config, "set_alternate", user=user.email, alternate=user.alternate or "-")
     print(f"{user.email}: alternate " + (user.alternate or "cleared"))
     return 0
 

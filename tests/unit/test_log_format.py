@@ -97,6 +97,7 @@ ACTIONS = [  # (command line, password on stdin, the action it logs)
     (["users", "passwd", "alice@example.com", "--password-stdin"], True, "set_password"),
     (["users", "deactivate", "alice@example.com"], False, "deactivate"),
     (["users", "activate", "alice@example.com"], False, "activate"),
+    (["users", "set", "alice@example.com", "--alternate", "alice@home.example.net"], False, "set_alternate"),
     (["admins", "add", "root@example.net", "--password-stdin"], True, "add_admin"),
     (["admins", "passwd", "root@example.net", "--password-stdin"], True, "set_admin_password"),
 ]
