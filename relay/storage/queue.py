@@ -11,7 +11,8 @@ One queue is one directory (for example `<spool>/replay/<domain>/`):
     hold/<id>      set aside after crashing the runner `MAX_CRASHES` times; never retried alone
 
 The retry and hold policy is written here once (`retry_delay`, `MAX_CRASHES`) and applied by the
-moves a runner makes (`crashed`, `defer`, `requeue`, `fail`, `set_aside`) and by `recover()`.
+moves a runner makes (`crashed`, `defer`, `requeue`, `unclaim`, `fail`, `set_aside`) and by
+`recover()`.
 A deferred entry waits in waiting/ with `extra["next_try"]`; `pending()` remembers each
 envelope it read by the file's identity (inode, mtime), so a sweep rereads only the envelopes
 that changed since the last one: a rewrite (a runner's or the administrator's) is a new file.
@@ -285,6 +286,11 @@ class Queue:
         """A temporary failure of the destination: back to waiting with its place in line (the
         runner paces the next try of the destination, not of the entry)."""
         self.move(entry, "active", "waiting", replace(envelope, attempts=envelope.attempts + 1, note=note))
+
+    def unclaim(self, entry: str) -> None:
+        """Claimed but not tried after all (the runner held it back): active -> waiting as it
+        was, with its place in line; no attempt counted."""
+        self.move(entry, "active", "waiting")
 
     def fail(self, entry: str, envelope: Envelope, note: str) -> None:
         """Refused for good: active -> failed, kept for the administrator."""
