@@ -24,6 +24,10 @@ CPU use during the drain (100% = all cores busy) and memory (the relay's peak RS
 the sum of its processes' PSS at the end). `ratio relay/postfix` is the relay's msg/s over
 Postfix's from the same run: 1.00 means as fast as Postfix.
 
+`--users 1` is the one-busy-mailbox case: every message for the same recipient, so the relay's
+per-user order is what limits it. `--profile FILE` runs the relay's `replay` under `py-spy
+record` (installed in the venv) and `bench/profile_summary.py FILE` says where the time went.
+
 Usage: .venv/bin/python bench/replay.py [--messages 10000] [--users 100] [--size 4096]
        [--sessions 20] [--fill direct|smtp] [--serve] [--concurrency N]
        [--relay-only | --postfix-only] [--keep] [--profile FILE]
