@@ -24,9 +24,13 @@ CPU use during the drain (100% = all cores busy) and memory (the relay's peak RS
 the sum of its processes' PSS at the end). `ratio relay/postfix` is the relay's msg/s over
 Postfix's from the same run: 1.00 means as fast as Postfix.
 
+`--users 1` is the one-busy-mailbox case: every message for the same recipient, so the relay's
+per-user order is what limits it. `--profile FILE` runs the relay's `replay` under `py-spy
+record` (installed in the venv) and `bench/profile_summary.py FILE` says where the time went.
+
 Usage: .venv/bin/python bench/replay.py [--messages 10000] [--users 100] [--size 4096]
        [--sessions 20] [--fill direct|smtp] [--serve] [--concurrency N]
-       [--relay-only | --postfix-only] [--keep]
+       [--relay-only | --postfix-only] [--keep] [--profile FILE]
 Exit status 0 when every step succeeded and every count matched, 1 otherwise, 2 on bad usage.
 Needs root, the Debian postfix package and the project venv (run it with .venv/bin/python).
 """
@@ -75,6 +79,7 @@ from inbound import (
 )
 from inbound import relay as serve_relay
 
+PY_SPY = RELAY.parent / "py-spy"
 QUEUE_DIRS = ("msg", "tmp", "waiting", "active", "failed", "hold")
 SEQ_HEADER = re.compile(rb"^X-Bench-Seq: (\d+)$", re.MULTILINE)
 RCPT_ARGS = re.compile(rb"^X-Rcpt-Args: <([^>]*)>", re.MULTILINE)
@@ -407,12 +412,17 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
                 raise BenchError(f"continuity-relay replay: no exit after {timeout:.0f}s") from None
 
 
-def drain_replay(load: Load, config: Path, log: Path) -> tuple[float, str]:
-    """`continuity-relay replay`, timed from start to exit; it must exit 0."""
+def drain_replay(load: Load, config: Path, log: Path, profile: Path | None = None) -> tuple[float, str]:
+    """`continuity-relay replay`, timed from start to exit; it must exit 0. With `profile`, it
+    runs under `py-spy record` (collapsed stacks, every thread, idle included, into that file);
+    the peak RSS is then py-spy's own."""
+    command = [str(RELAY), "replay", "-c", str(config)]
+    if profile is not None:
+        command = [str(PY_SPY), "record", "--format", "raw", "--idle", "--threads", "--rate", "200",
+                   "-o", str(profile), "--", *command]
     with log.open("wb") as out:
         start = time.monotonic()
-        proc = subprocess.Popen([str(RELAY), "replay", "-c", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         status, rss = wait_exit(proc, load.timeout)
         seconds = time.monotonic() - start
     if status != 0:
@@ -448,7 +458,8 @@ def relay_log_summary(log: Path) -> str:
     return " ".join(f"{name}={count}" for name, count in ordered) + (f"; {others[-1]}" if others else "")
 
 
-def bench_relay(load: Load, root: Path, fill: str, serve: bool, concurrency: int | None) -> Result:
+def bench_relay(load: Load, root: Path, fill: str, serve: bool, concurrency: int | None,
+                profile: Path | None = None) -> Result:
     root.mkdir(parents=True)
     inbound = free_port()
     config = write_relay_config(root, inbound, free_port(), concurrency)
@@ -468,7 +479,7 @@ def bench_relay(load: Load, root: Path, fill: str, serve: bool, concurrency: int
         if serve:
             seconds, memory = drain_serve(load, config, log, root)
         else:
-            seconds, memory = drain_replay(load, config, log)
+            seconds, memory = drain_replay(load, config, log, profile)
         percent = cpu.percent()
         print(f"relay log: {relay_log_summary(log)}")
         expect(queue_state(root), dict.fromkeys(QUEUE_DIRS, 0), "replay queue files left (per dir)")
@@ -496,7 +507,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     only.add_argument("--relay-only", action="store_true")
     only.add_argument("--postfix-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="run the relay's `replay` under py-spy, collapsed stacks into FILE")
     args = parser.parse_args(argv)
+    if args.profile is not None and (args.serve or args.postfix_only):
+        parser.error("--profile profiles the `replay` command: not with --serve or --postfix-only")
     if min(args.messages, args.users, args.size, args.sessions, args.concurrency or 1) < 1:
         parser.error("--messages, --users, --size, --sessions and --concurrency must be at least 1")
     return args
@@ -512,6 +527,8 @@ def preflight(args: argparse.Namespace) -> None:
         return
     if not RELAY.exists():
         raise BenchError(f"{RELAY} not found: run with the project venv's python")
+    if args.profile is not None and not PY_SPY.exists():
+        raise BenchError(f"{PY_SPY} not found: .venv/bin/pip install py-spy")
     if not args.serve:
         help_run = subprocess.run([str(RELAY), "replay", "--help"], capture_output=True, text=True,
                                   timeout=60)
@@ -532,7 +549,8 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
         results["postfix"] = bench_postfix(load, tmp / "postfix")
         print(results["postfix"].line(), flush=True)
     if not args.postfix_only:
-        results["relay"] = bench_relay(load, tmp / "relay", args.fill, args.serve, args.concurrency)
+        results["relay"] = bench_relay(load, tmp / "relay", args.fill, args.serve, args.concurrency,
+                                       args.profile and args.profile.resolve())
         print(results["relay"].line(), flush=True)
     return results
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,9 @@ from relay.config import HostPort
 # The stages of a conversation, as `Reply.stage` names them.
 CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"
 _SERVER_STAGES = (CONNECT, EHLO, MAIL)
+
+BeforeData = Callable[[], Awaitable["Reply | None"]]
+"""Awaited between the accepted RCPTs and DATA: None to send the message, or the Reply instead."""
 
 NEEDS_SMTPUTF8 = "5.6.7 The address needs SMTPUTF8, which {host} does not offer"
 NO_TLS_FOR_AUTH = "4.7.0 {host} offered no TLS: credentials are never sent in clear"
@@ -255,10 +258,15 @@ class Upstream:
         return (await self.send_many(sender, [(rcpt, tuple(rcpt_options))], mail_options, data))[0]
 
     async def send_many(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
-                        mail_options: list[str], data: bytes) -> list[Reply]:
+                        mail_options: list[str], data: bytes,
+                        before_data: BeforeData | None = None) -> list[Reply]:
         """One transaction for several recipients (each with its RCPT options), as Postfix
         sends one copy a destination: each recipient's reply, its RCPT's when refused, else
-        DATA's. MAIL refused, or the connection lost, answers the rest the same way."""
+        DATA's. MAIL refused, or the connection lost, answers the rest the same way.
+
+        `before_data`, when given, is awaited once a recipient was accepted, before DATA (the
+        replay runner holds a message there until the one before it in line was answered): a
+        Reply it returns answers the accepted recipients instead, and no DATA is sent."""
         reply = await self.begin(sender, mail_options, size=len(data), rcpts=[r for r, _ in rcpts])
         if not reply.ok:
             return [reply] * len(rcpts)
@@ -270,6 +278,9 @@ class Upstream:
                 return replies + [reply] * (len(rcpts) - len(replies))
         if not any(r.ok for r in replies):
             return replies          # the transaction stays open: the next `begin` says RSET
+        held = await before_data() if before_data is not None else None
+        if held is not None:        # likewise
+            return [held if r.ok else r for r in replies]
         final = await self.data(data)
         return [final if r.ok else r for r in replies]
 

@@ -12,6 +12,15 @@ failed reply means for the entry (`judge()`):
     Verdict.STOP        temporary, for the destination: back to waiting with its place in line,
                         and the sweep stops (the runner paces the destination)
     Verdict.REFUSED     for good: the sender is told (`tell`), then the entry goes to failed/
+    Verdict.UNTRIED     not tried after all (a `Gate` held it back before DATA): back to
+                        waiting as it was, with its place in line, no attempt counted
+
+A `Gate` lets a runner order entries that go over different connections (the replay runner's
+per-mailbox order): the base awaits `gate.wait()` between the accepted RCPT and DATA, and calls
+`gate.decided(verdict)` as soon as the entry's verdict is known, before its files are moved, so
+the next entry's DATA need not wait for this one's disk work. A 4xx before DATA (to MAIL or
+RCPT) also waits for the gate: when the entry before it did not go on, it was not this entry's
+turn, and it is UNTRIED rather than counted as a try.
 
 The base also owns what no subclass should write again: an entry that cannot be read goes to
 hold/, one whose handling raised is counted and goes to hold/ after `MAX_CRASHES`
@@ -24,10 +33,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import enum
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay import metrics
 from relay.delivery.client import Reply, Upstream
@@ -51,6 +62,24 @@ class Verdict(enum.Enum):
     RETRY = "retry"
     STOP = "stop"
     REFUSED = "refused"
+    UNTRIED = "untried"
+
+
+class Gate(Protocol):
+    """Orders one entry after another one (see the module docstring)."""
+
+    async def wait(self) -> Reply | None:
+        """After the RCPT was accepted, before DATA: None to send, or the Reply to settle
+        with instead (`judge` then says UNTRIED)."""
+
+    def decided(self, verdict: Verdict | None) -> None:
+        """The entry's verdict, None when it was not sent (another worker had it, set aside,
+        crashed). Called at least once per attempt; the first call counts."""
+
+
+# The gate of the attempt running in this task, for `deliver`: a context variable rather than a
+# parameter keeps `deliver(envelope, data, upstream)` the one hook a subclass (or a test) wraps.
+_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("queue_runner_gate", default=None)
 
 
 @dataclass(frozen=True)
@@ -100,9 +129,11 @@ class QueueRunner(abc.ABC):
         """What a reply other than 250 means: RETRY, STOP or REFUSED."""
 
     async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
-        reply = await upstream.send(envelope.mail_from, envelope.rcpt, list(envelope.mail_options), data,
-                                    envelope.rcpt_options)
-        return self._verdict(envelope, reply), reply
+        gate = _GATE.get()
+        replies = await upstream.send_many(envelope.mail_from, [(envelope.rcpt, envelope.rcpt_options)],
+                                           list(envelope.mail_options), data,
+                                           gate.wait if gate is not None else None)
+        return self._verdict(envelope, replies[0]), replies[0]
 
     async def deliver_many(self, envelopes: list[Envelope], data: bytes,
                            upstream: Upstream) -> list[tuple[Verdict, Reply]]:
@@ -125,22 +156,37 @@ class QueueRunner(abc.ABC):
         """Fields that name the queue in each log line (the replay runner adds the domain)."""
         return {}
 
-    async def attempt(self, queue: Queue, entry: str, upstream: Upstream) -> Outcome | None:
-        """Claim, read, deliver and settle one entry; None when another worker had it."""
-        return (await self.attempt_many(queue, [entry], upstream))[entry]
+    async def attempt(self, queue: Queue, entry: str, upstream: Upstream,
+                      gate: Gate | None = None) -> Outcome | None:
+        """Claim, read, deliver and settle one entry; None when another worker had it.
+        With a `gate`, its DATA waits for `gate.wait()` (see the module docstring)."""
+        token = _GATE.set(gate)
+        try:
+            outcome = (await self._attempt(queue, [entry], upstream, gate))[entry]
+        finally:
+            _GATE.reset(token)
+        if gate is not None:
+            gate.decided(None)          # not sent at all (a no-op when it was decided)
+        return outcome
 
     async def attempt_many(self, queue: Queue, entries: list[str],
                            upstream: Upstream) -> dict[str, Outcome | None]:
-        """`attempt` for several entries, those of one message (the same bytes, sender and
-        MAIL options: `Submitter` queues one entry per recipient) in one transaction each."""
+        """`attempt` for several entries, those of one message (the same message file, sender
+        and MAIL options: `Submitter` queues one entry per recipient) in one transaction each.
+        A message's entries are claimed only when it is its turn, so a crash leaves one
+        message's entries in active/, as the one-at-a-time runner did."""
+        outcomes: dict[str, Outcome | None] = {}
+        for members in await asyncio.to_thread(_by_message, queue, entries):
+            outcomes |= await self._attempt(queue, members, upstream, None)
+        return outcomes
+
+    async def _attempt(self, queue: Queue, entries: list[str], upstream: Upstream,
+                       gate: Gate | None) -> dict[str, Outcome | None]:
         outcomes: dict[str, Outcome | None] = {}
         groups: dict[tuple[str, tuple[str, ...], bytes], list[tuple[str, Envelope]]] = {}
         for entry in entries:
-            if not await asyncio.to_thread(queue.claim, entry):
-                outcomes[entry] = None
-                continue
-            try:
-                envelope, data = await asyncio.to_thread(queue.read, entry, "active")
+            try:   # claim and read in one trip to a thread: on a busy machine each trip costs
+                got = await asyncio.to_thread(_claim_and_read, queue, entry)
             except CorruptEntryError as exc:
                 await asyncio.to_thread(queue.set_aside, entry)
                 event(f"{self.name}.held", logging.ERROR, **self.fields(queue), id=entry, error=exc)
@@ -148,13 +194,17 @@ class QueueRunner(abc.ABC):
                 self._troubled(queue, entry, "hold", None, "unreadable")
                 outcomes[entry] = Outcome(None, moved_to="hold")
                 continue
+            if got is None:
+                outcomes[entry] = None
+                continue
+            envelope, data = got
             groups.setdefault((envelope.mail_from, envelope.mail_options, data), []).append((entry, envelope))
         for (_, _, data), members in groups.items():
-            outcomes |= await self._send_group(queue, members, data, upstream)
+            outcomes |= await self._send_group(queue, members, data, upstream, gate)
         return outcomes
 
     async def _send_group(self, queue: Queue, members: list[tuple[str, Envelope]], data: bytes,
-                          upstream: Upstream) -> dict[str, Outcome | None]:
+                          upstream: Upstream, gate: Gate | None) -> dict[str, Outcome | None]:
         outcomes: dict[str, Outcome | None] = {}
         try:
             results = await self.deliver_many([e for _, e in members], data, upstream)
@@ -162,6 +212,11 @@ class QueueRunner(abc.ABC):
             for entry, envelope in members:
                 outcomes[entry] = await self._crashed(queue, entry, envelope, exc)
             return outcomes
+        if gate is not None:        # one entry: the next in line may go on while this one settles
+            verdict, reply = results[0]
+            if verdict in (Verdict.RETRY, Verdict.STOP) and await gate.wait() is not None:
+                results = [(Verdict.UNTRIED, reply)]   # refused before DATA, and not its turn yet
+            gate.decided(results[0][0])
         for (entry, envelope), (verdict, reply) in zip(members, results, strict=True):
             try:
                 outcomes[entry] = await asyncio.to_thread(self._settle, queue, entry, envelope, data,
@@ -197,6 +252,9 @@ class QueueRunner(abc.ABC):
             metrics.settled(self.name, "failed", where)
             self._troubled(queue, entry, "failed", envelope, note)
             return Outcome(verdict, reply, envelope, told=told)
+        if verdict is Verdict.UNTRIED:    # nothing happened to it: no log line, no count
+            queue.unclaim(entry)
+            return Outcome(verdict, reply, envelope)
         if verdict is Verdict.STOP:       # the runner logs the destination's trouble, once
             queue.requeue(entry, envelope, note)
             metrics.settled(self.name, "stopped", where)
@@ -225,3 +283,20 @@ class QueueRunner(abc.ABC):
                               envid=dsn_field(envelope.mail_options, "ENVID"),
                               orcpt=dsn_field(envelope.rcpt_options, "ORCPT")), whom)
         return True
+
+
+def _by_message(queue: Queue, entries: list[str]) -> list[list[str]]:
+    """Blocking: `entries` in groups of one message each, in the order their first came."""
+    groups: dict[object, list[str]] = {}
+    for entry in entries:
+        key = queue.same_message(entry)
+        groups.setdefault(key if key is not None else entry, []).append(entry)
+    return list(groups.values())
+
+
+def _claim_and_read(queue: Queue, entry: str) -> tuple[Envelope, bytes] | None:
+    """Blocking: claim the entry and read it; None when another worker had it. A
+    CorruptEntryError leaves it claimed, for the caller to set aside."""
+    if not queue.claim(entry):
+        return None
+    return queue.read(entry, "active")

@@ -21,6 +21,16 @@ Either way the entry goes back to waiting with its place in line. A 5xx sends a 
 notification to the sender (none for `<>`, nor when its RCPT said NOTIFY without FAILURE) and
 moves the entry to failed/. Claiming, the moves, crash counting and the DSN are the queue runner
 base's (runners/queue_runner.py); this module says what a reply means and keeps the order.
+
+The order: each user's entries are a `Lane`. A worker takes a lane nobody works on; when there
+is none left (fewer users than workers: one busy mailbox), it joins the lane with the most
+entries left, once that lane's first message was taken, so one mailbox drains over several
+connections at once. Then an `OrderGate`
+holds each message after its RCPT, before DATA, until the one before it in the lane was
+answered: the primary still takes a user's mail oldest first, while the claim, the read,
+MAIL and RCPT of the next messages and the settling of the last one overlap. When a message
+of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held behind it
+are not sent (Verdict.UNTRIED: back to waiting as they were).
 """
 
 from __future__ import annotations
@@ -38,6 +48,64 @@ from relay.delivery.health import NORMAL, OUTAGE, REPLAYING, Health, State
 from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.storage.queue import Envelope, Queue, due_by_user
+
+HELD_BACK = "order"       # the stage of the Reply an OrderGate answers instead of DATA
+
+
+class OrderGate:
+    """One entry's place in its lane: its DATA waits for the entry before it (`before`), and
+    its own verdict, once `decided`, tells the entry after it whether it may go (`mine`):
+    yes after a 250, a 5xx or no try at all (set aside, crashed, another worker's), no when
+    it or anything before it was told to wait, stopped the sweep or was held back."""
+
+    GO_ON = (Verdict.DELIVERED, Verdict.REFUSED, None)
+
+    def __init__(self, before: asyncio.Future[bool] | None) -> None:
+        self.before = before
+        self.mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> Reply | None:
+        if self.before is None or await asyncio.shield(self.before):
+            return None
+        return Reply(451, "4.4.0 held back: an older message for this mailbox must wait first",
+                     stage=HELD_BACK)
+
+    def decided(self, verdict: Verdict | None) -> None:
+        if self.mine.done():
+            return
+        go_on = verdict in self.GO_ON
+        if self.before is None or not go_on:
+            self.mine.set_result(go_on)
+        elif self.before.done():
+            self.mine.set_result(self.before.result())
+        else:   # decided early (a 5xx to RCPT): the next still waits for the one before
+            self.before.add_done_callback(self._follow)
+
+    def _follow(self, before: asyncio.Future[bool]) -> None:
+        if not self.mine.done():
+            self.mine.set_result(before.result())
+
+
+@dataclass
+class Lane:
+    """One user's due entries in a sweep, oldest first, and how many workers are on them."""
+
+    entries: deque[str]
+    workers: int = 0
+    closed: bool = False        # told to wait, or held back: no more entries from it
+    last: asyncio.Future[bool] | None = None    # the gate of the entry taken last
+    first: asyncio.Future[bool] | None = None   # ... and of the first: did the mailbox take it
+
+    def take(self) -> tuple[str, OrderGate]:
+        gate = OrderGate(self.last)
+        self.last = gate.mine
+        if self.first is None:
+            self.first = gate.mine
+        return self.entries.popleft(), gate
+
+    @property
+    def open(self) -> bool:
+        return bool(self.entries) and not self.closed
 
 
 @dataclass
@@ -181,7 +249,8 @@ class ReplayRunner(QueueRunner):
             if not users:
                 break
             result.total += sum(len(ids) for ids in users.values())
-            await self._sweep_once(domain, queue, deque(users.values()), result, progress)
+            await self._sweep_once(domain, queue, deque(Lane(deque(ids)) for ids in users.values()),
+                                   result, progress)
         tally = self._tallies.setdefault(domain.name, Sweep())
         tally.delivered += result.delivered
         tally.failed += result.failed
@@ -192,34 +261,67 @@ class ReplayRunner(QueueRunner):
                   seconds=round(time.monotonic() - started, 1), stopped_by=result.fault or "-")
         return result
 
-    async def _sweep_once(self, domain: Domain, queue: Queue, users: deque[list[str]], result: Sweep,
+    async def _sweep_once(self, domain: Domain, queue: Queue, lanes: deque[Lane], result: Sweep,
                           progress: Callable[[int], None] | None) -> None:
         limit = RateLimit(self.settings.rate)
-        workers = min(self.settings.concurrency, len(users))
-        await asyncio.gather(*(self._worker(domain, queue, users, result, limit, progress)
+        workers = min(self.settings.concurrency, sum(len(lane.entries) for lane in lanes))
+        busy: list[Lane] = []       # the lanes workers are on: at most `workers`
+        await asyncio.gather(*(self._worker(domain, queue, lanes, busy, result, limit, progress)
                                for _ in range(workers)))
 
-    async def _worker(self, domain: Domain, queue: Queue, users: deque[list[str]], result: Sweep,
-                      limit: RateLimit, progress: Callable[[int], None] | None) -> None:
+    @staticmethod
+    async def _next_lane(lanes: deque[Lane], busy: list[Lane]) -> Lane | None:
+        """A lane nobody works on, else the busy lane with the most entries left, once its first
+        message went (a mailbox, or a primary, that refuses the first is not tried in parallel)."""
+        while lanes:
+            lane = lanes.popleft()
+            if lane.open:
+                busy.append(lane)
+                return lane
+        while True:
+            joinable = [lane for lane in busy if lane.open and lane.first is not None
+                        and not (lane.first.done() and not lane.first.result())]
+            if not joinable:
+                return None
+            undecided = [lane.first for lane in joinable if not lane.first.done()]
+            if len(undecided) < len(joinable):
+                return max((lane for lane in joinable if lane.first.done()),
+                           key=lambda lane: len(lane.entries))
+            await asyncio.wait(undecided, return_when=asyncio.FIRST_COMPLETED)  # never cancels them
+
+    async def _worker(self, domain: Domain, queue: Queue, lanes: deque[Lane], busy: list[Lane],
+                      result: Sweep, limit: RateLimit, progress: Callable[[int], None] | None) -> None:
         upstream = Upstream(domain.primary, self.hostname)
         try:
-            while users and result.fault is None:
-                for entry in users.popleft():
-                    if result.fault is not None:
-                        break
-                    await limit.wait()
-                    waits = await self._replay(domain, queue, upstream, entry, result)
-                    if progress is not None:
-                        progress(1)
-                    if waits:      # the rest of this mailbox keeps its order behind it
-                        break
+            while result.fault is None and (lane := await self._next_lane(lanes, busy)) is not None:
+                lane.workers += 1
+                try:
+                    await self._drain_lane(domain, queue, upstream, lane, result, limit, progress)
+                finally:
+                    lane.workers -= 1
+                    if not lane.workers:
+                        busy.remove(lane)
         finally:
             await upstream.quit()
 
+    async def _drain_lane(self, domain: Domain, queue: Queue, upstream: Upstream, lane: Lane,
+                          result: Sweep, limit: RateLimit, progress: Callable[[int], None] | None) -> None:
+        while lane.open and result.fault is None:
+            entry, gate = lane.take()
+            try:
+                await limit.wait()
+                waits = await self._replay(domain, queue, upstream, entry, gate, result)
+            finally:
+                gate.decided(Verdict.STOP)      # cancelled before it was tried: nothing goes on
+            if progress is not None:
+                progress(1)
+            if waits:      # the rest of this mailbox keeps its order behind it
+                lane.closed = True
+
     async def _replay(self, domain: Domain, queue: Queue, upstream: Upstream, entry: str,
-                      result: Sweep) -> bool:
-        """Replay one entry; True when its mailbox was told to wait."""
-        outcome = await self.attempt(queue, entry, upstream)
+                      gate: OrderGate, result: Sweep) -> bool:
+        """Replay one entry; True when its mailbox was told to wait, or it was held back."""
+        outcome = await self.attempt(queue, entry, upstream, gate)
         if outcome is None:
             return False  # another sweeper (the `replay` command, or serve) has it
         if outcome.verdict is None:
@@ -233,6 +335,8 @@ class ReplayRunner(QueueRunner):
             result.failed += 1
         elif outcome.verdict is Verdict.STOP:
             result.fault = f"{outcome.reply.code} {outcome.reply.text}"
+        elif outcome.verdict is Verdict.UNTRIED:
+            return True
         else:
             result.deferred += 1
             result.waiting_users.add(outcome.envelope.rcpt)
@@ -241,7 +345,10 @@ class ReplayRunner(QueueRunner):
 
     def judge(self, envelope: Envelope, reply: Reply) -> Verdict:
         """5xx: refused; the primary in trouble (`Reply.server_trouble`): the sweep stops; a
-        4xx about one mailbox (RCPT, DATA): that mailbox waits."""
+        4xx about one mailbox (RCPT, DATA): that mailbox waits; held back by its OrderGate:
+        not tried."""
+        if reply.stage == HELD_BACK:
+            return Verdict.UNTRIED
         if reply.permanent:
             return Verdict.REFUSED
         return Verdict.STOP if reply.server_trouble else Verdict.RETRY

@@ -11,7 +11,8 @@ One queue is one directory (for example `<spool>/replay/<domain>/`):
     hold/<id>      set aside after crashing the runner `MAX_CRASHES` times; never retried alone
 
 The retry and hold policy is written here once (`retry_delay`, `MAX_CRASHES`) and applied by the
-moves a runner makes (`crashed`, `defer`, `requeue`, `fail`, `set_aside`) and by `recover()`.
+moves a runner makes (`crashed`, `defer`, `requeue`, `unclaim`, `fail`, `set_aside`) and by
+`recover()`.
 A deferred entry waits in waiting/ with `extra["next_try"]`; `pending()` remembers each
 envelope it read by the file's identity (inode, mtime), so a sweep rereads only the envelopes
 that changed since the last one: a rewrite (a runner's or the administrator's) is a new file.
@@ -198,6 +199,15 @@ class Queue:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
         return envelope, data[envelope.skip:]
 
+    def same_message(self, entry: str, state: str = "waiting") -> tuple[str, tuple[str, ...], int] | None:
+        """What entries of one message share (sender, MAIL options, the message file's inode:
+        `enqueue_many` hard-links one file), read without the bytes; None if unreadable."""
+        try:
+            envelope = self.envelope(entry, state)
+            return envelope.mail_from, envelope.mail_options, os.stat(self._dir("msg") / entry).st_ino
+        except (CorruptEntryError, OSError):
+            return None
+
     def envelope(self, entry: str, state: str = "waiting") -> Envelope:
         try:
             return Envelope.from_bytes(_read_plain(self._dir(state) / entry))
@@ -285,6 +295,11 @@ class Queue:
         """A temporary failure of the destination: back to waiting with its place in line (the
         runner paces the next try of the destination, not of the entry)."""
         self.move(entry, "active", "waiting", replace(envelope, attempts=envelope.attempts + 1, note=note))
+
+    def unclaim(self, entry: str) -> None:
+        """Claimed but not tried after all (the runner held it back): active -> waiting as it
+        was, with its place in line; no attempt counted."""
+        self.move(entry, "active", "waiting")
 
     def fail(self, entry: str, envelope: Envelope, note: str) -> None:
         """Refused for good: active -> failed, kept for the administrator."""

@@ -38,6 +38,7 @@ class Script:
     drop_at: str | None = None       # "RCPT" or "DATA": close the connection instead
     hang_at: str | None = None       # "RCPT" or "DATA": never answer
     data_for: Callable[[bytes], str] | None = None   # the DATA reply, decided per message
+    data_delay_for: Callable[[bytes], float] | None = None  # seconds before that reply, per message
 
 
 class ScriptedHandler:
@@ -75,6 +76,8 @@ class ScriptedHandler:
         early = await self._act(server, "DATA")
         if early:
             return early
+        if self.script.data_delay_for is not None:   # other connections go on meanwhile
+            await asyncio.sleep(self.script.data_delay_for(envelope.content))
         reply = self.script.data_for(envelope.content) if self.script.data_for else self.script.data
         if reply.startswith("250"):
             self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),

@@ -1,0 +1,110 @@
+"""Replay of one busy mailbox over several connections: the primary still takes the user's mail
+oldest first, and a failure in the middle settles each entry as its own reply says (issue 13)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.cli import main
+from tests.helpers import wait_for
+from tests.smtp.fakes import FakePrimary, Script, send
+from tests.smtp.test_replay import message, number, queue
+
+pytestmark = pytest.mark.timeout(120)
+
+THREE = "replay: {probe_interval: 1s, concurrency: 3}\n"
+COUNT = 24
+
+
+def slow_every_fourth(content: bytes) -> float:
+    """Without the order gate, the messages after a slow one would overtake it."""
+    return 0.05 if number(content) % 4 == 0 else 0.0
+
+
+@pytest.fixture
+def busy(make_relay):
+    """A relay whose primary answers 451, with COUNT messages kept for alice alone."""
+    fake = FakePrimary(Script(rcpt="451 4.3.0 down for maintenance")).start()
+    relay = make_relay(fake.port, users=("alice@example.com",), extra=THREE)
+    for n in range(COUNT):
+        assert send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))[1][0] == 250
+    wait_for(lambda: len(queue(relay)) == COUNT)   # a probe's trial sweep may hold one a moment
+    yield fake, relay
+    fake.stop()
+
+
+def envelopes(relay) -> dict[int, dict]:
+    """The waiting entries' envelopes, by message number."""
+    found = {}
+    for path in queue(relay):
+        data = (path.parent.parent / "msg" / path.name).read_bytes()
+        found[number(data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")] = json.loads(path.read_bytes())
+    return found
+
+
+def delivered(fake) -> list[int]:
+    return [number(got.content) for got in fake.received]
+
+
+def replay_command(relay) -> int:
+    return main(["replay", "-c", str(relay.config.file)])
+
+
+def test_one_busy_mailbox_drains_over_several_connections_oldest_first(busy):
+    fake, relay = busy
+    fake.handler.sessions.clear()
+    fake.script.data_delay_for = slow_every_fourth
+    fake.script.rcpt = "250 2.1.5 Ok"
+    wait_for(lambda: len(fake.received) == COUNT and not queue(relay) and not queue(relay, "active"))
+    assert delivered(fake) == list(range(COUNT))       # the primary's 250s came oldest first
+    assert 2 <= len(fake.handler.sessions) <= 3        # several workers on the one mailbox
+
+
+def test_mailbox_told_to_wait_mid_pipeline_leaves_the_rest_untried(busy):
+    fake, relay = busy
+    relay.stop()
+    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.data_delay_for = lambda content: 0.2 if number(content) == 10 else 0.0
+    fake.script.data_for = lambda content: "452 4.2.2 over quota" if number(content) == 10 else "250 Ok"
+    assert replay_command(relay) == 1                  # something still waits
+    assert delivered(fake) == list(range(10))
+    assert not queue(relay, "active") and not queue(relay, "failed")
+    left = envelopes(relay)
+    assert sorted(left) == list(range(10, COUNT))
+    assert left[10]["attempts"] == 1 and left[10]["note"] == "452 4.2.2 over quota"
+    assert left[10]["extra"]["next_try"] > 0
+    for n in range(11, COUNT):                         # held back before DATA: as they were
+        assert left[n]["attempts"] == 0 and left[n]["note"] == "" and "next_try" not in left[n]["extra"]
+    fake.script.data_for = None
+    assert replay_command(relay) == 0                  # `replay` tries the waiting mailbox too
+    assert delivered(fake) == list(range(COUNT))       # each once, still oldest first
+
+
+def test_primary_in_trouble_mid_pipeline_stops_the_sweep_and_keeps_the_places(busy):
+    fake, relay = busy
+    relay.stop()
+    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.data_delay_for = lambda content: 0.2 if number(content) == 5 else 0.0
+    fake.script.data_for = lambda content: "421 4.3.0 shutting down" if number(content) == 5 else "250 Ok"
+    assert replay_command(relay) == 1
+    assert delivered(fake) == list(range(5))
+    left = envelopes(relay)
+    assert sorted(left) == list(range(5, COUNT)) and not queue(relay, "active")
+    assert left[5]["attempts"] == 1 and "next_try" not in left[5]["extra"]   # its place kept
+    assert all(left[n]["attempts"] == 0 for n in range(6, COUNT))
+    fake.script.data_for = None
+    assert replay_command(relay) == 0
+    assert delivered(fake) == list(range(COUNT))
+
+
+def test_refusal_mid_pipeline_fails_that_one_and_the_rest_go_on_in_order(busy):
+    fake, relay = busy
+    relay.stop()
+    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.data_delay_for = lambda content: 0.2 if number(content) == 6 else 0.0
+    fake.script.data_for = lambda content: "550 5.7.1 not wanted" if number(content) == 7 else "250 Ok"
+    assert replay_command(relay) == 0
+    assert delivered(fake) == [n for n in range(COUNT) if n != 7]
+    assert len(queue(relay, "failed")) == 1 and not queue(relay) and not queue(relay, "active")
