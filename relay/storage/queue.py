@@ -76,14 +76,16 @@ class Envelope:
         return cls(**raw)
 
 
-def _read_plain(path: Path) -> bytes:
-    """A queue file's bytes: the spool belongs to the mail user, so a symlink, FIFO or device
-    planted there is refused (OSError), never followed or waited on."""
+def _read_plain(path: Path, skip: int = 0) -> bytes:
+    """A queue file's bytes after the first `skip` (read past, so a big message is never in
+    memory twice): the spool belongs to the mail user, so a symlink, FIFO or device planted
+    there is refused (OSError), never followed or waited on."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(os.dup(fd), "rb") as file:
+            file.seek(skip)
             return file.read()
     finally:
         os.close(fd)
@@ -193,10 +195,10 @@ class Queue:
         """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
         try:
             envelope = Envelope.from_bytes(_read_plain(self._dir(state) / entry))
-            data = _read_plain(self._dir("msg") / entry)
+            data = _read_plain(self._dir("msg") / entry, envelope.skip)
         except (OSError, ValueError, TypeError) as exc:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
-        return envelope, data[envelope.skip:]
+        return envelope, data
 
     def envelope(self, entry: str, state: str = "waiting") -> Envelope:
         try:
