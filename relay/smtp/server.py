@@ -32,14 +32,16 @@ import email.utils
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.smtp import replies
 from relay.storage.incoming import CHUNK, Incoming, MessageFile, write_all
 
+_T = TypeVar("_T")
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 
 MAIL_DSN = ("RET", "ENVID")
@@ -293,11 +295,11 @@ class RelaySMTP(SMTP):
             pending += whole[1:] if whole.startswith(b".") else whole
             if len(pending) >= CHUNK:
                 chunk, pending = pending, bytearray()
-                await asyncio.to_thread(write_all, fd, chunk)
+                await self._not_idle(asyncio.to_thread(write_all, fd, chunk))
         if not ended:                            # the connection is gone: nothing to hand over
             return "421 4.4.2 Connection lost during DATA", 0, nul
         if refusal is None and pending:
-            await asyncio.to_thread(write_all, fd, pending)
+            await self._not_idle(asyncio.to_thread(write_all, fd, pending))
         return refusal, (await asyncio.to_thread(os.fstat, fd)).st_size, nul
 
     async def _hand_over(self, message: MessageFile, nul: bool) -> None:
@@ -312,6 +314,11 @@ class RelaySMTP(SMTP):
         status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else None
         self._set_post_data_state()
         await self.push("250 OK" if status is None else status)
+
+
+    async def _not_idle(self, work: Awaitable[_T]) -> _T:
+        """Our own work in a session; LimitedConnections (smtp/limits.py) stops its idle timer."""
+        return await work
 
 
 def _default_incoming() -> Incoming:
