@@ -53,8 +53,9 @@ outbound connections, the Outbox watch."""
 ACCEPT_BURST = 100
 """asyncio accepts up to its listen backlog (100) in one go before `connection_made` can
 refuse any of them: per listener, that many descriptors beyond its total, for a moment."""
-DESCRIPTORS_PER_SESSION = 2
-"""The client's socket, and (inbound) the session's connection to a primary."""
+DESCRIPTORS_PER_SESSION = 3
+"""The client's socket, (inbound) the session's connection to a primary, and during DATA its
+file in the incoming spool (storage/incoming.py)."""
 
 UNKNOWN = "unknown"
 _T = TypeVar("_T")
