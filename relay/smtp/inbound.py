@@ -299,7 +299,8 @@ class InboundHandler:
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope, spooled))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        task.add_done_callback(lambda _: self.spawn(asyncio.to_thread(spooled.release)))
+        if spooled.path is not None:
+            task.add_done_callback(lambda _: self.spawn(asyncio.to_thread(spooled.release)))
         return await asyncio.shield(task)
 
     async def _finish(self, session: RelaySession, tx: Transaction, spooled: MessageFile) -> str:

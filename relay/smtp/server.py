@@ -14,7 +14,8 @@
     - `received_header()` writes our Received line, naming the protocol as RFC 3848 and
       RFC 6531 do (ESMTPSA, UTF8SMTPS...).
     - DATA streams into a file of the incoming spool (storage/incoming.py) as it arrives,
-      instead of aiosmtpd's list of lines: `envelope.spooled` is the message (a MessageFile)
+      instead of aiosmtpd's list of lines (a message of at most 256 KiB stays in memory and
+      never makes a file): `envelope.spooled` is the message (a MessageFile)
       while the DATA hook runs. A handler that says `takes_spooled = True` reads it from there;
       any other gets `envelope.content` as bytes, as aiosmtpd gives it. The reading is
       aiosmtpd 1.4.6's own, line for line, so its defences against SMTP smuggling
@@ -233,32 +234,28 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        fd, path = await asyncio.to_thread(self.incoming.create)
+        spool = _Spool(self.incoming)
         message: MessageFile | None = None
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            refusal, size, nul = await self._receive(fd)
-            await asyncio.to_thread(os.close, fd)
-            fd = -1
+            refusal, nul = await self._receive(spool)
             if refusal is not None:
-                await asyncio.to_thread(path.unlink, missing_ok=True)
+                await spool.discard()
                 if self.transport is not None:
                     await self.push(refusal)
                 self._set_post_data_state()
                 return
-            message = MessageFile(path, size)
+            message = await spool.finish()
             await self._hand_over(message, nul)
         finally:
-            if fd != -1:
-                os.close(fd)
             if message is None:
-                await asyncio.shield(asyncio.to_thread(path.unlink, missing_ok=True))
-            else:
+                await asyncio.shield(spool.discard())
+            elif message.path is not None:
                 await asyncio.shield(asyncio.to_thread(message.release))
 
-    async def _receive(self, fd: int) -> tuple[str | None, int, bool]:
-        """Read DATA up to the lone dot into `fd`: (the refusal, or None; size; NUL seen).
-        aiosmtpd's loop, line for line, writing in chunks of `CHUNK` from a worker thread."""
+    async def _receive(self, spool: _Spool) -> tuple[str | None, bool]:
+        """Read DATA up to the lone dot into `spool`: (the refusal, or None; NUL seen).
+        aiosmtpd's loop, line for line, written in chunks of `CHUNK` from a worker thread."""
         size, nul, refusal, ended = 0, False, None, False
         limit = self.data_size_limit
         pending = bytearray()
@@ -295,12 +292,12 @@ class RelaySMTP(SMTP):
             pending += whole[1:] if whole.startswith(b".") else whole
             if len(pending) >= CHUNK:
                 chunk, pending = pending, bytearray()
-                await self._not_idle(asyncio.to_thread(write_all, fd, chunk))
+                await self._not_idle(spool.write(chunk))
         if not ended:                            # the connection is gone: nothing to hand over
-            return "421 4.4.2 Connection lost during DATA", 0, nul
-        if refusal is None and pending:
-            await self._not_idle(asyncio.to_thread(write_all, fd, pending))
-        return refusal, (await asyncio.to_thread(os.fstat, fd)).st_size, nul
+            return "421 4.4.2 Connection lost during DATA", nul
+        if refusal is None:
+            spool.tail = bytes(pending)
+        return refusal, nul
 
     async def _hand_over(self, message: MessageFile, nul: bool) -> None:
         """The DATA hook, with the message in `envelope.spooled` (or read into `content`)."""
@@ -309,7 +306,7 @@ class RelaySMTP(SMTP):
         if isinstance(envelope, RelayEnvelope):
             envelope.spooled, envelope.has_nul = message, nul
         if not getattr(self.event_handler, "takes_spooled", False):
-            content = await asyncio.to_thread(message.read)
+            content = message.body if message.path is None else await asyncio.to_thread(message.read)
             envelope.content = envelope.original_content = content
         status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else None
         self._set_post_data_state()
@@ -319,6 +316,42 @@ class RelaySMTP(SMTP):
     async def _not_idle(self, work: Awaitable[_T]) -> _T:
         """Our own work in a session; LimitedConnections (smtp/limits.py) stops its idle timer."""
         return await work
+
+
+class _Spool:
+    """One DATA on its way into the incoming spool: in memory up to `CHUNK`, then a file."""
+
+    def __init__(self, incoming: Incoming) -> None:
+        self.incoming = incoming
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.size = 0
+        self.tail = b""           # what came after the last chunk written
+
+    async def write(self, chunk: bytearray) -> None:
+        if self.fd is None:
+            self.fd, self.path = await asyncio.to_thread(self.incoming.create)
+        await asyncio.to_thread(write_all, self.fd, chunk)
+        self.size += len(chunk)
+
+    async def finish(self) -> MessageFile:
+        """The message received: in memory when it never needed a file."""
+        if self.fd is None:
+            return MessageFile(None, len(self.tail), body=self.tail)
+        assert self.path is not None
+        if self.tail:
+            await asyncio.to_thread(write_all, self.fd, self.tail)
+        await asyncio.to_thread(os.close, self.fd)
+        self.fd = None
+        return MessageFile(self.path, self.size + len(self.tail))
+
+    async def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            await asyncio.to_thread(self.path.unlink, missing_ok=True)
+            self.path = None
 
 
 def _default_incoming() -> Incoming:

@@ -1,5 +1,8 @@
 """The incoming spool: a message while DATA arrives and while its session (and the archive)
-handle it, so no message is ever held whole in memory on the way in.
+handle it, so no big message is ever held whole in memory on the way in.
+
+DATA up to `CHUNK` bytes stays in memory (most mail: no file, no thread hop); the first byte
+past it opens the message's file here, and everything goes there as it arrives.
 
     <spool>/incoming/<pid>.<token>          DATA being received, then read by the session:
                                             pass-through, keep and the archive stream from it
@@ -13,8 +16,9 @@ start-up removes every one, before any listener opens. Files are created O_EXCL|
 mode 0600, by the process itself, and removed by whoever releases them last.
 
 A `MessageFile` is one message as bytes to send: a small `prefix` (our Received header, a
-spam mark, Maildir trace headers) held in memory, then the file from `offset` on. It is read in
-chunks (`chunks()`, blocking; `achunks()` from the loop, each read in a worker thread).
+spam mark, Maildir trace headers) held in memory, then the file from `offset` on (or, for a
+small message, its bytes in `body`). It is read in chunks (`chunks()`, blocking; `achunks()`
+from the loop, each read from a file in a worker thread).
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ class _Life:
 
 @dataclass(frozen=True)
 class MessageFile:
-    """`prefix`, then the bytes of `path` from `offset` on (`size` bytes in all)."""
+    """`prefix`, then the bytes of `path` from `offset` on, or `body` when there is no file
+    (`size` bytes in all)."""
 
-    path: Path
+    path: Path | None
     size: int
     prefix: bytes = b""
     offset: int = 0
+    body: bytes = b""
     life: _Life = field(default_factory=_Life, compare=False, repr=False)
 
     def __len__(self) -> int:
@@ -66,6 +72,11 @@ class MessageFile:
         """The bytes in pieces of at most `size`, prefix first. Blocking."""
         if self.prefix:
             yield self.prefix
+        if self.path is None:
+            view = memoryview(self.body)
+            for start in range(0, len(view), size):
+                yield bytes(view[start:start + size])
+            return
         with open(self.path, "rb", buffering=0) as file:
             file.seek(self.offset)
             left = self.size - len(self.prefix)
@@ -79,6 +90,10 @@ class MessageFile:
     async def achunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
         """`chunks()` from the event loop: each read in a worker thread."""
         pieces = self.chunks(size)
+        if self.path is None:                # in memory: no thread needed
+            for chunk in pieces:
+                yield chunk
+            return
         while (chunk := await asyncio.to_thread(next, pieces, None)) is not None:
             yield chunk
 
@@ -104,12 +119,14 @@ class MessageFile:
         with self.life.lock:
             self.life.holders -= 1
             last = self.life.holders == 0
-        if last:
+        if last and self.path is not None:
             self.path.unlink(missing_ok=True)
 
     def detached(self) -> MessageFile:
         """A copy with a file of its own (a hard link), for a reader that outlives the session
         (the archive writer); its holder releases it. Blocking."""
+        if self.path is None:
+            return replace(self, life=_Life())
         link = self.path.with_name(self.path.name + ".archive")
         os.link(self.path, link, follow_symlinks=False)
         return replace(self, path=link, life=_Life())

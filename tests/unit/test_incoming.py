@@ -75,3 +75,12 @@ def test_the_archive_copies_a_spooled_message_and_releases_its_file(tmp_path):
     (record,) = archive.records()
     assert archive.read(record) == b"Received: r\r\n" + data and archive.verify() == []
     assert record.size == len(data) + 13 and not message.path.exists()
+
+
+def test_a_small_message_lives_in_memory_and_reads_the_same(tmp_path):
+    message = MessageFile(None, 6, body=b"body\r\n").with_prefix(b"X: y\r\n")
+    assert message.read() == b"X: y\r\nbody\r\n" and message.head(3) == b"X: "
+    copy = message.detached()
+    message.release()
+    copy.release()          # no file: nothing to remove, nothing raised
+    assert list(tmp_path.iterdir()) == []
