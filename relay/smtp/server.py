@@ -22,14 +22,16 @@
       (CVE-2024-27305) hold: only CRLF "." CRLF ends the data (a bare LF or CR is content,
       never a line end), a leading dot is removed only after CRLF, a line over the limit gives
       500 and more than `data_size_limit` bytes 552, both after the data, with the file
-      already gone. The file is removed once the hook and whoever it handed the message to
-      (`MessageFile.hold`) are done.
+      already gone; so does a spool file that cannot be written (disk full: 451), so the rest
+      of the data is never read as commands. The file is removed once the hook and whoever
+      it handed the message to (`MessageFile.hold`) are done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import os
 import re
 import tempfile
@@ -39,6 +41,7 @@ from typing import TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay.log import event
 from relay.smtp import replies
 from relay.storage.incoming import CHUNK, Incoming, MessageFile, write_all
 
@@ -245,7 +248,13 @@ class RelaySMTP(SMTP):
                     await self.push(refusal)
                 self._set_post_data_state()
                 return
-            message = await spool.finish()
+            try:
+                message = await spool.finish()
+            except OSError as exc:
+                event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
+                await self.push(replies.LOCAL_ERROR)
+                self._set_post_data_state()
+                return
             await self._hand_over(message, nul)
         finally:
             if message is None:
@@ -292,7 +301,11 @@ class RelaySMTP(SMTP):
             pending += whole[1:] if whole.startswith(b".") else whole
             if len(pending) >= CHUNK:
                 chunk, pending = pending, bytearray()
-                await self._not_idle(spool.write(chunk))
+                try:
+                    await self._not_idle(spool.write(chunk))
+                except OSError as exc:  # our disk: 451 once the data is read, never mid-way
+                    event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
+                    refusal = replies.LOCAL_ERROR
         if not ended:                            # the connection is gone: nothing to hand over
             return "421 4.4.2 Connection lost during DATA", nul
         if refusal is None:
