@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from relay.log import event
 from relay.smtp import replies
@@ -321,9 +321,9 @@ class RelaySMTP(SMTP):
         if not getattr(self.event_handler, "takes_spooled", False):
             content = message.body if message.path is None else await asyncio.to_thread(message.read)
             envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else None
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
         self._set_post_data_state()
-        await self.push("250 OK" if status is None else status)
+        await self.push("250 OK" if status is MISSING or status is None else status)
 
 
     async def _not_idle(self, work: Awaitable[_T]) -> _T:
