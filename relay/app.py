@@ -47,6 +47,7 @@ from relay.storage.archive_index import ArchiveIndex
 from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.disk import DiskWatch
 from relay.storage.durable import Owner, make_dirs
+from relay.storage.incoming import Incoming, MessageFile, incoming_path
 from relay.storage.maildir import MaildirStore
 from relay.storage.state import domain_status, summary
 from relay.web import start_web
@@ -205,6 +206,8 @@ async def start(config: Config) -> Running:
         make_dirs(root, owner)
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
+    incoming = Incoming(incoming_path(config.storage.spool), owner)
+    await asyncio.to_thread(_clear_incoming, incoming)
     archiving = await asyncio.to_thread(_archive_writer, config, store)
     archive = archiving[0] if archiving else None
     directory = Directory(config)
@@ -241,16 +244,24 @@ async def start(config: Config) -> Running:
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
                                                           else [])])
     inbound = await _listen("inbound", inbound_smtp.make_server_factory(
-        handler, config.hostname, tls, config.message_size_limit, limits["inbound"]),
+        handler, config.hostname, tls, config.message_size_limit, limits["inbound"], incoming),
         config.listen.inbound)
     web = await _web(config, directory, store, submit, throttle, tls, archiving)
-    submission = await _submission(config, sending, tls, limits.get("submission"))
+    submission = await _submission(config, sending, tls, limits.get("submission"), incoming)
     metrics = await _metrics(config, health)
     if submit is None:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
                    submission, web, tls, archiving, config, store, directory, limits, metrics)
+
+
+def _clear_incoming(incoming: Incoming) -> None:
+    """DATA a crash cut off, or spooled for an archive copy that was never made: nobody
+    acknowledged any of it (storage/incoming.py)."""
+    removed = incoming.clear()
+    if removed:
+        event("inbound.spool_cleared", files=removed)
 
 
 def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
@@ -272,7 +283,7 @@ def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> Ar
     if writer is None:
         return None
 
-    def archive(tx_id: str, sender: str, message: bytes, outcomes: dict[Mailbox, str],
+    def archive(tx_id: str, sender: str, message: MessageFile, outcomes: dict[Mailbox, str],
                 kept: dict[Mailbox, str]) -> None:
         first = next(iter(kept.items()), None)
         counts: dict[str, int] = {}
@@ -369,12 +380,13 @@ def _submit_and_kick(submitter: Submitter, outbound: OutboundRunner) -> Submit:
 
 
 async def _submission(config: Config, handler: SubmissionHandler | None, tls: ServerTLS | None,
-                      limits: ConnectionLimits | None) -> tuple[asyncio.Server, SubmissionHandler] | None:
+                      limits: ConnectionLimits | None, incoming: Incoming,
+                      ) -> tuple[asyncio.Server, SubmissionHandler] | None:
     if config.listen.submission is None:
         return None
     assert handler is not None and tls is not None  # config validation demands tls with it
     factory = submission_smtp.make_server_factory(handler, config.hostname, tls,
-                                                  config.message_size_limit, limits)
+                                                  config.message_size_limit, limits, incoming)
     return await _listen("submission", factory, config.listen.submission), handler
 
 

@@ -15,13 +15,24 @@ chosen from what this server said: BODY=8BITMIME, SMTPUTF8, SIZE, and RFC 3461's
 a server that does not offer it, fails for good (553 5.6.7, RFC 6531 3.4) without a word sent:
 it can never be delivered there, and must not look like a server that is down. Credentials are
 never sent over a connection without TLS.
+
+DATA is written here, not by aiosmtplib's `data()`, which builds the whole message three more
+times (line endings, dot-stuffing, the final dot) and hands it to the transport at once: 4x a
+50 MB message. `_send_data` normalises line endings and dot-stuffs a piece at a time, exactly
+as aiosmtplib does (a lone CR or LF becomes CRLF, a leading dot is doubled, CRLF is added at
+the end when missing), writing each piece once the transport has room. A spooled message
+(`MessageFile`) is read from its file in pieces; bytes (replay, the smarthost) are cut into
+pieces of the same size, so one message in memory is the most a send holds. It uses
+aiosmtplib's protocol below `data()` (its command lock, `read_response`, `_drain_helper`):
+tests/smtp check the bytes that arrive, so an aiosmtplib that changes them fails there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +40,10 @@ from typing import Protocol
 import aiosmtplib
 
 from relay.config import HostPort
+from relay.storage.incoming import CHUNK, MessageFile
+
+Message = bytes | MessageFile
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")     # aiosmtplib's LINE_ENDINGS_REGEX
 
 # The stages of a conversation, as `Reply.stage` names them.
 CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"
@@ -241,24 +256,47 @@ class Upstream:
         """Whether the connected server offered `extension` in its EHLO reply."""
         return self._smtp is not None and self._smtp.supports_extension(extension)
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: Message) -> Reply:
         """Send the message; the transaction is over whatever the answer."""
         assert self._smtp is not None
         try:
-            response = await self._smtp.data(message)
+            response = await self._send_data(message)
             return Reply(response.code, response.message, stage=DATA)
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (aiosmtplib.SMTPException, OSError) as exc:     # a lost connection is closed
             return self._failed(exc, DATA)
         finally:
             self._in_transaction = False
 
-    async def send(self, sender: str, rcpt: str, mail_options: list[str], data: bytes,
+    async def _send_data(self, message: Message) -> aiosmtplib.SMTPResponse:
+        """DATA, the message a piece at a time, the final dot (see the module)."""
+        assert self._smtp is not None
+        protocol, timeout = self._smtp.protocol, self._smtp.timeout
+        if protocol is None or protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            stuffer = DotStuffer()
+            async for piece in _pieces(message):
+                protocol.write(stuffer.feed(piece))
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+            protocol._response_pending = True
+            protocol.write(stuffer.end() + b".\r\n")
+            response = await protocol.read_response(timeout=timeout)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
+
+    async def send(self, sender: str, rcpt: str, mail_options: list[str], data: Message,
                    rcpt_options: Iterable[str] = ()) -> Reply:
         """One whole transaction: MAIL, RCPT, DATA; the first reply that is not 2xx."""
         return (await self.send_many(sender, [(rcpt, tuple(rcpt_options))], mail_options, data))[0]
 
     async def send_many(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
-                        mail_options: list[str], data: bytes,
+                        mail_options: list[str], data: Message,
                         before_data: BeforeData | None = None) -> list[Reply]:
         """One transaction for several recipients (each with its RCPT options), as Postfix
         sends one copy a destination: each recipient's reply, its RCPT's when refused, else
@@ -299,6 +337,49 @@ class Upstream:
             self._smtp.close()
             self._smtp = None
         self._in_transaction = False
+
+
+class DotStuffer:
+    """A message's bytes as DATA sends them, fed a piece at a time: every line ending CRLF
+    (a lone CR or LF made one), a dot at the start of a line doubled, CRLF at the end."""
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._held = b""            # a CR at the end of a piece: its LF may open the next
+        self._last = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        text = self._held + piece
+        self._held = b""
+        if text.endswith(b"\r"):
+            text, self._held = text[:-1], b"\r"
+        return self._stuff(_LINE_END.sub(b"\r\n", text))
+
+    def end(self) -> bytes:
+        """What is left, and the CRLF a message must end with (before the final dot)."""
+        tail = self._stuff(_LINE_END.sub(b"\r\n", self._held))
+        self._held = b""
+        return tail if self._last.endswith(b"\n") else tail + b"\r\n"
+
+    def _stuff(self, text: bytes) -> bytes:
+        if not text:
+            return text
+        out = text.replace(b"\n.", b"\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        self._last = out[-2:]
+        return out
+
+
+async def _pieces(message: Message) -> AsyncIterator[bytes]:
+    if isinstance(message, MessageFile):
+        async for piece in message.achunks():
+            yield piece
+        return
+    view = memoryview(message)
+    for start in range(0, len(view), CHUNK):
+        yield bytes(view[start:start + CHUNK])
 
 
 async def probe(primary: Peer, helo: str) -> Reply:

@@ -25,6 +25,11 @@ With `rspamd.url` set, a message about to be kept goes through the spam filter f
 During a planned outage (relay/delivery/planned.py) the primary is not asked at all: every
 recipient is treated as if it were unreachable, so mail is kept by the rules above (or the
 sender gets 451 4.4.1 and retries) and nothing reaches the primary until the outage ends.
+
+The message is never held whole in memory: DATA arrives into a file of the incoming spool
+(server.py), and the primary, the Maildir copies and the archive each read it from there
+(`MessageFile`, our Received header in front). The session holds the file until every copy
+is made; the archive writer gets a hard link of its own.
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
 from relay.smtp.tls import ServerTLS
+from relay.storage.incoming import Incoming, MessageFile
 
-Keep = Callable[[Mailbox, str, bytes, tuple[str, ...], tuple[str, ...]], str]
+Keep = Callable[[Mailbox, str, MessageFile, tuple[str, ...], tuple[str, ...]], str]
 """(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id; blocking."""
 
 KEPT_MAIL_OPTIONS = ("BODY", "SMTPUTF8", "RET", "ENVID")   # what replay passes on later
@@ -108,13 +114,16 @@ class InboundSMTP(LimitedConnections, RelaySMTP):
             session.upstreams.clear()
 
 
-ArchiveHook = Callable[[str, str, bytes, dict[Mailbox, str], dict[Mailbox, str]], None]
+ArchiveHook = Callable[[str, str, MessageFile, dict[Mailbox, str], dict[Mailbox, str]], None]
 """(session id, sender, message, outcome per recipient, kept queue id per recipient): archive
-an accepted message without waiting (app.py hands it to the archive writer)."""
+an accepted message without waiting (app.py hands it to the archive writer, which releases
+the message's file once copied)."""
 
 
 class InboundHandler:
     """aiosmtpd hooks for the inbound listener."""
+
+    takes_spooled = True        # DATA is read from `envelope.spooled` (server.py)
 
     def __init__(self, domains: dict[str, Domain], hostname: str, health: Health,
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
@@ -280,10 +289,12 @@ class InboundHandler:
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if sending := self._sending(session):
+        assert isinstance(envelope, Transaction) and envelope.spooled is not None
+        if sending := self._sending(session):    # the submission pipeline takes bytes
+            envelope.content = await asyncio.to_thread(envelope.spooled.read)
             return await sending.handle_DATA(server, session, envelope)
-        assert isinstance(envelope, Transaction) and isinstance(session, RelaySession)
-        if isinstance(envelope.content, bytes) and b"\0" in envelope.content:
+        assert isinstance(session, RelaySession)
+        if envelope.has_nul:
             # RFC 5321 2.3.8 allows no NUL; the primary, Dovecot and rspamd each treat one
             # differently, so none of them gets it (the primary's open transaction is reset
             # by the next one).
@@ -291,13 +302,17 @@ class InboundHandler:
             metrics.inbound("refused")
             return replies.NUL_REFUSED
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
-        task = asyncio.get_running_loop().create_task(self._finish(session, envelope))
+        spooled = envelope.spooled
+        spooled.hold()           # until _finish is done, even if the sender hangs up
+        task = asyncio.get_running_loop().create_task(self._finish(session, envelope, spooled))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+        if spooled.path is not None:
+            task.add_done_callback(lambda _: self.spawn(asyncio.to_thread(spooled.release)))
         return await asyncio.shield(task)
 
-    async def _finish(self, session: RelaySession, tx: Transaction) -> str:
-        message = self._received(session, tx) + tx.content
+    async def _finish(self, session: RelaySession, tx: Transaction, spooled: MessageFile) -> str:
+        message = spooled.with_prefix(self._received(session, tx))
         by_key: dict[HostPort, Reply] = {}
         outcome = dict(tx.routes)
         answers: dict[Mailbox, Reply] = {}
@@ -317,7 +332,7 @@ class InboundHandler:
                     outcome[user] = Route.CONTINUITY
         return await self._answer(tx, message, outcome, answers)
 
-    async def _answer(self, tx: Transaction, message: bytes, outcome: dict[Mailbox, Route],
+    async def _answer(self, tx: Transaction, message: MessageFile, outcome: dict[Mailbox, Route],
                       answers: dict[Mailbox, Reply]) -> str:
         kept = [u for u, route in outcome.items() if route is Route.CONTINUITY]
         failed = {u: r for u, r in answers.items() if not r.ok and outcome[u] is Route.PRIMARY}
@@ -355,13 +370,24 @@ class InboundHandler:
             return replies.LOCAL_ERROR
         if self.archive is not None:
             outcomes = {u: "kept" if u in kept_ids else f"primary {answers[u].code}" for u in outcome}
-            self.archive(tx.id, sender, message, outcomes, kept_ids)
+            await self._archive(tx, sender, message, outcomes, kept_ids)
         event("inbound.accepted", id=tx.id, size=len(message), rcpts=len(outcome),
               kept=len(kept))
         metrics.inbound("kept" if kept else "passed")
         if kept:
             return replies.QUEUED.format(id=tx.id)
         return replies.DELIVERED.format(id=tx.id)
+
+    async def _archive(self, tx: Transaction, sender: str, message: MessageFile,
+                       outcomes: dict[Mailbox, str], kept_ids: dict[Mailbox, str]) -> None:
+        """Hand the archive a link of its own to the message (the session's goes with it)."""
+        assert self.archive is not None
+        try:
+            own = await asyncio.to_thread(message.detached)
+        except OSError as exc:      # the archive's trouble never costs a sender its 250
+            event("inbound.archive_failed", logging.ERROR, id=tx.id, error=exc.strerror or exc)
+            return
+        self.archive(tx.id, sender, own, outcomes, kept_ids)
 
     def _received(self, session: Session, tx: Transaction) -> bytes:
         rcpts = list(tx.routes)
@@ -381,7 +407,7 @@ def _mailbox_only(reply: Reply) -> bool:
 
 def make_server_factory(handler: InboundHandler, hostname: str, tls: ServerTLS | None,
                         data_size_limit: int, limits: ConnectionLimits | None = None,
-                        ) -> Callable[[], SMTP]:
+                        incoming: Incoming | None = None) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the inbound port. With `tls`: STARTTLS offered,
     never required, and AUTH only after it (never required either). Each connection gets the
     context current when it opens (`ServerTLS.reload`)."""
@@ -394,6 +420,6 @@ def make_server_factory(handler: InboundHandler, hostname: str, tls: ServerTLS |
                            tls_context=tls.context if tls else None, require_starttls=False,
                            auth_required=False, auth_require_tls=True,
                            data_size_limit=data_size_limit, enable_SMTPUTF8=True,
-                           decode_data=False)
+                           decode_data=False, incoming=incoming)
 
     return factory

@@ -11,10 +11,11 @@ one host cannot dodge the count by changing addresses); an IPv4-mapped IPv6 addr
   - over a count, `connection_made` writes 421 (4.3.2 over the listener's total, 4.7.0 over the
     client's) and closes, before aiosmtpd sees the connection; `connection_lost` releases;
   - the idle timer runs only while the relay waits for the client: every byte received restarts
-    it, and it is stopped while a handler hook runs (the relay waiting for a primary is not the
-    client idling). At expiry 421 4.4.2 and close. aiosmtpd's own `timeout` is a deadline per
-    command instead (reset only when a command line arrives): a large DATA on a slow link, or a
-    slow primary, would be cut in the middle;
+    it, and it is stopped while a handler hook runs or DATA is written to the spool (the relay
+    waiting for a primary or the disk is not the client idling). At expiry 421 4.4.2 and
+    close. aiosmtpd's own `timeout` is a deadline per command instead (reset only when a
+    command line arrives): a large DATA on a slow link, or a slow primary, would be cut in
+    the middle;
   - after `max_errors` 5xx replies in one session, 421 4.7.0 and close (Postfix's
     smtpd_hard_error_limit). 4xx replies do not count: they are our own or a primary's state,
     not the client's fault. aiosmtpd itself still ends a session after 5 unknown commands.
@@ -33,9 +34,9 @@ import errno
 import logging
 import resource
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from enum import Enum
-from typing import Any, AnyStr
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
@@ -52,10 +53,12 @@ outbound connections, the Outbox watch."""
 ACCEPT_BURST = 100
 """asyncio accepts up to its listen backlog (100) in one go before `connection_made` can
 refuse any of them: per listener, that many descriptors beyond its total, for a moment."""
-DESCRIPTORS_PER_SESSION = 2
-"""The client's socket, and (inbound) the session's connection to a primary."""
+DESCRIPTORS_PER_SESSION = 3
+"""The client's socket, (inbound) the session's connection to a primary, and during DATA its
+file in the incoming spool (storage/incoming.py)."""
 
 UNKNOWN = "unknown"
+_T = TypeVar("_T")
 
 
 class Refusal(Enum):
@@ -231,6 +234,19 @@ class LimitedConnections(SMTP):
             self._timeout_handle.cancel()
         try:
             return await super()._call_handler_hook(command, *args)
+        finally:
+            self._busy -= 1
+            if not self._busy and self.transport is not None:
+                self._reset_timeout()
+
+    async def _not_idle(self, work: Awaitable[_T]) -> _T:
+        """Our own work in a session (writing DATA into the spool): the client is not idle
+        while we cannot read, as while a hook runs."""
+        self._busy += 1
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            return await work
         finally:
             self._busy -= 1
             if not self._busy and self.transport is not None:

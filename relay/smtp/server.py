@@ -13,18 +13,39 @@
       its hook runs and `envelope.rcpt_params[address]` once it was accepted.
     - `received_header()` writes our Received line, naming the protocol as RFC 3848 and
       RFC 6531 do (ESMTPSA, UTF8SMTPS...).
+    - DATA streams into a file of the incoming spool (storage/incoming.py) as it arrives,
+      instead of aiosmtpd's list of lines (a message of at most 256 KiB stays in memory and
+      never makes a file): `envelope.spooled` is the message (a MessageFile)
+      while the DATA hook runs. A handler that says `takes_spooled = True` reads it from there;
+      any other gets `envelope.content` as bytes, as aiosmtpd gives it. The reading is
+      aiosmtpd 1.4.6's own, line for line, so its defences against SMTP smuggling
+      (CVE-2024-27305) hold: only CRLF "." CRLF ends the data (a bare LF or CR is content,
+      never a line end), a leading dot is removed only after CRLF, a line over the limit gives
+      500 and more than `data_size_limit` bytes 552, both after the data, with the file
+      already gone; so does a spool file that cannot be written (disk full: 451), so the rest
+      of the data is never read as commands. The file is removed once the hook and whoever
+      it handed the message to (`MessageFile.hold`) are done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import logging
+import os
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
+from relay.log import event
 from relay.smtp import replies
+from relay.storage.incoming import CHUNK, Incoming, MessageFile, write_all
 
+_T = TypeVar("_T")
 EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "DSN")
 
 MAIL_DSN = ("RET", "ENVID")
@@ -54,6 +75,8 @@ class RelayEnvelope(Envelope):
         super().__init__()
         self.next_rcpt_options: list[str] = []           # the RCPT being handled now
         self.rcpt_params: dict[str, tuple[str, ...]] = {}
+        self.spooled: MessageFile | None = None          # while the DATA hook runs
+        self.has_nul = False                             # the spooled message holds a NUL
 
 
 def with_enhanced_code(reply: str) -> str:
@@ -126,10 +149,11 @@ def check_rcpt_dsn(params: dict[str, str]) -> list[str]:
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP protocol with PIPELINING, ENHANCEDSTATUSCODES and DSN (see the module)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, incoming: Incoming | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._greeted = False
         self._plain_replies = False    # answering EHLO or HELO: no enhanced codes
+        self.incoming = incoming or _default_incoming()
 
     def _create_envelope(self) -> Envelope:
         return RelayEnvelope()
@@ -200,6 +224,152 @@ class RelaySMTP(SMTP):
             envelope.next_rcpt_options = []
         for address in envelope.rcpt_tos[before:]:
             envelope.rcpt_params[address] = tuple(dsn)
+
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA (see the module), streamed into the incoming spool."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        spool = _Spool(self.incoming)
+        message: MessageFile | None = None
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            refusal, nul = await self._receive(spool)
+            if refusal is not None:
+                await spool.discard()
+                if self.transport is not None:
+                    await self.push(refusal)
+                self._set_post_data_state()
+                return
+            try:
+                message = await spool.finish()
+            except OSError as exc:
+                event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
+                await self.push(replies.LOCAL_ERROR)
+                self._set_post_data_state()
+                return
+            await self._hand_over(message, nul)
+        finally:
+            if message is None:
+                await asyncio.shield(spool.discard())
+            elif message.path is not None:
+                await asyncio.shield(asyncio.to_thread(message.release))
+
+    async def _receive(self, spool: _Spool) -> tuple[str | None, bool]:
+        """Read DATA up to the lone dot into `spool`: (the refusal, or None; NUL seen).
+        aiosmtpd's loop, line for line, written in chunks of `CHUNK` from a worker thread."""
+        size, nul, refusal, ended = 0, False, None, False
+        limit = self.data_size_limit
+        pending = bytearray()
+        fragments: list[bytes] = []
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()            # the connection went during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                pending.clear()
+                line = await self._reader.read(exc.consumed)
+            if not fragments and line == b".\r\n":
+                ended = True
+                break
+            size += len(line)
+            if refusal is None and limit and size > limit:
+                refusal = "552 Error: Too much mail data"
+                pending.clear()
+            fragments.append(line)
+            if not line.endswith(b"\r\n"):
+                continue
+            whole = b"".join(fragments)
+            fragments.clear()
+            if refusal is not None:
+                continue
+            if len(whole) > self.line_length_limit:
+                refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                pending.clear()
+                continue
+            nul = nul or b"\0" in whole
+            pending += whole[1:] if whole.startswith(b".") else whole
+            if len(pending) >= CHUNK:
+                chunk, pending = pending, bytearray()
+                try:
+                    await self._not_idle(spool.write(chunk))
+                except OSError as exc:  # our disk: 451 once the data is read, never mid-way
+                    event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
+                    refusal = replies.LOCAL_ERROR
+        if not ended:                            # the connection is gone: nothing to hand over
+            return "421 4.4.2 Connection lost during DATA", nul
+        if refusal is None:
+            spool.tail = bytes(pending)
+        return refusal, nul
+
+    async def _hand_over(self, message: MessageFile, nul: bool) -> None:
+        """The DATA hook, with the message in `envelope.spooled` (or read into `content`)."""
+        envelope = self.envelope
+        assert envelope is not None
+        if isinstance(envelope, RelayEnvelope):
+            envelope.spooled, envelope.has_nul = message, nul
+        if not getattr(self.event_handler, "takes_spooled", False):
+            content = message.body if message.path is None else await asyncio.to_thread(message.read)
+            envelope.content = envelope.original_content = content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING or status is None else status)
+
+
+    async def _not_idle(self, work: Awaitable[_T]) -> _T:
+        """Our own work in a session; LimitedConnections (smtp/limits.py) stops its idle timer."""
+        return await work
+
+
+class _Spool:
+    """One DATA on its way into the incoming spool: in memory up to `CHUNK`, then a file."""
+
+    def __init__(self, incoming: Incoming) -> None:
+        self.incoming = incoming
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.size = 0
+        self.tail = b""           # what came after the last chunk written
+
+    async def write(self, chunk: bytearray) -> None:
+        if self.fd is None:
+            self.fd, self.path = await asyncio.to_thread(self.incoming.create)
+        await asyncio.to_thread(write_all, self.fd, chunk)
+        self.size += len(chunk)
+
+    async def finish(self) -> MessageFile:
+        """The message received: in memory when it never needed a file."""
+        if self.fd is None:
+            return MessageFile(None, len(self.tail), body=self.tail)
+        assert self.path is not None
+        if self.tail:
+            await asyncio.to_thread(write_all, self.fd, self.tail)
+        await asyncio.to_thread(os.close, self.fd)
+        self.fd = None
+        return MessageFile(self.path, self.size + len(self.tail))
+
+    async def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            await asyncio.to_thread(self.path.unlink, missing_ok=True)
+            self.path = None
+
+
+def _default_incoming() -> Incoming:
+    """Where a server started without a spool (a test's fake primary) streams DATA."""
+    return Incoming(Path(tempfile.gettempdir()) / "continuity-relay-incoming")
 
 
 def protocol_name(session: Session, utf8: bool = False) -> str:

@@ -23,6 +23,7 @@ is kept marked (`X-Spam: Yes`), and one it could not check is kept as it is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from relay.delivery import rspamd
 from relay.delivery.rspamd import Scan, Verdict
 from relay.log import event
 from relay.smtp import replies
+from relay.storage.incoming import MessageFile
 
 Check = Callable[[bytes, Scan], Awaitable[Verdict]]
 
@@ -41,7 +43,7 @@ _MARKED = (rspamd.ADD_HEADER, rspamd.REWRITE_SUBJECT)
 @dataclass(frozen=True)
 class Screened:
     reply: str | None    # refuse the whole DATA with this reply: nothing is kept
-    message: bytes       # otherwise keep these bytes
+    message: bytes | MessageFile    # otherwise keep this message
 
 
 class Screen:
@@ -51,9 +53,14 @@ class Screen:
         self.check = check
         self.defer_unchecked = on_failure == "defer"
 
-    async def __call__(self, message: bytes, scan: Scan, delivered: bool) -> Screened:
-        """`delivered`: the primary already took this message for another recipient."""
-        verdict = await self.check(message, scan)
+    async def __call__(self, message: bytes | MessageFile, scan: Scan, delivered: bool) -> Screened:
+        """`delivered`: the primary already took this message for another recipient.
+
+        rspamd is handed the message as bytes (a spooled one read from its file for the check
+        only, one message per session at a time, at most the size limit); the copy kept stays
+        the file, with the mark as its prefix."""
+        data = message if isinstance(message, bytes) else await asyncio.to_thread(message.read)
+        verdict = await self.check(data, scan)
         refusal = self._refusal(verdict)
         if refusal is not None and not delivered:
             event("rspamd.refused", id=scan.queue_id, action=verdict.action,
@@ -67,7 +74,10 @@ class Screen:
                   score=verdict.score, why="the primary already took a copy")
         else:
             event("rspamd.marked", id=scan.queue_id, action=verdict.action, score=verdict.score)
-        return Screened(None, mark(message, verdict))
+        head = mark(data[:4096], verdict)
+        if isinstance(message, bytes):
+            return Screened(None, head + message)
+        return Screened(None, message.with_prefix(head))
 
     def _refusal(self, verdict: Verdict) -> str | None:
         if verdict.action == rspamd.REJECT:
@@ -83,9 +93,11 @@ class Screen:
         return None
 
 
-def mark(message: bytes, verdict: Verdict) -> bytes:
-    """`message` with `X-Spam: Yes` and `X-Spam-Score: <score> / <required>` on top."""
+def mark(head: bytes, verdict: Verdict) -> bytes:
+    """`X-Spam: Yes` and `X-Spam-Score: <score> / <required>`, to go on top of the message
+    whose first bytes are `head` (the lines end as the message's first line does)."""
     score = "?" if verdict.score is None else f"{verdict.score:.2f}"
     required = "?" if verdict.required is None else f"{verdict.required:.2f}"
-    return headers.prepend(headers.prepend(message, "X-Spam-Score", f"{score} / {required}"),
-                           "X-Spam", "Yes")
+    marked = headers.prepend(headers.prepend(head, "X-Spam-Score", f"{score} / {required}"),
+                             "X-Spam", "Yes")
+    return marked[: len(marked) - len(head)]

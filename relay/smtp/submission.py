@@ -36,6 +36,7 @@ from relay.smtp import replies
 from relay.smtp.limits import ConnectionLimits, LimitedConnections
 from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.tls import ServerTLS
+from relay.storage.incoming import Incoming
 
 
 class Submit(Protocol):
@@ -287,7 +288,7 @@ def _peer(session: Session | None) -> str:
 
 def make_server_factory(handler: SubmissionHandler, hostname: str, tls: ServerTLS,
                         data_size_limit: int, limits: ConnectionLimits | None = None,
-                        ) -> Callable[[], SMTP]:
+                        incoming: Incoming | None = None) -> Callable[[], SMTP]:
     """What `loop.create_server` needs for the submission port: STARTTLS before anything,
     AUTH only over TLS, nothing sent without AUTH, within `limits` (default: the defaults of
     `limits.*`, for this listener alone). Each connection gets the context current when it
@@ -299,7 +300,7 @@ def make_server_factory(handler: SubmissionHandler, hostname: str, tls: ServerTL
         return SubmissionSMTP(handler, limits=limits, hostname=hostname, ident="continuity-relay",
                               tls_context=tls.context, require_starttls=True, auth_required=True,
                               auth_require_tls=True, data_size_limit=data_size_limit,
-                              decode_data=False, enable_SMTPUTF8=True)
+                              decode_data=False, enable_SMTPUTF8=True, incoming=incoming)
 
     return factory
 

@@ -53,6 +53,7 @@ from relay.addresses import normalise_domain, parse_mailbox
 from relay.errors import CorruptEntryError
 from relay.log import event
 from relay.storage.durable import Owner, fsync_dir, make_dirs, replace_file
+from relay.storage.incoming import MessageFile
 
 BATCH = 1000         # messages written before one flush
 LINGER = 1.0         # seconds a batch waits for more before it is written and flushed
@@ -113,9 +114,12 @@ class Record:
 
 @dataclass
 class Item:
-    """What the writer is handed: the bytes, their envelope, maybe a file to hard-link."""
+    """What the writer is handed: the bytes, their envelope, maybe a file to hard-link.
 
-    data: bytes
+    `data` may be a spooled message (storage/incoming.py): then the writer hashes and copies it
+    from its file a piece at a time, and releases the file once the batch is written."""
+
+    data: bytes | MessageFile
     direction: str
     kind: str
     sender: str
@@ -147,7 +151,7 @@ class _Pending:
     fd: int
     size: int
     created: bool
-    chunks: list[bytes] = field(default_factory=list)
+    chunks: list[bytes | MessageFile] = field(default_factory=list)
     length: int = 0
 
 
@@ -162,10 +166,20 @@ def _open_append(path: Path, owner: Owner) -> tuple[int, bool]:
         return fd, True
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all(fd: int, data: bytes | MessageFile) -> None:
+    for piece in (data,) if isinstance(data, bytes) else data.chunks():
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _sha256(data: bytes | MessageFile) -> str:
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    for piece in data.chunks():
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 class Archive:
@@ -467,6 +481,8 @@ class ArchiveWriter:
                 except OSError as exc:     # the archive's own trouble never stops mail
                     event("archive.write_failed", logging.ERROR, messages=len(batch),
                           error=exc.strerror or exc)
+                finally:
+                    _release(batch)
 
     def write(self, batch: list[Item]) -> list[Record]:
         """Write a batch: links and the packs' bytes (flushed), then the day files' lines, then
@@ -477,7 +493,7 @@ class ArchiveWriter:
         packs: dict[str, _Pending] = {}
         try:
             for item in batch:
-                sha = hashlib.sha256(item.data).hexdigest()
+                sha = _sha256(item.data)
                 day = _day(item.when)
                 self._tail(day)              # (and the day's copies: `_known` finds them)
                 name = (self._known(sha) or self._link(sha, item, linked)
@@ -560,7 +576,7 @@ class ArchiveWriter:
         linked.append(shard / name)
         return name
 
-    def _append(self, day: str, data: bytes, packs: dict[str, _Pending]) -> str:
+    def _append(self, day: str, data: bytes | MessageFile, packs: dict[str, _Pending]) -> str:
         """Where `data` goes in the day's pack (written by `_flush_pack`)."""
         pending = packs.get(day)
         if pending is None:
@@ -574,7 +590,15 @@ class ArchiveWriter:
 
     def _flush_pack(self, pending: _Pending) -> None:
         try:
-            _write_all(pending.fd, b"".join(pending.chunks))
+            run: list[bytes] = []             # bytes in one write; a spooled message streams
+            for chunk in [*pending.chunks, None]:
+                if isinstance(chunk, bytes):
+                    run.append(chunk)
+                    continue
+                _write_all(pending.fd, b"".join(run))
+                run.clear()
+                if chunk is not None:
+                    _write_all(pending.fd, chunk)
             os.fdatasync(pending.fd)
         finally:
             os.close(pending.fd)
@@ -609,3 +633,13 @@ class ArchiveWriter:
                 self._remember(record.sha256, record.object)
             self._tails[day] = (number, previous)
         return self._tails[day]
+
+
+def _release(batch: list[Item]) -> None:
+    """The spooled messages of a batch are copied (or lost with it): their files go."""
+    for item in batch:
+        if isinstance(item.data, MessageFile):
+            try:
+                item.data.release()
+            except OSError as exc:      # start-up clears the incoming spool anyway
+                event("archive.release_failed", logging.WARNING, error=exc.strerror or exc)

@@ -30,6 +30,7 @@ from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.errors import StorageError
 from relay.storage.archive import Item
 from relay.storage.durable import Owner
+from relay.storage.incoming import MessageFile
 from relay.storage.maildir import MaildirStore
 from relay.storage.queue import Envelope, Queue
 
@@ -67,16 +68,18 @@ class ContinuityStore:
             self._queues[domain] = Queue(replay_queue_path(self.spool, domain), self.owner)
         return self._queues[domain]
 
-    def keep(self, user: Mailbox, sender: str, message: bytes,
+    def keep(self, user: Mailbox, sender: str, message: bytes | MessageFile,
              mail_options: tuple[str, ...] = (), rcpt_options: tuple[str, ...] = ()) -> str:
-        """Store one recipient's copy durably; returns the replay queue id. Blocking."""
+        """Store one recipient's copy durably; returns the replay queue id. Blocking. A
+        spooled message is copied from its file in chunks, never read whole."""
         trace = trace_headers(user, sender)
         envelope = Envelope(mail_from=sender, rcpt=str(user), received_at=time.time(),
                             skip=len(trace), mail_options=mail_options, rcpt_options=rcpt_options)
         queue = self.replay_queue(user.domain)
         ids: list[str] = []
         try:
-            self.maildirs.deliver(user, trace + message,
+            data = trace + message if isinstance(message, bytes) else message.with_prefix(trace)
+            self.maildirs.deliver(user, data,
                                   before_publish=lambda tmp: ids.append(queue.enqueue_link(tmp, envelope)))
         except OSError as exc:
             raise StorageError(f"cannot keep mail for {user}: {exc.strerror or exc}") from exc

@@ -19,8 +19,10 @@ import pwd
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from relay.errors import StorageError
 
@@ -137,7 +139,15 @@ def fsync_dir(path: Path | str) -> None:
     _group_sync.sync(os.fspath(path))
 
 
-def write_new(path: Path | str, data: bytes, mode: int = 0o600, owner: Owner = Owner(),
+class Chunked(Protocol):
+    """Bytes too big to hold at once (storage/incoming.py's MessageFile): read in pieces."""
+
+    def chunks(self) -> Iterable[bytes]: ...
+
+    def __len__(self) -> int: ...
+
+
+def write_new(path: Path | str, data: bytes | Chunked, mode: int = 0o600, owner: Owner = Owner(),
               dir_fd: int | None = None) -> None:
     """Create `path` (which must not exist; relative to `dir_fd` when given) with `data`,
     fsync'd and handed to `owner` through its descriptor; the caller fsyncs the dir."""
@@ -145,9 +155,10 @@ def write_new(path: Path | str, data: bytes, mode: int = 0o600, owner: Owner = O
                  dir_fd=dir_fd)
     try:
         owner.claim(fd)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for piece in (data,) if isinstance(data, (bytes, bytearray)) else data.chunks():
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -48,6 +48,7 @@ from relay import headers
 from relay.addresses import Mailbox
 from relay.log import event
 from relay.storage.durable import (
+    Chunked,
     Owner,
     UnsafePathError,
     fsync_dir,
@@ -332,7 +333,7 @@ class MaildirStore:
         seconds, micro = int(now), int((now % 1) * 1e6)
         return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
 
-    def deliver(self, user: Mailbox, data: bytes, folder: str | None = None,
+    def deliver(self, user: Mailbox, data: bytes | Chunked, folder: str | None = None,
                 before_publish: Callable[[Path], None] | None = None, seen: bool = False) -> Path:
         """Write `data` into the user's folder (INBOX by default); return the new file's path.
 
@@ -364,7 +365,7 @@ class MaildirStore:
         fsync_dir(final.parent)
         return final
 
-    def _publish(self, box: Path, name: str, final_name: str, data: bytes, tmp_fd: int,
+    def _publish(self, box: Path, name: str, final_name: str, data: bytes | Chunked, tmp_fd: int,
                  final_fd: int, before_publish: Callable[[Path], None] | None) -> None:
         """tmp/<name> written through `tmp_fd`, shown to `before_publish`, linked into the
         directory `final_fd` (the link itself, never a target), and unlinked from tmp/."""

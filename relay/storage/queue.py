@@ -77,14 +77,16 @@ class Envelope:
         return cls(**raw)
 
 
-def _read_plain(path: Path) -> bytes:
-    """A queue file's bytes: the spool belongs to the mail user, so a symlink, FIFO or device
-    planted there is refused (OSError), never followed or waited on."""
+def _read_plain(path: Path, skip: int = 0) -> bytes:
+    """A queue file's bytes after the first `skip` (read past, so a big message is never in
+    memory twice): the spool belongs to the mail user, so a symlink, FIFO or device planted
+    there is refused (OSError), never followed or waited on."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(os.dup(fd), "rb") as file:
+            file.seek(skip)
             return file.read()
     finally:
         os.close(fd)
@@ -126,27 +128,39 @@ class Queue:
 
     def enqueue_link(self, source: Path, envelope: Envelope) -> str:
         """Queue the file at `source` by hard link (a copy across file systems)."""
+        return self._enqueue(lambda target: self._link(source, target), envelope)
 
-        def place(target: Path) -> None:
-            try:
-                os.link(source, target, follow_symlinks=False)  # a link is linked, never its target
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                write_new(target, _read_plain(Path(source)), owner=self.owner)
-        return self._enqueue(place, envelope)
+    def _link(self, source: Path, target: Path) -> None:
+        try:
+            os.link(source, target, follow_symlinks=False)  # a link is linked, never its target
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            write_new(target, _read_plain(Path(source)), owner=self.owner)
 
     def enqueue_bytes(self, data: bytes, envelope: Envelope) -> str:
         """Queue a message given as bytes."""
         return self._enqueue(lambda target: write_new(target, data, owner=self.owner), envelope)
 
     def enqueue_many(self, data: bytes, envelopes: list[Envelope]) -> list[str]:
-        """Queue one message for several envelopes, its bytes written once and hard-linked."""
+        """Queue one message for several envelopes, its bytes written once and hard-linked.
+        The entries appear in waiting/ together (renamed one after another, one directory
+        fsync for all), so a runner's sweep finds a message's recipients together and sends
+        them in one transaction; a crash before the renames leaves only what `recover` removes."""
         self._ensure()
         source = self._dir("tmp") / f"{self.new_id()}.msg"
         try:
             write_new(source, data, owner=self.owner)
-            return [self.enqueue_link(source, envelope) for envelope in envelopes]
+            entries = [self.new_id() for _ in envelopes]
+            for entry in entries:
+                self._link(source, self._dir("msg") / entry)
+            fsync_dir(self._dir("msg"))
+            for entry, envelope in zip(entries, envelopes, strict=True):
+                write_new(self._dir("tmp") / entry, envelope.to_bytes(), owner=self.owner)
+            for entry in entries:
+                os.rename(self._dir("tmp") / entry, self._dir("waiting") / entry)
+            fsync_dir(self._dir("waiting"))
+            return entries
         except OSError as exc:
             raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
         finally:
@@ -194,10 +208,10 @@ class Queue:
         """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
         try:
             envelope = Envelope.from_bytes(_read_plain(self._dir(state) / entry))
-            data = _read_plain(self._dir("msg") / entry)
+            data = _read_plain(self._dir("msg") / entry, envelope.skip)
         except (OSError, ValueError, TypeError) as exc:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
-        return envelope, data[envelope.skip:]
+        return envelope, data
 
     def same_message(self, entry: str, state: str = "waiting") -> tuple[str, tuple[str, ...], int] | None:
         """What entries of one message share (sender, MAIL options, the message file's inode:

@@ -89,6 +89,18 @@ def test_enqueue_many_writes_once_and_links(tmp_path):
     assert queue.read(ids[1])[1] == b"shared bytes"[3:]
 
 
+def test_a_messages_entries_appear_in_waiting_together(tmp_path, monkeypatch):
+    """The outbound runner sends a message's recipients in one transaction; a sweep that
+    listed waiting/ while enqueue_many was part-way (an fsync each entry) split it in two."""
+    queue = Queue(tmp_path / "q")
+    seen: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (seen.append(len(queue.list())), real_fsync(fd))[1])
+    ids = queue.enqueue_many(b"x", [Envelope(mail_from="a@x.test", rcpt=f"r{n}@y.test", received_at=1.0)
+                                    for n in range(3)])
+    assert len(ids) == 3 and set(seen) == {0, 3}, seen      # none, then all three
+
+
 def test_pending_reads_an_envelope_again_only_when_its_file_changed(tmp_path, monkeypatch):
     """A sweep used to reread every waiting envelope each time (the outbound runner's `_due`);
     now an unchanged file is answered from memory, and any rewrite is seen."""

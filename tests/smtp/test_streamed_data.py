@@ -1,0 +1,120 @@
+"""DATA streams into the incoming spool (relay/smtp/server.py, relay/storage/incoming.py): the
+limits and the smuggling defences hold as aiosmtpd's own reading kept them, every byte arrives
+as it was sent at the primary, in the Maildir and in the archive, and no spool file stays."""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+
+import pytest
+
+from relay.storage.archive import Archive
+from tests.helpers import wait_for
+from tests.smtp.fakes import send, stored_files
+
+pytestmark = pytest.mark.timeout(60)
+
+LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def incoming_files(relay) -> list:
+    root = relay.config.storage.spool / "incoming"
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+def kept(relay) -> tuple[list, list]:
+    spool = relay.config.storage.spool
+    return stored_files(relay.config.storage.maildirs), sorted((spool / "replay").rglob("msg/*"))
+
+
+def after_received(data: bytes) -> bytes:
+    """What follows our Received header (folded over 3 lines, the last ending with the date)."""
+    start = data.index(b"Received: ")
+    end = data.index(b"\r\n", data.index(b"\r\n\t", data.index(b";", start)) + 2) + 2
+    return data[end:]
+
+
+def big_message(rng: random.Random, size: int) -> bytes:
+    """Lines of every awkward kind: leading dots, bare LF and CR, dots after them, 8-bit."""
+    pieces = [b"Subject: big\r\n\r\n"]
+    total = 0
+    kinds = [b".dot line\r\n", b"bare\nlf\n.after lf\r\n", b"bare\rcr\r.after cr\r\n",
+             b"\xc3\xa9 8-bit \xff\r\n", b"..two dots\r\n", b"\r\n", b"x" * 990 + b"\r\n",
+             b"ends in cr\r\r\n"]
+    while total < size:
+        piece = rng.choice(kinds)
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
+
+
+def dot_stuffed(content: bytes) -> bytes:
+    """The DATA a client sends for `content`: a dot after CRLF (and at the start) doubled."""
+    wire = content.replace(b"\r\n.", b"\r\n..")
+    return b"." + wire if wire.startswith(b".") else wire
+
+
+def test_over_the_limit_is_552_after_the_data_with_nothing_kept_or_spooled(primary, make_relay):
+    relay = make_relay(primary.port)               # message_size_limit: 1 MiB
+    primary.script.rcpt = "451 4.3.0 down"         # so a message would be kept
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100
+    _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], big)
+    assert reply[0] == 552
+    assert kept(relay) == ([], [])
+    wait_for(lambda: incoming_files(relay) == [], 10, "the spool file removed")
+
+
+def test_big_message_bytes_identical_passed_and_kept(primary, make_relay):
+    """Several spool chunks' worth (CHUNK is 256 KiB): the primary gets the bytes with CRLF
+    line ends (SMTP's own normalisation, as aiosmtplib makes it), the Maildir the very bytes."""
+    relay = make_relay(primary.port)
+    content = big_message(random.Random(13), 900_000)
+    assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
+    (passed,) = primary.received
+    assert after_received(passed.content) == LINE_END.sub(b"\r\n", content)
+    primary.script.rcpt = "451 4.3.0 down"
+    assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
+    (stored,), (queued,) = kept(relay)
+    assert after_received(stored.read_bytes()) == content
+    assert queued.samefile(stored)
+    wait_for(lambda: incoming_files(relay) == [], 10, "the spool files removed")
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n",
+                                      b"\r\n.\r"])
+def test_only_crlf_dot_crlf_ends_the_data_no_smuggling(primary, make_relay, fake_end):
+    """CVE-2024-27305: a fake end of data cannot start a second, smuggled transaction."""
+    relay = make_relay(primary.port)
+    smuggled = (b"MAIL FROM:<evil@sender.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+                b"Subject: smuggled\r\n\r\nevil\r\n")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
+        reader = conn.makefile("rb")
+        def reply() -> bytes:
+            line = reader.readline()
+            while line[3:4] == b"-":
+                line = reader.readline()
+            return line
+        assert reply().startswith(b"220")
+        for command in (b"EHLO sender.test", b"MAIL FROM:<x@sender.test>",
+                        b"RCPT TO:<alice@example.com>", b"DATA"):
+            conn.sendall(command + b"\r\n")
+            assert reply()[:1] in (b"2", b"3")
+        conn.sendall(b"Subject: real\r\n\r\nbody" + fake_end + smuggled + b".\r\n")
+        assert reply().startswith(b"250")
+        conn.sendall(b"QUIT\r\n")
+        assert reply().startswith(b"221")
+    (only,) = primary.received
+    assert only.rcpt_tos == ["alice@example.com"]
+    assert b"evil@sender.test" in only.content and b"Subject: real" in only.content
+
+
+def test_the_archive_copies_a_passed_message_from_its_own_link(primary, make_relay):
+    relay = make_relay(primary.port, storage="archive: archive")
+    content = big_message(random.Random(5), 600_000)
+    assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
+    archive = Archive(relay.config.storage.archive)
+    (record,) = wait_for(lambda: list(archive.records()), 10, "the message archived")
+    assert after_received(archive.read(record)) == content and archive.verify() == []
+    wait_for(lambda: incoming_files(relay) == [], 10, "the session's and the archive's links gone")
