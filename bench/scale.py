@@ -170,6 +170,14 @@ class Filler:
         (self.store.path(user) / "cur" / f"{self.store.unique_name(len(data))}:2,S").write_bytes(data)
 
 
+def settled_disk() -> float:
+    """sync(2): the fill's writes reach the disk before anything is timed, as a server's state
+    at rest would be (else the timed reads queue behind a gigabyte of writeback); its seconds."""
+    started = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - started
+
+
 def fill(config_path: Path, users: list[Mailbox], messages: int) -> float:
     started = time.perf_counter()
     filler = Filler(config_path)
@@ -205,9 +213,15 @@ def cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def status_cli(config: Path) -> None:
+def relay_env(source: Path | None) -> dict[str, str]:
+    """The relay's processes' environment: the installed relay, or the one in `source` (a
+    checkout's directory holding relay/, e.g. `git archive` of the commit to compare with)."""
+    return CHILD_ENV if source is None else {**CHILD_ENV, "PYTHONPATH": str(source)}
+
+
+def status_cli(config: Path, env: dict[str, str]) -> None:
     proc = subprocess.run([str(RELAY), "status", "-c", str(config)], capture_output=True, timeout=300,
-                          env=CHILD_ENV)
+                          env=env)
     if proc.returncode != 0:
         raise BenchError(f"status exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-500:]}")
 
@@ -223,7 +237,7 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def startup(config: Path, inbound: int, root: Path) -> tuple[float, float, float, float]:
+def startup(config: Path, inbound: int, root: Path, env: dict[str, str]) -> tuple[float, float, float, float]:
     """Seconds from `serve`'s start until the inbound port accepts, and until READY=1; and the
     CPU seconds serve had used at each."""
     address = str(root / "notify.sock")
@@ -234,7 +248,7 @@ def startup(config: Path, inbound: int, root: Path) -> tuple[float, float, float
         log = (root / "serve.log").open("ab")
         started = time.perf_counter()
         proc = subprocess.Popen([str(RELAY), "serve", "-c", str(config)], stdout=log,
-                                stderr=subprocess.STDOUT, env={**CHILD_ENV, "NOTIFY_SOCKET": address})
+                                stderr=subprocess.STDOUT, env={**env, "NOTIFY_SOCKET": address})
         accepted = ready = None
         cpu_accepted = cpu_ready = 0.0
         try:
@@ -367,11 +381,11 @@ def _reparse_seconds(config_path: Path, domain: str) -> float:
 
 
 def rcpt_latency(config: Path, inbound: int, root: Path, users: list[Mailbox], rcpts: int,
-                 rewrite: bool) -> list[float]:
+                 rewrite: bool, env: dict[str, str]) -> list[float]:
     """Seconds per RCPT TO of a registered user, over one SMTP session against `serve`."""
     log = (root / "serve.log").open("ab")
     proc = subprocess.Popen([str(RELAY), "serve", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            env=CHILD_ENV)
+                            env=env)
     try:
         deadline = time.monotonic() + 120
         while not accepts(inbound):
@@ -428,18 +442,32 @@ def verdict(seconds: float) -> str:
            f"({'met' if seconds <= GOAL_SECONDS else 'MISSED'})"
 
 
-def measure_state(label: str, config: Path, inbound: int, root: Path, repeat: int) -> dict[str, float]:
+def measure_state(label: str, config: Path, inbound: int, root: Path, repeat: int,
+                  env: dict[str, str]) -> dict[str, float]:
     cpu_before = cpu_of_children()
-    cli = timed(lambda: status_cli(config), repeat)
+    cli = timed(lambda: status_cli(config, env), repeat)
     cli_cpu = (cpu_of_children() - cpu_before) / repeat
-    inproc = timed(status_in_process(config), repeat)
-    starts = [startup(config, inbound, root) for _ in range(repeat)]
+    starts = [startup(config, inbound, root, env) for _ in range(repeat)]
     accepted, ready, cpu_accepted, cpu_ready = (statistics.median(s[n] for s in starts) for n in range(4))
     print(f"[{label}] status (CLI, start to exit)   {verdict(cli)}; CPU {cli_cpu:.2f} s")
-    print(f"[{label}] status model in-process       {inproc:6.2f} s")
     print(f"[{label}] serve until inbound accepts   {verdict(accepted)}; CPU {cpu_accepted:.2f} s")
     print(f"[{label}] serve until READY=1           {verdict(ready)}; CPU {cpu_ready:.2f} s")
-    return {"status": cli, "status_in": inproc, "accept": accepted, "ready": ready}
+    return {"status": cli, "accept": accepted, "ready": ready}
+
+
+def measure_both(label: str, config: Path, inbound: int, root: Path, args: argparse.Namespace
+                 ) -> dict[str, float]:
+    """This relay's figures, and first the baseline's when `--baseline` names one."""
+    inproc = timed(status_in_process(config), args.repeat)
+    print(f"[{label}] status model in-process       {inproc:6.2f} s")
+    if args.baseline is not None:
+        base = measure_state(f"{label}, baseline", config, inbound, root, args.repeat,
+                             relay_env(args.baseline))
+    found = measure_state(label, config, inbound, root, args.repeat, relay_env(None))
+    if args.baseline is not None:
+        print(f"[{label}] this/baseline: " + ", ".join(f"{key} {found[key] / base[key]:.2f}x"
+                                                    for key in ("status", "accept", "ready")))
+    return found
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -452,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rcpts", type=int, default=3000)
     parser.add_argument("--calls", type=int, default=200_000, help="is_known calls per measurement")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--baseline", type=Path, help="also measure the relay in this directory "
+                        "(holding relay/, e.g. `git archive COMMIT relay | tar -x -C DIR`)")
     args = parser.parse_args(argv)
     if min(args.users, args.domains, args.messages, args.repeat, args.rcpts) < 1 or args.history < 0:
         parser.error("counts must be positive (--history may be 0)")
@@ -466,12 +496,14 @@ def run(args: argparse.Namespace, root: Path) -> None:
     write_users(root / "users.passwd", users)
     subprocess.run([sys.executable, "-c", "import relay.app"], env=CHILD_ENV, check=True)   # bytecode
     print(f"fill: {args.users} users over {args.domains} domains, {args.messages} waiting "
-          f"entries in {fill(config, users, args.messages):.1f} s")
-    before = measure_state("pending only", config, inbound, root, args.repeat)
+          f"entries in {fill(config, users, args.messages):.1f} s; sync {settled_disk():.1f} s")
+    if args.baseline is not None:
+        subprocess.run([sys.executable, "-c", "import relay.app"], env=relay_env(args.baseline), check=True)
+    before = measure_both("pending only", config, inbound, root, args)
     if args.history:
         print(f"history: {args.history} failed/ entries and {args.history} old Maildir messages "
-              f"in {add_history(config, users, args.history):.1f} s")
-        after = measure_state(f"+{args.history} history", config, inbound, root, args.repeat)
+              f"in {add_history(config, users, args.history):.1f} s; sync {settled_disk():.1f} s")
+        after = measure_both(f"+{args.history} history", config, inbound, root, args)
         shown = (("status", "status"), ("accept", "start-up to accept"), ("ready", "start-up to READY"))
         for key, name in shown:
             print(f"history cost: {name} with/without history = {after[key] / before[key]:.2f}x "
@@ -484,13 +516,15 @@ def run(args: argparse.Namespace, root: Path) -> None:
     print(f"lookup: one refresh() after a change {found['reparse_s'] * 1000:.1f} ms at "
           f"{args.users} users (off the loop, in serve's refresh thread); slowest refresh while "
           f"rewriting {found['refresh_max_s'] * 1000:.1f} ms")
-    quiet = rcpt_latency(config, inbound, root, users, args.rcpts, rewrite=False)
-    busy = rcpt_latency(config, inbound, root, users, args.rcpts, rewrite=True)
-    for label, times in (("quiet", quiet), ("rewritten", busy)):
-        print(f"RCPT over SMTP, passwd-file {label:9}: p50 {percentile(times, .5) * 1000:.2f} ms, "
-              f"p99 {percentile(times, .99) * 1000:.2f} ms, max {max(times) * 1000:.1f} ms")
-    print(f"RCPT p50 rewritten/quiet = {percentile(busy, .5) / percentile(quiet, .5):.2f}x, "
-          f"p99 {percentile(busy, .99) / percentile(quiet, .99):.2f}x (goal O(1): about 1x)")
+    for name, source in ([("baseline", args.baseline)] if args.baseline else []) + [("this", None)]:
+        quiet = rcpt_latency(config, inbound, root, users, args.rcpts, False, relay_env(source))
+        busy = rcpt_latency(config, inbound, root, users, args.rcpts, True, relay_env(source))
+        for label, times in (("quiet", quiet), ("rewritten", busy)):
+            print(f"[{name}] RCPT over SMTP, passwd-file {label:9}: "
+                  f"p50 {percentile(times, .5) * 1000:.2f} ms, p99 {percentile(times, .99) * 1000:.2f} ms, "
+                  f"max {max(times) * 1000:.1f} ms")
+        print(f"[{name}] RCPT p50 rewritten/quiet = {percentile(busy, .5) / percentile(quiet, .5):.2f}x, "
+              f"p99 {percentile(busy, .99) / percentile(quiet, .99):.2f}x (goal O(1): about 1x)")
 
 
 def main(argv: list[str] | None = None) -> int:
