@@ -98,6 +98,7 @@ class Running:
     directory: Directory | None = None
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)
     metrics: AppRunner | None = None
+    ready_status: str = ""               # the status line READY=1 carries, counted in `start`
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -252,8 +253,11 @@ async def start(config: Config) -> Running:
     if submit is None:
         event("outbound.disabled", reason="outbound.smarthost is not set")
     log_limits(limits, config.limits)
+    # READY's status line is counted before the runners start: their first sweep reads every
+    # waiting envelope in many threads, and the count would wait for the GIL behind it.
+    ready = await asyncio.to_thread(_status_line, config, store)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls, archiving, config, store, directory, limits, metrics)
+                   submission, web, tls, archiving, config, store, directory, limits, metrics, ready)
 
 
 def _clear_incoming(incoming: Incoming) -> None:
@@ -457,7 +461,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     changed = asyncio.Event()
     running.replay.health.listen(lambda _domain, _state: loop.call_soon_threadsafe(changed.set))
-    notifier.ready(await asyncio.to_thread(status_line, running))
+    notifier.ready(running.ready_status)
     tasks: set[asyncio.Task] = set()
     if notifier.watchdog_interval is not None:
         tasks.add(loop.create_task(supervise("watchdog", notifier.watchdog), name="watchdog"))
@@ -495,8 +499,12 @@ STATUS_INTERVAL = 5.0      # seconds between recounts of the queues for STATUS=
 def status_line(running: Running) -> str:
     """The summary `systemctl status` shows (blocking: directory listings)."""
     assert running.config is not None and running.store is not None
-    statuses = [domain_status(running.config, name) for name in sorted(running.config.domains)]
-    return summary(statuses, running.store.outbound.count())
+    return _status_line(running.config, running.store)
+
+
+def _status_line(config: Config, store: ContinuityStore) -> str:
+    statuses = [domain_status(config, name) for name in sorted(config.domains)]
+    return summary(statuses, store.outbound.count())
 
 
 async def _report_status(running: Running, notifier: Notifier, changed: asyncio.Event) -> None:

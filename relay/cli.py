@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from relay import __version__, app, drill, headers
+from relay import __version__, headers
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.admins import Admins
 from relay.config import Config, load, parse_duration, parse_time, reason_text
@@ -38,8 +38,9 @@ from relay.storage.durable import Owner
 from relay.storage.queue import Queue, waiting_by_user
 from relay.storage.release import release
 from relay.storage.state import domain_status
-from relay.web.audit import AuditLog
-from relay.web.revoked import Revoked
+
+# `relay.app` and `relay.web` bring in aiohttp and every listener (about 0.7 s of CPU here, more
+# than `status` itself costs with 100,000 entries): only the commands that use them import them.
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -54,6 +55,8 @@ def _audited(config: Config, action: str, **fields: object) -> None:
     """An administrator's change made from the command line: one log line (`cli.admin_action`,
     as the panel's `web.admin_action`) and one audit line, naming the Unix user. Never a
     password (the audit log refuses a field named so)."""
+    from relay.web.audit import AuditLog
+
     who = getpass.getuser()
     event("cli.admin_action", admin=who, action=action, **fields)
     AuditLog(config.audit_log).record("cli", who, action, **fields)
@@ -69,6 +72,8 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay import app
+
     asyncio.run(app.serve(_config(args)))
     return 0
 
@@ -136,6 +141,8 @@ def cmd_users_activate(args: argparse.Namespace) -> int:
 
 def cmd_users_deactivate(args: argparse.Namespace) -> int:
     config = _config(args)
+    from relay.web.revoked import Revoked
+
     user = Directory(config).set_active(args.email, False)
     Revoked(config.web.revoked_file, config.web.session_lifetime).end_account(user.email)
     _audited(config, "deactivate", user=user.email)
@@ -244,7 +251,6 @@ def _planned_domain(config: Config, name: str) -> str:
 
 def cmd_outage_start(args: argparse.Namespace) -> int:
     config = _config(args)
-    setup(config.log_level)
     domain = _planned_domain(config, args.domain)
     try:
         reason = reason_text(args.reason or "")
@@ -252,8 +258,7 @@ def cmd_outage_start(args: argparse.Namespace) -> int:
         raise UsageError(f"--reason: {exc}") from None
     who = getpass.getuser()
     state = planned.start(config, domain, _until(args.until), reason, f"{who} (command line)")
-    AuditLog(config.audit_log).record("cli", who, "outage_start", domain=domain,
-                                      until=_local(state.until), reason=state.reason)
+    _audited(config, "outage_start", domain=domain, until=_local(state.until), reason=state.reason)
     print(f"{domain}: planned outage until {_local(state.until)}; mail is kept, nothing goes to "
           f"the primary (a running serve takes it up within a second)")
     return 0
@@ -288,7 +293,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
         password = _password(args)
     if not password:
         raise UsageError("the drill logs in as the user: --password-stdin or --password-file")
-    setup(config.log_level)
+    from relay import drill  # the service's code: only the commands that run it import it
+
     steps = asyncio.run(drill.run(config, user, password))
     for n, step in enumerate(steps, 1):
         result = {True: "pass", False: "fail", None: "skip"}[step.passed]
@@ -300,11 +306,10 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 def cmd_outage_end(args: argparse.Namespace) -> int:
     config = _config(args)
-    setup(config.log_level)
     domain = _planned_domain(config, args.domain)
     who = getpass.getuser()
     planned.end(config, domain, f"{who} (command line)")
-    AuditLog(config.audit_log).record("cli", who, "outage_end", domain=domain)
+    _audited(config, "outage_end", domain=domain)
     print(f"{domain}: planned outage ended; a running serve replays what was kept")
     return 0
 
@@ -325,6 +330,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 async def _replay(config: Config, names: list[str]) -> int:
+    from relay import app
+
     status = 0
     for name in names:
         if (state := domain_status(config, name).health).planned:
@@ -473,6 +480,8 @@ def _archive(config: Config) -> Archive:
 
 def cmd_archive_release(args: argparse.Namespace) -> int:
     """Each id to its recipients (or --to), the primary or the continuity mailbox by health."""
+    from relay import app
+
     config = _config(args)
     archive, store = _archive(config), app.build_store(config)
     to = _mailbox(args.to) if args.to else None

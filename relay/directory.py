@@ -143,11 +143,15 @@ _reported: set[tuple[str, int, bytes]] = set()
 _reported_lock = threading.Lock()
 
 
-def read_passwd(file: Path, bad_lines: list[bytes] | None = None) -> dict[str, User]:
+def read_passwd(file: Path, bad_lines: list[bytes] | None = None,
+                parsed: dict[bytes, User] | None = None) -> dict[str, User]:
     """Every account in a passwd-file (users, or administrators).
 
     Lines are split on b"\n" only. A line that does not parse is logged once and skipped (and
     appended to `bad_lines` when given, for a rewrite to keep); an unreadable file is an error.
+    `parsed` maps lines to what they parsed to last time (PasswdCache keeps it): a line found
+    there is not parsed again, so rereading a file that changed by a few lines costs a split and
+    a dictionary lookup per line; the mapping is replaced by this file's lines.
     """
     try:
         data = file.read_bytes()
@@ -155,18 +159,25 @@ def read_passwd(file: Path, bad_lines: list[bytes] | None = None) -> dict[str, U
         return {}
     except OSError as exc:
         raise DirectoryError(f"{file}: {exc.strerror or exc}") from None
+    before = parsed.copy() if parsed else {}
+    if parsed is not None:
+        parsed.clear()
     accounts: dict[str, User] = {}
     for number, raw in enumerate(data.split(b"\n"), 1):
         raw = raw.removesuffix(b"\r")
-        if not raw.strip() or raw.startswith(b"#"):
-            continue
-        try:
-            account = parse_line(raw.decode("utf-8"))
-        except (ValueError, AddressError) as exc:  # UnicodeDecodeError is a ValueError
-            _report(file, number, raw, exc)
-            if bad_lines is not None:
-                bad_lines.append(raw)
-            continue
+        account = before.get(raw)
+        if account is None:
+            if not raw.strip() or raw.startswith(b"#"):
+                continue
+            try:
+                account = parse_line(raw.decode("utf-8"))
+            except (ValueError, AddressError) as exc:  # UnicodeDecodeError is a ValueError
+                _report(file, number, raw, exc)
+                if bad_lines is not None:
+                    bad_lines.append(raw)
+                continue
+        if parsed is not None:
+            parsed[raw] = account
         accounts[account.email] = account
     return accounts
 
@@ -185,11 +196,16 @@ def _report(file: Path, number: int, raw: bytes, exc: Exception) -> None:
 
 class PasswdCache:
     """A passwd-file's accounts, re-read only when the file changed (one stat per `get`);
-    `current()` is the last answer, from memory (for the event loop)."""
+    `current()` is the last answer, from memory (for the event loop). A reread parses only the
+    lines that are new since the last one (`read_passwd`'s `parsed`): with 10,000 users, a
+    change by the command line costs serve's refresh a few milliseconds, not a parse of every
+    address."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
         self._cached: tuple[tuple[int, int, int], dict[str, User]] | None = None
+        self._lines: dict[bytes, User] = {}
+        self._lock = threading.Lock()       # `_lines` is shared by the threads that reread
 
     def get(self) -> dict[str, User]:
         try:
@@ -198,12 +214,21 @@ class PasswdCache:
             self._cached = None
             return {}
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._cached is None or self._cached[0] != stamp:
-            self._cached = (stamp, read_passwd(self.file))
-        return self._cached[1]
+        cached = self._cached
+        if cached is None or cached[0] != stamp:
+            with self._lock:
+                cached = (stamp, read_passwd(self.file, parsed=self._lines))
+            self._cached = cached
+        return cached[1]
+
+    def read(self, bad_lines: list[bytes]) -> dict[str, User]:
+        """The file as it is now, for a rewrite (under the writer's file lock)."""
+        with self._lock:
+            return read_passwd(self.file, bad_lines, self._lines)
 
     def current(self) -> dict[str, User]:
-        return self._cached[1] if self._cached is not None else {}
+        cached = self._cached
+        return cached[1] if cached is not None else {}
 
     def forget(self) -> None:
         self._cached = None
@@ -267,7 +292,7 @@ class Directory:
         address = self._address(email)
         with self._lock:
             bad: list[bytes] = []
-            users = read_passwd(self.file, bad)
+            users = self._cache.read(bad)
             user = change(users.get(str(address)), address)
             users[user.email] = user
             self._write(users.values(), bad)
@@ -343,7 +368,7 @@ class Directory:
                 problems.append(f"{path}:{line}: {exc}")
         with self._lock:
             bad: list[bytes] = []
-            users = read_passwd(self.file, bad)
+            users = self._cache.read(bad)
             for email, (line, user) in pending.items():
                 if email in users:
                     problems.append(f"{path}:{line}: {email}: already registered")

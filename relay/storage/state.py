@@ -177,8 +177,11 @@ class QueueStatus:
 
 
 def queue_status(queue: Queue) -> QueueStatus:
-    """Count a queue's entries (blocking: a few directory listings)."""
-    return QueueStatus({state: queue.count(state) for state in STATES}, queue.oldest_age("waiting"))
+    """Count a queue's entries (blocking: one listing per state, names only: no entry is opened
+    or stat'ed, and nothing is sorted)."""
+    counts = {state: queue.count(state) for state in STATES if state != "waiting"}
+    counts["waiting"], oldest = queue.tally("waiting")
+    return QueueStatus({state: counts[state] for state in STATES}, oldest)
 
 
 def domain_status(config: Config, name: str) -> DomainStatus:

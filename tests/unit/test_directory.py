@@ -149,3 +149,41 @@ def test_every_rewrite_changes_mtime_seconds(directory):
     after = directory.file.stat()
     assert after.st_size == before.st_size
     assert int(after.st_mtime) != int(before.st_mtime)
+
+
+def test_refresh_parses_only_new_lines_and_sees_every_change(directory, config_path, monkeypatch):
+    """Issue 13 (scale): serve's refresh rereads a changed passwd-file without parsing the
+    unchanged lines again; a line changed, added or removed by another process is still seen."""
+    import relay.directory as module
+
+    writer = Directory(load(config_path))
+    for n in range(20):
+        writer.add(f"u{n}@example.com", f"User {n}")
+    directory.refresh()
+    assert directory.is_known(parse_mailbox("u7@example.com"))
+    writer.add("new@example.com", "New")
+    writer.set_active("u3@example.com", False)
+    lines = writer.file.read_bytes().replace(b"u5@example.com::::User 5:::\n", b"")
+    writer.file.write_bytes(lines + b"not a line\n")         # removed by hand, and a bad line
+    parsed = []
+    real_parse = module.parse_line
+    monkeypatch.setattr(module, "parse_line", lambda line: parsed.append(line) or real_parse(line))
+    directory.refresh()
+    assert sorted(parsed) == ["new@example.com::::New:::", "not a line",
+                              "u3@example.com::::User 3:::nologin reason=deactivated"]
+    assert directory.is_known(parse_mailbox("new@example.com"))
+    assert not directory.users()[("u3@example.com")].active
+    assert not directory.is_known(parse_mailbox("u5@example.com"))
+    assert len(directory.users()) == 20
+    writer.add("later@example.com")                          # a rewrite keeps the bad line
+    assert writer.file.read_bytes().endswith(b"not a line\n")
+
+
+def test_the_command_line_does_not_load_the_service_to_show_status():
+    """Issue 13 (scale): `status` and `users` start without importing the listeners and aiohttp
+    (most of a command's start-up before); `serve` imports them when it runs."""
+    import subprocess
+    import sys
+    probe = "import sys, relay.cli; print(sorted(m for m in ('relay.app', 'aiohttp') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -134,3 +134,37 @@ def test_the_retry_and_hold_policy_is_the_queues(tmp_path):
         assert queue.crashed(entry, queue.envelope(entry, "active"), "error: RuntimeError") == expected
     held = queue.envelope(entry, "hold")
     assert held.crashes == MAX_CRASHES and held.note == "error: RuntimeError"
+
+
+def test_counts_and_oldest_come_from_names_only(tmp_path, monkeypatch):
+    """Issue 13 (scale): `status` counts each state and finds the oldest waiting entry from the
+    directory listings alone, opening no envelope; the counts and the age stay exact."""
+    from relay.storage.state import queue_status
+    queue = Queue(tmp_path / "q")
+    ids = [queue.enqueue_bytes(b"x", envelope(f"u{n}@example.com")) for n in range(5)]
+    assert queue.claim(ids[1]) and queue.claim(ids[2])
+    queue.fail(ids[2], queue.envelope(ids[2], "active"), "550 no")
+    (tmp_path / "q" / "waiting" / ".hidden").write_bytes(b"")   # not an entry
+    monkeypatch.setattr("relay.storage.queue._read_plain", lambda path: pytest.fail(f"read {path}"))
+    status = queue_status(queue)
+    assert status.queue == {"waiting": 3, "active": 1, "failed": 1, "hold": 0}
+    assert status.oldest is not None and 0 <= status.oldest < 60
+    assert queue.tally("failed")[0] == 1 and queue.oldest_age("hold") is None
+
+
+def test_recover_removes_orphans_among_many_committed_entries(tmp_path):
+    """Recovery's orphan sweep (a set of committed names, no sorting) still finds a message file
+    left without an envelope, whatever state the others are in, and removes nothing else."""
+    queue = Queue(tmp_path / "q")
+    ids = [queue.enqueue_bytes(b"x", envelope()) for n in range(6)]
+    for entry, target in zip(ids[:3], ("failed", "hold", "active"), strict=True):
+        assert queue.claim(entry)
+        if target != "active":
+            queue.move(entry, "active", target)
+    orphan = queue.new_id()
+    (tmp_path / "q" / "msg" / orphan).write_bytes(b"orphan")
+    (tmp_path / "q" / "tmp" / queue.new_id()).write_bytes(b'{"half')
+    assert Queue(tmp_path / "q").recover() == {"requeued": 1, "held": 0, "orphans": 1}
+    assert sorted(os.listdir(tmp_path / "q" / "msg")) == sorted(ids)
+    assert os.listdir(tmp_path / "q" / "tmp") == []
+    assert Queue(tmp_path / "q").recover() == {"requeued": 0, "held": 0, "orphans": 0}
