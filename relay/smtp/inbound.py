@@ -5,10 +5,12 @@ Per recipient, in the sender's session:
   - RCPT is forwarded to the primary (with its DSN parameters); its 2xx or 5xx is our answer
   - a 4xx or no answer: the recipient is kept for continuity when the domain's subscription is
     active today and the user is registered; otherwise the sender gets the 4xx and retries.
-    Two kinds of 4xx are the primary's word on this one message, not a sign it is in trouble:
+    Only a failure that says the primary itself is in trouble (`Reply.server_trouble`: no
+    connection, 421, a 4xx to the greeting, EHLO or MAIL) puts the domain in outage. A 4xx to
+    RCPT or DATA is the primary's word on this one mailbox or message (4.2.x busy or full,
+    4.3.x a lookup that failed): kept, and the domain's health stays as it is. Except:
       4.7.x (policy, greylisting): goes back to the sender as it is and nothing is kept, so
-            the primary's policy still holds;
-      4.2.x (mailbox busy or full): kept for continuity, but the domain's health stays as it is
+            the primary's policy still holds.
 At DATA, the message (plus our Received header) goes to the primary for the recipients it took;
 those it now fails temporarily fall back to continuity by the same rules. Continuity copies are
 written to the Maildir and the replay queue, and only then does the sender get 250. When one
@@ -247,8 +249,10 @@ class InboundHandler:
         return replies.RECIPIENT_OK
 
     def _failed(self, domain: Domain, reply: Reply) -> None:
-        """A temporary failure: the domain is in outage unless it was about one mailbox."""
-        if not _mailbox_only(reply):
+        """A temporary failure: the domain is in outage if it says the primary is in trouble,
+        as replay decides (a 4xx to RCPT or DATA is about one mailbox: Postfix's qmgr does not
+        throttle a destination for it either)."""
+        if reply.server_trouble:
             self.health.primary_failed(domain.name, f"{reply.code} {reply.text}")
 
     async def _may_keep(self, domain: Domain, user: Mailbox) -> bool:
@@ -398,11 +402,6 @@ class InboundHandler:
 def _policy(reply: Reply) -> bool:
     """A 4.7.x: the primary's policy (greylisting, a rate limit) speaks; the sender must hear it."""
     return reply.temporary and reply.reached and reply.enhanced.startswith("4.7.")
-
-
-def _mailbox_only(reply: Reply) -> bool:
-    """A 4.2.x to RCPT or DATA: one mailbox is busy or full; the primary itself is fine."""
-    return not reply.server_trouble and reply.enhanced.startswith("4.2.")
 
 
 def make_server_factory(handler: InboundHandler, hostname: str, tls: ServerTLS | None,

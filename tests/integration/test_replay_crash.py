@@ -317,7 +317,7 @@ def check_drained(relay: Relay) -> None:
 
 @pytest.fixture
 def fake():
-    server = FakePrimary(Script(rcpt="451 4.3.0 mailbox store down")).start()
+    server = FakePrimary(Script(mail="451 4.3.0 mailbox store down")).start()
     yield server
     server.stop()
 
@@ -361,7 +361,7 @@ def test_sigkill_during_replay_then_restart_delivers_everything(relay: Relay,
     gate = Gate(lambda n: "250 2.0.0 Ok: queued", delay=0.015)
     gate.hold(total // 3)
     fake.script.data_for = gate
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     in_flight, at_kill = kill_while_held(relay, gate, fake, accepts=True)
     assert 0 < at_kill < total, f"{at_kill} of {total} delivered at the kill"
     assert gate.held_msgid in in_flight.values(), (gate.held_msgid, in_flight)
@@ -400,7 +400,7 @@ def test_flapping_primary_with_two_kills_loses_nothing(relay: Relay, fake: FakeP
     gate = Gate(lambda n: "451 4.3.0 flapping" if n % 2 else "250 2.0.0 Ok: queued", delay=0.01)
     gate.hold(6)                      # an even DATA: the primary takes it, the relay dies first
     fake.script.data_for = gate
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     in_flight_1, at_kill_1 = kill_while_held(relay, gate, fake, accepts=True)
     assert gate.held_msgid in in_flight_1.values(), (gate.held_msgid, in_flight_1)
 

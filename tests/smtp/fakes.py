@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from relay import app
 from relay.config import Config, HostPort, load
@@ -29,8 +30,11 @@ class Received:
 
 @dataclass
 class Script:
-    """What the fake primary answers. Replies per recipient address, else `rcpt`."""
+    """What the fake primary answers. Replies per recipient address, else `rcpt`.
+    `greeting` and `ehlo` replace the 220 greeting and the answer to EHLO and HELO."""
 
+    greeting: str | None = None
+    ehlo: str | None = None
     mail: str = "250 2.1.0 Ok"
     rcpt: str = "250 2.1.5 Ok"
     rcpt_for: dict[str, str] = field(default_factory=dict)
@@ -54,6 +58,18 @@ class ScriptedHandler:
             server.transport.close()
             return "421 4.3.0 gone"
         return None
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        if self.script.ehlo is None:
+            session.host_name = hostname
+            return responses
+        return [self.script.ehlo]
+
+    async def handle_HELO(self, server, session, envelope, hostname):
+        if self.script.ehlo is None:
+            session.host_name = hostname
+            return f"250 {server.hostname}"
+        return self.script.ehlo
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         if not any(known is session for known in self.sessions):
@@ -86,6 +102,26 @@ class ScriptedHandler:
         return reply
 
 
+def _scripted(base: type[SMTP]) -> type[SMTP]:
+    """`base` with the greeting its handler's script gives (the first reply it pushes)."""
+
+    class Scripted(base):
+        _greeted = False
+
+        async def push(self, status: str) -> None:
+            if not self._greeted:
+                self._greeted = True
+                status = self.event_handler.script.greeting or status
+            await super().push(status)
+
+    return Scripted
+
+
+class _ScriptedController(Controller):
+    def factory(self):
+        return _scripted(SMTP)(self.handler, **self.SMTP_kwargs)
+
+
 class _DSNController(Controller):
     """A Controller whose server is the relay's own protocol: it offers DSN (RFC 3461) and
     keeps NOTIFY/ORCPT per recipient, which plain aiosmtpd refuses with 555."""
@@ -93,7 +129,7 @@ class _DSNController(Controller):
     def factory(self):
         from relay.smtp.server import RelaySMTP
 
-        return RelaySMTP(self.handler, **self.SMTP_kwargs)
+        return _scripted(RelaySMTP)(self.handler, **self.SMTP_kwargs)
 
 
 class FakePrimary:
@@ -107,7 +143,7 @@ class FakePrimary:
                  tls_context: ssl.SSLContext | None = None) -> None:
         self.handler = ScriptedHandler(script or Script())
         self.port = port or free_port()
-        kind = _DSNController if dsn else Controller
+        kind = _DSNController if dsn else _ScriptedController
         self.controller = kind(self.handler, hostname="127.0.0.1", port=self.port,
                                server_hostname=name, decode_data=False, enable_SMTPUTF8=smtputf8,
                                tls_context=tls_context)

@@ -95,7 +95,7 @@ def mails(server, rcpt: str, words: str = "") -> list[str]:
 
 def test_outage_start_and_end_alert_admins_webhook_and_the_users_alternate_never_the_primary(
         smarthost, make_relay):
-    primary = FakePrimary(Script(rcpt="451 4.3.0 mailbox store offline")).start()
+    primary = FakePrimary(Script(mail="451 4.3.0 mailbox store offline")).start()
     hook = WebhookReceiver([500, 500]).start()
     try:
         relay = make_relay(primary.port, users=("alice@example.com",),
@@ -114,7 +114,7 @@ def test_outage_start_and_end_alert_admins_webhook_and_the_users_alternate_never
         assert hook.requests[0][2] == "application/json"
         wait_for(lambda: not files(relay.config.storage.spool / "alerts" / "webhook" / "waiting"))
 
-        primary.script.rcpt = "250 2.1.5 Ok"          # back: replay, then the end of it
+        primary.script.mail = "250 2.1.0 Ok"          # back: replay, then the end of it
         wait_for(lambda: mails(smarthost, ADMIN, "example.com: primary back"))
         wait_for(lambda: mails(smarthost, ALTERNATE, "back to normal"))
         (done,) = wait_for(lambda: mails(smarthost, ADMIN, "replay finished"))
@@ -176,7 +176,7 @@ def test_an_alert_queued_while_smarthost_and_webhook_are_down_survives_a_restart
 
 def test_a_replayed_entry_refused_for_good_alerts_the_admins_with_its_queue_and_domain(
         smarthost, make_relay):
-    primary = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    primary = FakePrimary(Script(mail="451 4.3.0 down")).start()
     hook = WebhookReceiver().start()
     try:
         relay = make_relay(primary.port, users=("alice@example.com",),
@@ -184,6 +184,7 @@ def test_a_replayed_entry_refused_for_good_alerts_the_admins_with_its_queue_and_
         send(relay.port, "bob@example.net", ["alice@example.com"], MESSAGE)
         wait_for(lambda: mails(smarthost, ADMIN, "example.com: primary down"))
         primary.script.rcpt = "550 5.1.1 <alice@example.com>: no such user here"
+        primary.script.mail = "250 2.1.0 Ok"
         (alert,) = wait_for(lambda: mails(smarthost, ADMIN, "refused for good"))
         assert "example.com: 1 refused for good, 0 set aside in the replay queue" in alert
         assert "no such user here" in alert

@@ -18,7 +18,7 @@ MESSAGE = b"From: s@sender.test\r\nTo: alice@example.com\r\nSubject: hi\r\n\r\nb
 
 
 def test_messages_in_an_outage_and_after_cost_the_loop_no_file_call(tmp_path):
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     path = write_config(tmp_path, fake.port, extra="replay: {probe_interval: 1s}\n")
     Directory(load(path)).add("alice@example.com")
     relay = InProcessRelay.from_file(path).start()
@@ -27,7 +27,7 @@ def test_messages_in_an_outage_and_after_cost_the_loop_no_file_call(tmp_path):
             watch_thread(relay.thread)
             for _ in range(5):
                 assert send(relay.port, "s@sender.test", ["alice@example.com"], MESSAGE)[1][0] == 250
-            fake.script.rcpt = "250 2.1.5 Ok"         # the primary is back: replay drains
+            fake.script.mail = "250 2.1.0 Ok"         # the primary is back: replay drains
             wait_for(lambda: len(fake.received) == 5, 20, "the replay of five messages")
             assert send(relay.port, "s@sender.test", ["alice@example.com"], MESSAGE)[1][0] == 250
             relay.stop()
@@ -41,7 +41,7 @@ def test_messages_in_an_outage_and_after_cost_the_loop_no_file_call(tmp_path):
 def test_a_user_added_a_moment_ago_is_kept_at_once(tmp_path):
     """Memory answers a registered user; a miss is asked again of the file (in a worker
     thread), so mail right after `users add` is not refused for a second."""
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     path = write_config(tmp_path, fake.port)
     relay = InProcessRelay.from_file(path).start()
     try:

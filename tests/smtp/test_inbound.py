@@ -55,15 +55,24 @@ def test_primary_refuses_for_good_gets_same_code_and_text(make_relay):
         fake.stop()
 
 
-@pytest.mark.parametrize("script", [
-    Script(rcpt="451 4.3.0 Mailbox database offline"),
-    Script(mail="421 4.3.2 Service shutting down"),
-    Script(drop_at="RCPT"),
-    Script(drop_at="DATA"),
-    Script(data="452 4.2.2 Over quota for now"),
-    Script(hang_at="RCPT"),
-], ids=["rcpt-451", "mail-421", "drop-at-rcpt", "drop-at-data", "data-452", "hang"])
-def test_temporary_fault_keeps_mail_for_registered_user(make_relay, script):
+# What each fault says of the primary (issue 8, point 5): only no connection, a 421, or a 4xx to
+# the greeting, EHLO or MAIL is an outage; a 4xx to RCPT or DATA is about one mailbox.
+@pytest.mark.parametrize("script,health", [
+    (Script(greeting="421 4.3.2 primary.test Service not available"), "outage"),
+    (Script(greeting="450 4.3.2 primary.test busy, try later"), "outage"),
+    (Script(ehlo="451 4.3.0 primary.test EHLO later"), "outage"),
+    (Script(mail="451 4.3.0 try later"), "outage"),
+    (Script(mail="421 4.3.2 Service shutting down"), "outage"),
+    (Script(drop_at="RCPT"), "outage"),
+    (Script(drop_at="DATA"), "outage"),
+    (Script(hang_at="RCPT"), "outage"),
+    (Script(rcpt="451 4.3.0 Mailbox database offline"), "normal"),
+    (Script(rcpt="450 4.2.1 Mailbox busy"), "normal"),
+    (Script(data="452 4.2.2 Over quota for now"), "normal"),
+    (Script(data="451 4.3.0 Queue file write error"), "normal"),
+], ids=["greeting-421", "greeting-450", "ehlo-451", "mail-451", "mail-421", "drop-at-rcpt",
+        "drop-at-data", "hang", "rcpt-451", "rcpt-450", "data-452", "data-451"])
+def test_temporary_fault_keeps_mail_for_registered_user(make_relay, script, health):
     fake = FakePrimary(script).start()
     try:
         relay = make_relay(fake.port)
@@ -79,9 +88,7 @@ def test_temporary_fault_keeps_mail_for_registered_user(make_relay, script):
         msg = waiting.parent.parent / "msg" / waiting.name
         assert msg.stat().st_ino == stored.stat().st_ino  # the queue's own hard link
         assert data[envelope["skip"]:].startswith(b"Received: ")
-        # A 4.2.x is about one mailbox (busy, full): kept, but the primary is not in outage.
-        expected = "normal" if script.data.startswith("452 4.2") else "outage"
-        assert read_state(relay.config.storage.spool / "state", "example.com").state == expected
+        assert read_state(relay.config.storage.spool / "state", "example.com").state == health
     finally:
         fake.stop()
 
@@ -262,15 +269,15 @@ def test_oversized_message_552(primary, make_relay):
 
 
 def test_health_changes_logged_once(make_relay, caplog):
-    """outage on the first 4xx; replaying once the primary takes mail again (the kept
+    """outage on the first 4xx to MAIL; replaying once the primary takes mail again (the kept
     messages are then replayed); normal when nothing is left to replay."""
     caplog.set_level(logging.INFO, logger="relay")
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     try:
         relay = make_relay(fake.port)
         for _ in range(3):
             send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
-        fake.script.rcpt = "250 2.1.5 Ok"
+        fake.script.mail = "250 2.1.0 Ok"
         for _ in range(2):
             send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
         state_dir = relay.config.storage.spool / "state"

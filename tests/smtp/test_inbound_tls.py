@@ -172,7 +172,7 @@ def test_auth_in_the_middle_of_a_transaction_is_refused(start_relay, primary, sm
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_after_starttls_and_auth_mail_goes_out_with_sent_and_cs_sent_copies(
         start_relay, smarthost, client_tls, mechanism):
-    primary = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    primary = FakePrimary(Script(mail="451 4.3.0 down")).start()
     try:
         relay = start_relay(primary.port, extra=outbound_config(smarthost.port))
         with tls_client(relay.port, client_tls) as smtp:
@@ -190,7 +190,7 @@ def test_after_starttls_and_auth_mail_goes_out_with_sent_and_cs_sent_copies(
         assert headers.remove(out.content, "Received") == MESSAGE
         (sent,) = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
         assert headers.remove(sent.read_bytes(), "Received") == MESSAGE
-        primary.script.rcpt = "250 2.1.5 Ok"
+        primary.script.mail = "250 2.1.0 Ok"
         wait_for(lambda: len(primary.received) == 1)
         (copy,) = primary.received
         assert copy.mail_from == ALICE and copy.rcpt_tos == [ALICE]

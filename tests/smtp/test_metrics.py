@@ -55,7 +55,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_counts_and_gauges_follow_an_outage_and_the_replay(tmp_path):
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     path = write_config(tmp_path, fake.port, extra="replay: {probe_interval: 1s}\n")
     Directory(load(path)).add("alice@example.com")
     relay = InProcessRelay.from_file(path).start()
@@ -88,7 +88,7 @@ def test_counts_and_gauges_follow_an_outage_and_the_replay(tmp_path):
             assert value(probed, "relay_queue_oldest_age_seconds", queue="replay", domain=DOMAIN) > 0
             assert value(probed, "relay_domain_outage_seconds_total", domain=DOMAIN) > 0
 
-            fake.script.rcpt = "250 2.1.5 Ok"           # the primary is back: replay drains
+            fake.script.mail = "250 2.1.0 Ok"           # the primary is back: replay drains
             after = wait_for(lambda: (s := scrape(port)) and value(
                 s, "relay_domain_state", domain=DOMAIN, state="normal") == 1 and s,
                 what="the state gauge back to normal")

@@ -37,7 +37,7 @@ def number(content: bytes) -> int:
 @pytest.fixture
 def outage(make_relay):
     """A relay whose primary answers 451, with messages kept for alice, bob and carol."""
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down for maintenance")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance")).start()
     relay = make_relay(fake.port, users=("alice@example.com", "bob@example.com", "carol@example.com"),
                        extra=FAST)
     sent: dict[int, tuple[str, bytes]] = {}
@@ -54,7 +54,7 @@ def outage(make_relay):
 def test_recovered_primary_gets_everything_in_order_with_original_bytes(outage):
     fake, relay, sent = outage
     fake.handler.sessions.clear()
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     wait_for(lambda: len(fake.received) == 30 and not queue(relay))
     by_user: dict[str, list[int]] = {}
     for got in fake.received:
@@ -73,7 +73,7 @@ def test_recovered_primary_gets_everything_in_order_with_original_bytes(outage):
 def test_flapping_primary_loses_nothing_and_keeps_order(outage):
     fake, relay, sent = outage
     flips = iter(range(10**6))
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_for = lambda content: "451 4.3.0 flap" if next(flips) % 3 == 1 else "250 2.0.0 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active"), 60)
     numbers = [number(g.content) for g in fake.received]
@@ -85,7 +85,7 @@ def test_flapping_primary_loses_nothing_and_keeps_order(outage):
 
 def test_permanent_refusal_notifies_sender_and_the_rest_go_on(outage):
     fake, relay, _ = outage
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_for = (lambda c: "550 5.7.1 Message 7 is not wanted" if b"<m7@" in c
                             else "250 2.0.0 Ok")
     wait_for(lambda: not queue(relay) and len(fake.received) == 29 and queue(relay, "failed"))
@@ -102,7 +102,7 @@ def test_permanent_refusal_notifies_sender_and_the_rest_go_on(outage):
 
 def test_status_counts_failed_entries(outage, capsys):
     fake, relay, _ = outage
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_for = lambda c: "554 5.6.0 no" if b"<m3@" in c or b"<m4@" in c else "250 Ok"
     wait_for(lambda: not queue(relay) and len(queue(relay, "failed")) == 2)
     wait_for(lambda: read_state(relay.config.storage.spool / "state", "example.com").state == "normal")
@@ -113,12 +113,12 @@ def test_status_counts_failed_entries(outage, capsys):
 
 
 def test_refused_message_from_null_sender_and_local_sender(make_relay):
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     try:
         relay = make_relay(fake.port, extra=FAST)
         assert send(relay.port, "", ["alice@example.com"], message(1, "alice"))[1][0] == 250
         assert send(relay.port, "bob@example.com", ["alice@example.com"], message(2, "alice"))[1][0] == 250
-        fake.script.rcpt = "250 2.1.5 Ok"
+        fake.script.mail = "250 2.1.0 Ok"
         fake.script.data_for = (lambda c: "550 5.1.1 refused" if b"multipart/report" not in c
                                 else "250 2.0.0 Ok")
         # The notice to bob (one of ours) takes the notice route: his continuity INBOX now,
@@ -144,7 +144,7 @@ def test_primary_that_greets_but_refuses_stays_in_outage_quietly(outage, caplog)
     time.sleep(3.5)  # three probes: each greets, each first delivery gets 451
     assert read_state(relay.config.storage.spool / "state", "example.com").state == "outage"
     assert [r for r in caplog.records if r.name == "relay.health"] == []
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     wait_for(lambda: not queue(relay) and len(fake.received) == 30)
     wait_for(lambda: len([r for r in caplog.records if r.name == "relay.health"]) == 2)
     changes = [r.getMessage().split()[0] for r in caplog.records if r.name == "relay.health"]
@@ -152,12 +152,12 @@ def test_primary_that_greets_but_refuses_stays_in_outage_quietly(outage, caplog)
 
 
 def test_inbound_success_starts_replay_without_waiting_for_a_probe(make_relay):
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down")).start()
     try:
         relay = make_relay(fake.port, extra="replay: {probe_interval: 1h}\n")
         for n in range(3):
             send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))
-        fake.script.rcpt = "250 2.1.5 Ok"
+        fake.script.mail = "250 2.1.0 Ok"
         send(relay.port, "s@sender.test", ["alice@example.com"], message(9, "alice"))
         wait_for(lambda: len(fake.received) == 4 and not queue(relay), 10)
     finally:
@@ -172,7 +172,7 @@ def test_replay_command_sweeps_once_with_summary(outage, capsys):
     assert capsys.readouterr().out.startswith("example.com: 30 waiting for 3 user(s), oldest ")
     assert main(["replay", "-c", str(config)]) == 1  # the primary still says 451
     assert "0 delivered" in capsys.readouterr().out and len(queue(relay)) == 30
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     assert main(["replay", "--domain", "example.com", "-c", str(config)]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == "example.com: 30 delivered, 0 refused (sender notified), 0 set aside, " \
@@ -220,7 +220,7 @@ def test_entry_that_crashes_the_runner_three_times_is_set_aside(outage, capsys):
         return await real_deliver(envelope, data, upstream)
 
     runner.deliver = deliver_or_crash
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active") and len(fake.received) == 29)
     (held,) = queue(relay, "hold")
     assert b'"crashes": 3' in held.read_bytes()
@@ -237,7 +237,7 @@ def test_new_inbound_mail_goes_straight_to_the_primary_during_replay(outage):
         gate.wait(0.2)
         return "250 2.0.0 Ok"
 
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_for = slow
     wait_for(lambda: read_state(relay.config.storage.spool / "state", "example.com").state == "replaying")
     _, reply = send(relay.port, "s@sender.test", ["alice@example.com"], message(99, "alice"))
@@ -280,7 +280,7 @@ def test_a_sweep_stopped_by_4xx_waits_a_probe_interval(outage, caplog):
     fake, relay, _ = outage
     caplog.set_level(logging.INFO, logger="relay.health")
     flips = iter(range(10**6))
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_for = lambda content: "421 4.3.0 flap" if next(flips) % 2 else "250 2.0.0 Ok"
     wait_for(lambda: not queue(relay) and not queue(relay, "active"), 90)
     changes = [(r.getMessage().split()[0], r.created) for r in caplog.records

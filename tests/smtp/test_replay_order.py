@@ -26,7 +26,7 @@ def slow_every_fourth(content: bytes) -> float:
 @pytest.fixture
 def busy(make_relay):
     """A relay whose primary answers 451, with COUNT messages kept for alice alone."""
-    fake = FakePrimary(Script(rcpt="451 4.3.0 down for maintenance")).start()
+    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance")).start()
     relay = make_relay(fake.port, users=("alice@example.com",), extra=THREE)
     for n in range(COUNT):
         assert send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))[1][0] == 250
@@ -56,7 +56,7 @@ def test_one_busy_mailbox_drains_over_several_connections_oldest_first(busy):
     fake, relay = busy
     fake.handler.sessions.clear()
     fake.script.data_delay_for = slow_every_fourth
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     wait_for(lambda: len(fake.received) == COUNT and not queue(relay) and not queue(relay, "active"))
     assert delivered(fake) == list(range(COUNT))       # the primary's 250s came oldest first
     assert 2 <= len(fake.handler.sessions) <= 3        # several workers on the one mailbox
@@ -65,7 +65,7 @@ def test_one_busy_mailbox_drains_over_several_connections_oldest_first(busy):
 def test_mailbox_told_to_wait_mid_pipeline_leaves_the_rest_untried(busy):
     fake, relay = busy
     relay.stop()
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_delay_for = lambda content: 0.2 if number(content) == 10 else 0.0
     fake.script.data_for = lambda content: "452 4.2.2 over quota" if number(content) == 10 else "250 Ok"
     assert replay_command(relay) == 1                  # something still waits
@@ -85,7 +85,7 @@ def test_mailbox_told_to_wait_mid_pipeline_leaves_the_rest_untried(busy):
 def test_primary_in_trouble_mid_pipeline_stops_the_sweep_and_keeps_the_places(busy):
     fake, relay = busy
     relay.stop()
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_delay_for = lambda content: 0.2 if number(content) == 5 else 0.0
     fake.script.data_for = lambda content: "421 4.3.0 shutting down" if number(content) == 5 else "250 Ok"
     assert replay_command(relay) == 1
@@ -102,7 +102,7 @@ def test_primary_in_trouble_mid_pipeline_stops_the_sweep_and_keeps_the_places(bu
 def test_refusal_mid_pipeline_fails_that_one_and_the_rest_go_on_in_order(busy):
     fake, relay = busy
     relay.stop()
-    fake.script.rcpt = "250 2.1.5 Ok"
+    fake.script.mail = "250 2.1.0 Ok"
     fake.script.data_delay_for = lambda content: 0.2 if number(content) == 6 else 0.0
     fake.script.data_for = lambda content: "550 5.7.1 not wanted" if number(content) == 7 else "250 Ok"
     assert replay_command(relay) == 0

@@ -27,7 +27,7 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: Bob <bob@example.org>\r\n"
 
 
 def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarthost, make_relay):
-    primary = FakePrimary(Script(rcpt="451 4.3.0 down")).start()
+    primary = FakePrimary(Script(mail="451 4.3.0 down")).start()
     try:
         relay = make_relay(primary.port, extra=outbound_config(smarthost.port))
         alice = parse_mailbox("alice@example.com")
@@ -40,7 +40,7 @@ def test_sent_mail_reaches_smarthost_sent_folder_and_primary_with_cs_sent(smarth
         assert got.content == MESSAGE.replace(b"Bcc: secret@example.net\r\n", b"")
         (sent,) = files(relay.config.storage.maildirs / "example.com" / "alice" / ".Sent" / "cur")
         assert sent.name.endswith(":2,S") and sent.read_bytes() == MESSAGE
-        primary.script.rcpt = "250 2.1.5 Ok"
+        primary.script.mail = "250 2.1.0 Ok"
         wait_for(lambda: len(primary.received) == 1)
         (copy,) = primary.received
         assert copy.mail_from == "alice@example.com" and copy.rcpt_tos == ["alice@example.com"]
