@@ -183,6 +183,39 @@ def test_replay_command_sweeps_once_with_summary(outage, capsys):
     assert main(["replay", "--domain", "nope.example", "-c", str(config)]) == 2
 
 
+@pytest.mark.parametrize("fault", [
+    {"greeting": "421 4.3.2 primary.test Service not available"},
+    {"greeting": "450 4.3.2 primary.test too busy"},
+    {"ehlo": "451 4.3.0 primary.test EHLO later"},
+    {"mail": "452 4.3.1 Insufficient system storage"},
+], ids=["greeting-421", "greeting-450", "ehlo-451", "mail-452"])
+def test_a_primary_in_trouble_stops_the_sweep_and_the_domain_stays_in_outage(outage, capsys, fault):
+    """Issue 8, point 5: a 4xx to the greeting, EHLO or MAIL is the primary in trouble, not one
+    mailbox: the sweep stops at the first, nothing is told to wait, and the domain is in outage."""
+    fake, relay, _ = outage
+    relay.stop()
+    fake.script.mail = "250 2.1.0 Ok"
+    for key, value in fault.items():
+        setattr(fake.script, key, value)
+    config = str(relay.config.file)
+    assert main(["replay", "-c", config]) == 1
+    out = capsys.readouterr().out
+    assert "0 delivered" in out and "30 still waiting" in out, out
+    assert len(queue(relay)) == 30 and fake.received == []
+    held = [e for e in map(load_envelope, queue(relay)) if e.get("extra", {}).get("next_try")]
+    assert held == []          # no mailbox was told to wait: the primary was
+    assert read_state(relay.config.storage.spool / "state", "example.com").state == "outage"
+    for key in fault:
+        setattr(fake.script, key, None if key != "mail" else "250 2.1.0 Ok")
+    assert main(["replay", "-c", config]) == 0 and len(fake.received) == 30
+
+
+def load_envelope(path) -> dict:
+    import json
+
+    return json.loads(path.read_bytes())
+
+
 def test_a_few_thousand_messages_byte_for_byte(primary, make_relay):
     """Filled through the same code the listener uses, then drained to a real SMTP server."""
     relay = make_relay(primary.port, extra="replay: {probe_interval: 1h, concurrency: 4}\n")
