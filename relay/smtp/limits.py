@@ -8,7 +8,7 @@ one host cannot dodge the count by changing addresses); an IPv4-mapped IPv6 addr
 
 `LimitedConnections` applies them to aiosmtpd's SMTP protocol; it goes first in the MRO
 (`class InboundSMTP(LimitedConnections, <base>)`):
-  - over a count, `connection_made` writes 421 (4.3.2 over the listener's total, 4.7.0 over the
+  - over a count, `connection_made` writes 421 4.7.0 (over the listener's total or over the
     client's) and closes, before aiosmtpd sees the connection; `connection_lost` releases;
   - the idle timer runs only while the relay waits for the client: every byte received restarts
     it, and it is stopped while a handler hook runs or DATA is written to the spool (the relay

@@ -40,7 +40,7 @@ SPAM_DEFERRED = "451 4.7.1 Message deferred by the spam filter, try again later"
 SPAM_DEFERRED_BECAUSE = "451 4.7.1 Message deferred by the spam filter ({reason}), try again later"
 SPAM_FILTER_UNAVAILABLE = "451 4.3.0 Spam filter unavailable, try again later"
 # Connection and session limits (relay/smtp/limits.py); each closes the connection.
-TOO_MANY_CONNECTIONS = "421 4.3.2 {hostname} Too many connections, try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 {hostname} Too many connections, try again later"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 {hostname} Too many connections from your address, try again later"
 IDLE_TIMEOUT = "421 4.4.2 {hostname} Idle too long, closing connection"
 TOO_MANY_ERRORS = "421 4.7.0 {hostname} Too many errors, closing connection"

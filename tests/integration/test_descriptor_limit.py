@@ -108,7 +108,7 @@ def test_serve_survives_a_flood_under_1024_descriptors(tmp_path: Path):
         admitted = sum(b.startswith(b"220 ") for b in banners)
         refused = [b for b in banners if not b.startswith(b"220 ")]
         assert admitted == limit, (admitted, limit)
-        assert set(refused) == {b"421 4.3.2 relay.localhost Too many connections, try again later\r\n"}
+        assert set(refused) == {b"421 4.7.0 relay.localhost Too many connections, try again later\r\n"}
         assert relay.running, relay.log_text()
 
         primary.start()                                  # the runners still have descriptors:

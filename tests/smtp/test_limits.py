@@ -89,7 +89,7 @@ def test_listener_total_refuses_every_client(make_relay):
     clients = [greeting(relay.port) for _ in range(2)]
     assert all(banner.startswith(b"220 ") for _, banner in clients)
     over, banner = greeting(relay.port)
-    assert banner == b"421 4.3.2 relay.test Too many connections, try again later"
+    assert banner == b"421 4.7.0 relay.test Too many connections, try again later"
     assert over.closed_by_server()
     for client in [over] + [c for c, _ in clients]:
         client.close()
