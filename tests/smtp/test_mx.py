@@ -203,6 +203,7 @@ def test_ehlo_offers_pipelining_enhancedstatuscodes_dsn_and_every_reply_has_a_co
         checks = [
             (b"DATA", b"503 5.5.1 "),                     # aiosmtpd's "need RCPT command"
             (b"FROB", b"500 5.5.2 "),
+            (b"NOOP " + b"x" * 1100, b"500 5.5.2 Command line too long"),  # aiosmtpd's own 500
             (b"NOOP", b"250 2.0.0 "),
             (b"MAIL FROM:<s@sender.test> SIZE=999999999", b"552 5.3.4 "),
             (b"MAIL FROM:<s@sender.test> NOTIFY=NEVER", b"555 5.5.4 "),   # a RCPT parameter

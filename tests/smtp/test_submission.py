@@ -395,6 +395,31 @@ def test_sending_disabled_without_smarthost(make_server, client_tls):
             451, b"4.3.2 Sending is disabled on this relay: no smarthost configured")
 
 
+def test_ehlo_offers_pipelining_and_enhancedstatuscodes_and_a_pipelined_group_is_answered_in_order(
+        server, pipeline, client_tls):
+    """Issue 8, point 4: submission speaks the extensions real clients use, and every reply
+    carries an enhanced code, aiosmtpd's built-in ones (503, 500 line too long) included."""
+    with logged_in(server.port, client_tls) as client:
+        for extension in ("pipelining", "enhancedstatuscodes", "8bitmime", "smtputf8", "size"):
+            assert client.has_extn(extension), extension
+        client.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.org>\r\n"
+                    b"RCPT TO:<y@elsewhere.org>\r\nDATA\r\n")
+        answers = [client.getreply() for _ in range(4)]
+        assert [(code, text[:5]) for code, text in answers] == [
+            (250, b"2.1.0"), (250, b"2.1.5"), (250, b"2.1.5"), (354, b"End d")], answers
+        client.send(MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\nRSET\r\nDATA\r\n")
+        assert client.getreply()[1].startswith(b"2.0.0 ")
+        assert client.getreply() == (250, b"2.0.0 OK")
+        assert client.getreply()[1].startswith(b"5.5.1 ")                # 503: no MAIL yet
+        client.send(b"NOOP " + b"x" * 1100 + b"\r\n")
+        code, text = client.getreply()
+        assert (code, text[:6]) == (500, b"5.5.2 ") and b"too long" in text.lower(), text
+        assert client.noop() == (250, b"2.0.0 OK")                        # the session goes on
+    ((_, sender, rcpts, message),) = pipeline.calls
+    assert (sender, rcpts) == ("alice@example.com", ["x@elsewhere.org", "y@elsewhere.org"])
+    assert message.endswith(MESSAGE)
+
+
 def test_oversized_message_552(server, pipeline, client_tls):
     with logged_in(server.port, client_tls) as client:
         client.mail("alice@example.com")
