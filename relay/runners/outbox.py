@@ -17,7 +17,9 @@ opened one component at a time from the Maildir root (a link on the way is refus
 `maildir.symlink_refused`), and each message is opened relative to it with O_NOFOLLOW|O_NONBLOCK
 and read only when fstat says it is a regular file; a symlink, FIFO, device or unreadable file is
 skipped with one `outbox.skipped` line, never followed and never waited on. A message over
-`max_size` bytes is not sent (Drafts and an explanation, as for a foreign From).
+`max_size` bytes is not sent (Drafts and an explanation, as for a foreign From), and is not read
+either: its size is looked at first. Line ends are made CRLF before the recipients are read, so
+they are read from the lines that leave.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from watchdog.observers import Observer
 from relay.addresses import AddressError, Mailbox, parse_mailbox
 from relay.delivery.submit import Submitter
 from relay.errors import PermFail, StorageError
-from relay.headers import addresses
+from relay.headers import addresses, crlf
 from relay.log import event
 from relay.runners.wake import sleep_until_kick
 from relay.storage.durable import UnsafePathError, open_dir, open_file
@@ -161,9 +163,13 @@ class OutboxRunner:
             os.close(fd)
 
     def _read(self, directory: Path, fd: int, name: str) -> bytes:
-        """The message file's bytes: a regular file only, at most `max_size` + 1 of them."""
+        """The message file's bytes: a regular file only. One over `max_size` is refused
+        (PermFail) before a byte of it is read, by its size; and since it may grow meanwhile,
+        at most `max_size` + 1 bytes are ever read."""
         file = open_file(name, fd, directory / name)
         try:
+            if self.max_size is not None and os.fstat(file).st_size > self.max_size:
+                raise self._too_big()
             limit = self.max_size + 1 if self.max_size is not None else None
             chunks, size = [], 0
             while limit is None or size < limit:
@@ -175,6 +181,9 @@ class OutboxRunner:
             return b"".join(chunks)
         finally:
             os.close(file)
+
+    def _too_big(self) -> PermFail:
+        return PermFail(552, f"5.3.4 The message is over the size limit of {self.max_size} bytes")
 
     def _pickup(self, user: Mailbox, directory: Path, fd: int, name: str) -> int:
         path = directory / name
@@ -188,10 +197,16 @@ class OutboxRunner:
                 event("outbox.skipped", logging.WARNING, user=user, path=path,
                       reason=getattr(exc, "strerror", None) or exc)
             return 0
+        except PermFail as exc:
+            self._refuse(user, path, exc)
+            return 0
+        # The recipients are read from the lines that leave (rule 11): a bare CR or LF is a
+        # line end there, so `Subject: s\rTo: bob@...` names bob, as Submitter.submit sees it.
+        data = crlf(data)
         rcpts = addresses(data, "To", "Cc", "Bcc")
         try:
             if self.max_size is not None and len(data) > self.max_size:
-                raise PermFail(552, f"5.3.4 The message is over the size limit of {self.max_size} bytes")
+                raise self._too_big()
             if not rcpts:
                 raise PermFail(554, "5.5.1 The message names no recipient (To, Cc or Bcc)")
             entry = self.submitter.submit(user, str(user), rcpts, data)

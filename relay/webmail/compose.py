@@ -2,8 +2,11 @@
 
 These are messages the user authors, so `email` writes them (policy SMTP: CRLF line ends,
 RFC 2047 encoded-words for non-ASCII headers, RFC 2231 for non-ASCII file names, a UTF-8 body
-quoted-printable when it is not ASCII). A message the user received is never re-serialised
-(docs/architecture.md rule 3): a forward carries it byte for byte as a message/rfc822 attachment.
+quoted-printable when it is not ASCII). When an address has a UTF-8 local part (a user such as
+jürgen@, or a recipient), the headers are written in UTF-8 instead (policy SMTPUTF8, RFC 6532),
+and `Submitter.submit` sends the message with SMTPUTF8, as it does from submission and the
+Outbox. A message the user received is never re-serialised (docs/architecture.md rule 3):
+a forward carries it byte for byte as a message/rfc822 attachment.
 
 Every header field that comes from the form is refused (ComposeError, a ValueError) when it
 holds CR, LF or another line-breaking or control character: no header injection. Recipients
@@ -81,7 +84,10 @@ def build(from_addr: str | Mailbox, to: str | Sequence[str], cc: str | Sequence[
     _one_line("Subject", subject)
     domain = hostname or sender[0].domain
     _one_line("hostname", domain)
-    message = EmailMessage(policy=policy.SMTP)
+    # A UTF-8 local part cannot be an encoded-word (RFC 2047 5): such a message is written with
+    # UTF-8 headers (RFC 6532) and goes out with SMTPUTF8, as submission and the Outbox send it.
+    utf8 = any(not a.username.isascii() for a in [*sender, *(a for f in fields.values() for a in f)])
+    message = EmailMessage(policy=policy.SMTPUTF8 if utf8 else policy.SMTP)
     message["Date"] = formatdate(localtime=True)
     message["From"] = sender
     for name, found in fields.items():
@@ -139,8 +145,6 @@ def _addresses(name: str, value: str | Mailbox | Sequence[str]) -> list[Address]
         if addr not in text:  # getaddresses joins "bob@exa mple.com" into another domain
             raise ComposeError(f"{name}: could not read {display or addr!r} as an address")
         local = addr.rpartition("@")[0]
-        if not local.isascii():
-            raise ComposeError(f"{name}: {addr!r}: non-ASCII local parts cannot be sent")
         found.append(Address(display_name=display, username=local, domain=mailbox.domain))
     # getaddresses drops what it cannot read (3.11 has no strict mode): one address per "@".
     if len(found) != _QUOTED_STRING.sub("", text).count("@"):

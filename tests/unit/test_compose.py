@@ -116,11 +116,26 @@ def test_attachment_names_with_line_breaks_are_refused():
 
 @pytest.mark.parametrize("to", ["not an address", "bob@", "@example.com", "bob@localhost", "a@b@c.example",
                                 '"quoted local"@example.com', "bob@exa mple.com", "../etc@example.com",
-                                "bob@example.com, , nobody", "Bob <bob@exa mple.com>", "ü@example.com",
+                                "bob@example.com, , nobody", "Bob <bob@exa mple.com>",
                                 "<>", "bob@-bad-.com"])
 def test_bad_recipients_are_refused(to):
     with pytest.raises(ComposeError):
         simple(to=to)
+
+
+def test_a_utf8_local_part_is_written_in_utf8_headers_not_as_an_encoded_word():
+    """Issue 8.2: the webmail refused UTF-8 local parts (an encoded-word cannot be an address,
+    RFC 2047 5); such a message is now written with UTF-8 headers (RFC 6532), for SMTPUTF8."""
+    for sender, to in (("Jürgen <jürgen@example.com>", "bob@example.org"),
+                       ("alice@example.com", "Müller <müller@example.org>")):
+        data = build(sender, to, subject="grüße", body_text="hallo")
+        head = headers.split(data)[0]
+        assert b"=?" not in head and "Subject: grüße\r\n".encode() in head
+        assert headers.addresses(data, "From") == [sender.split("<")[-1].rstrip(">")]
+        assert headers.addresses(data, "To") == [to.split("<")[-1].rstrip(">")]
+        assert recipients(to) == [to.split("<")[-1].rstrip(">")]
+    ascii_only = build("alice@example.com", "bob@example.org", subject="grüße", body_text="x")
+    assert headers.split(ascii_only)[0].isascii()        # encoded-words, as before
 
 
 def test_no_recipient_and_bad_sender_are_refused():
