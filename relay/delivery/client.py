@@ -30,9 +30,11 @@ tests/smtp check the bytes that arrive, so an aiosmtplib that changes them fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -132,11 +134,27 @@ class Upstream:
         self._smtp: aiosmtplib.SMTP | None = None
         self._in_transaction = False
         self._utf8 = False          # this transaction's MAIL FROM carried SMTPUTF8
+        self._lost = False          # the last command failed because the connection was gone
+        self._opened = 0.0          # time.monotonic() when connected
         self.server_name = primary.address.host   # what the server calls itself, once it said
 
     @property
     def connected(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
+
+    @property
+    def idle(self) -> bool:
+        """Connected and in no command: another session may use it (delivery/pool.py)."""
+        if not self.connected:
+            return False
+        assert self._smtp is not None
+        lock = self._smtp.protocol._command_lock if self._smtp.protocol is not None else None
+        return lock is not None and not lock.locked()
+
+    @property
+    def age(self) -> float:
+        """Seconds since this connection was made."""
+        return time.monotonic() - self._opened
 
     async def _connect(self) -> None:
         """Connect, STARTTLS as configured, EHLO (again after STARTTLS), AUTH if configured."""
@@ -147,6 +165,7 @@ class Upstream:
             timeout=p.timeout, start_tls=start_tls, validate_certs=p.verify_cert,
             cert_bundle=str(p.ca_file) if p.ca_file else None)
         self._in_transaction = False
+        self._opened = time.monotonic()
         await self._smtp.connect(timeout=p.connect_timeout)
         if self._smtp.is_ehlo_or_helo_needed:
             try:
@@ -180,12 +199,37 @@ class Upstream:
         """Connect if needed and send MAIL FROM with the options this server offers.
 
         `rcpts` are the recipients known in advance (replay, the smarthost), so SMTPUTF8 is
-        asked for when one of them needs it. A failure that loses the connection closes it."""
+        asked for when one of them needs it. A failure that loses the connection closes it.
+
+        A connection kept open since an earlier transaction (this session's, or the pool's:
+        delivery/pool.py) may have been closed by the server meanwhile, its idle timeout: when
+        RSET or MAIL finds it gone (or a 421), a new connection is tried once. That says
+        nothing of the server; the new connection's answer does."""
+        reused = self.connected
+        with self._cut_off():
+            reply = await self._begin(sender, mail_options, size, list(rcpts))
+            if reused and self._lost:
+                self.close()
+                reply = await self._begin(sender, mail_options, size, list(rcpts))
+        return reply
+
+    @contextlib.contextmanager
+    def _cut_off(self) -> Iterator[None]:
+        """A command cancelled half-way (the sender hung up) leaves the server's answer unread:
+        the connection is closed, never used again out of step."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    async def _begin(self, sender: str, mail_options: list[str], size: int | None,
+                     rcpts: list[str]) -> Reply:
+        self._lost = False
         failed = await self._open()
         if failed is not None:
             return failed
         assert self._smtp is not None
-        rcpts = list(rcpts)
         utf8 = needs_smtputf8(sender, *rcpts) or any(o.upper() == "SMTPUTF8" for o in mail_options)
         if needs_smtputf8(sender, *rcpts) and not self._smtp.supports_extension("smtputf8"):
             return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL)
@@ -228,7 +272,8 @@ class Upstream:
         wanted = [o for o in options if o.split("=", 1)[0].upper() in ("NOTIFY", "ORCPT")]
         passed = wanted if self._smtp.supports_extension("dsn") else []
         try:
-            response = await self._smtp.rcpt(recipient, options=passed, encoding="utf-8")
+            with self._cut_off():
+                response = await self._smtp.rcpt(recipient, options=passed, encoding="utf-8")
             return Reply(response.code, response.message, stage=RCPT)
         except (UnicodeError, aiosmtplib.SMTPException, OSError) as exc:
             return self._failed(exc, RCPT)
@@ -238,6 +283,8 @@ class Upstream:
         that could not be encoded needed SMTPUTF8: a permanent failure, never "not reached"."""
         if isinstance(exc, UnicodeError):
             return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=step)
+        self._lost = isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError)) or (
+            isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 421)
         reply = _translate(exc, step)
         if not reply.reached:
             self.close()
@@ -260,7 +307,8 @@ class Upstream:
         """Send the message; the transaction is over whatever the answer."""
         assert self._smtp is not None
         try:
-            response = await self._send_data(message)
+            with self._cut_off():
+                response = await self._send_data(message)
             return Reply(response.code, response.message, stage=DATA)
         except (aiosmtplib.SMTPException, OSError) as exc:     # a lost connection is closed
             return self._failed(exc, DATA)

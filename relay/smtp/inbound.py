@@ -50,6 +50,7 @@ from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Limits, Primary
 from relay.delivery.client import Reply, Upstream
 from relay.delivery.health import Health
+from relay.delivery.pool import UpstreamPool
 from relay.delivery.rspamd import Scan
 from relay.directory import User
 from relay.log import event
@@ -92,6 +93,7 @@ class RelaySession(SubmissionSession):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.upstreams: dict[HostPort, Upstream] = {}
+        self.finishing = 0      # messages still going to the primary after the sender's DATA
 
 
 class InboundSMTP(LimitedConnections, RelaySMTP):
@@ -111,8 +113,12 @@ class InboundSMTP(LimitedConnections, RelaySMTP):
         session = self.session
         super().connection_lost(error)
         if isinstance(session, RelaySession) and isinstance(self.event_handler, InboundHandler):
+            handler = self.event_handler
             for upstream in session.upstreams.values():
-                self.event_handler.spawn(upstream.quit())
+                if session.finishing:     # still in use by a message the sender left behind
+                    handler.spawn(upstream.quit())
+                else:
+                    handler.pool.give(upstream)
             session.upstreams.clear()
 
 
@@ -144,6 +150,7 @@ class InboundHandler:
         self.screen = screen            # the spam filter on copies about to be kept (spam.py)
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[asyncio.Task] = set()
+        self.pool = UpstreamPool(self.spawn)  # primary connections between sessions
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up (a QUIT to a primary) without holding up the session."""
@@ -158,6 +165,7 @@ class InboundHandler:
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=timeout)
             await asyncio.sleep(0.1)  # the sessions push their replies
+        self.pool.close()
         if self._background:
             await asyncio.wait(list(self._background), timeout=10)
         if self.submission is not None:
@@ -279,7 +287,8 @@ class InboundHandler:
             return tx.failed[key]
         upstream = tx.used.get(key)
         if upstream is None:
-            upstream = session.upstreams.get(key) or Upstream(primary, self.hostname)
+            upstream = (session.upstreams.get(key) or self.pool.take(primary)
+                        or Upstream(primary, self.hostname))
             session.upstreams[key] = upstream
             reply = await upstream.begin(parse_sender(tx.mail_from), list(tx.mail_options))
             if not reply.ok:
@@ -311,6 +320,8 @@ class InboundHandler:
         task = asyncio.get_running_loop().create_task(self._finish(session, envelope, spooled))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+        session.finishing += 1
+        task.add_done_callback(lambda _: setattr(session, "finishing", session.finishing - 1))
         if spooled.path is not None:
             task.add_done_callback(lambda _: self.spawn(asyncio.to_thread(spooled.release)))
         return await asyncio.shield(task)

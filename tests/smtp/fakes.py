@@ -43,6 +43,8 @@ class Script:
     hang_at: str | None = None       # "RCPT" or "DATA": never answer
     data_for: Callable[[bytes], str] | None = None   # the DATA reply, decided per message
     data_delay_for: Callable[[bytes], float] | None = None  # seconds before that reply, per message
+    mail_for: Callable[[object], str | None] | None = None  # the MAIL reply per connection (its
+    #                                   aiosmtpd session), None: `mail`; after a 421 it hangs up
 
 
 class ScriptedHandler:
@@ -50,6 +52,7 @@ class ScriptedHandler:
         self.script = script
         self.received: list[Received] = []
         self.sessions: list[object] = []   # one per connection that sent MAIL
+        self.quits = 0                     # QUITs received
 
     async def _act(self, server, verb: str) -> str | None:
         if self.script.hang_at == verb:
@@ -71,13 +74,21 @@ class ScriptedHandler:
             return f"250 {server.hostname}"
         return self.script.ehlo
 
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits += 1
+        return "221 Bye"
+
     async def handle_MAIL(self, server, session, envelope, address, options):
+        reply = (self.script.mail_for and self.script.mail_for(session)) or self.script.mail
+        if reply.startswith("421"):
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            return reply
         if not any(known is session for known in self.sessions):
             self.sessions.append(session)
-        if self.script.mail.startswith("250"):
+        if reply.startswith("250"):
             envelope.mail_from = address
             envelope.mail_options.extend(options)
-        return self.script.mail
+        return reply
 
     async def handle_RCPT(self, server, session, envelope, address, options):
         early = await self._act(server, "RCPT")

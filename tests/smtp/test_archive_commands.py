@@ -51,7 +51,7 @@ def test_release_goes_to_the_primary_when_healthy_and_to_the_mailbox_in_an_outag
     assert released["X-Continuity-Released"].startswith(f"{record.id} by ")
     assert primary.received[1].content.endswith(archive.read(record))
     # an outage: into alice's continuity mailbox (and queued for the primary), again and again
-    primary.script.rcpt = "451 4.3.0 down"
+    primary.script.mail = "451 4.3.0 down"
     assert send(relay.port, "s@sender.test", ["bob@example.com"], MESSAGE)[1][0] == 250
     spool = relay.config.storage.spool
     wait_for(lambda: read_state(spool / "state", "example.com").state == "outage", 10, "outage")
