@@ -239,6 +239,54 @@ def test_only_registered_active_users_and_no_bind_for_the_others(slapd, tmp_path
     assert "unauthenticated bind" not in slapd.log_text()     # ...and would log an empty password
 
 
+def directory_work(slapd: sl.Slapd) -> dict[str, int]:
+    """What slapd was asked, from its stats log: connections, binds (the request's line, not the
+    second one a successful bind adds) and searches. Each line is
+    written when the request arrives, before slapd answers it, so it is there once a login
+    has its answer."""
+    text = slapd.log_text()
+    return {"connections": text.count(" ACCEPT from "),
+            "binds": sum(" BIND dn=" in line and " method=" in line for line in text.splitlines()),
+            "searches": text.count(" SRCH base=")}
+
+
+@pytest.mark.parametrize("kind", ["bind_dn", "search"])
+def test_every_failing_login_asks_the_directory_the_same(slapd, tmp_path, monkeypatch, kind):
+    """Security review 9.8: refusals must not tell who is registered. A wrong password for a
+    registered user cost a bind at slapd (and, in search mode, a search and a second
+    connection); an unknown or deactivated login, or one whose entry is gone from the
+    directory, cost none, or one connection less. Now each failing login in an LDAP domain costs
+    the same round trips and one hash check. A login in no configured domain asks no directory:
+    which domains the relay serves is no secret (their MX records say it), who is registered is.
+    Counted at slapd and at verify_password, not timed."""
+    directory = make_directory(tmp_path, settings_yaml(kind, slapd, tmp_path),
+                               registered=[*REGISTERED, "gone@example.com"])
+    directory.set_password("alice@example.com", "a cached password")
+    checks = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda h, p: checks.append(1) or real(h, p))
+
+    def cost(user: str, password: str) -> tuple[dict[str, int], int]:
+        before, hashes = directory_work(slapd), len(checks)
+        assert login(directory, user, password) == LoginResult(), user
+        after = directory_work(slapd)
+        return {k: after[k] - before[k] for k in after}, len(checks) - hashes
+
+    work = {who: cost(who, "a wrong password") for who in (
+        "alice@example.com",        # registered, in the directory: a wrong password
+        "carol@example.com",        # in the directory, not registered here
+        "nobody@example.com",       # nowhere
+        "dave@example.com",         # registered, deactivated
+        "gone@example.com",         # registered, no entry in the directory
+    )}
+    expected = {"connections": 2 if kind == "search" else 1, "binds": 2 if kind == "search" else 1,
+                "searches": 1 if kind == "search" else 0}
+    assert work == dict.fromkeys(work, (expected, 1)), work
+    assert cost("alice@example.net", "a wrong password") == (dict.fromkeys(expected, 0), 1)
+    assert CAROL.dn not in binds(slapd) and DAVE.dn not in binds(slapd)  # never as someone else
+    assert "unauthenticated bind" not in slapd.log_text()
+
+
 @pytest.mark.parametrize("kind", ["bind_dn", "search"])
 @pytest.mark.parametrize("local", ["*", "alic*", "a*)(uid=*", "alice)(|(uid=*", "alice,ou=people",
                                    "uid=alice", "alice+cn=alice", "alice\\", "#alice"])

@@ -272,15 +272,25 @@ def test_unreachable_without_a_cache_says_so(directory, answers):
 
 
 @pytest.mark.parametrize("who, password", [
-    ("carol@example.com", "pw"),        # in the directory maybe, but not registered here
-    ("dave@example.com", "dave pw"),    # deactivated
     ("alice@example.com", ""),
     ("alice@example.com", "a\nb"),
     ("not an address", "pw"),
 ])
-def test_no_bind_for_unregistered_deactivated_or_malformed(directory, answers, who, password):
+def test_no_bind_for_a_malformed_login_or_password(directory, answers, who, password):
     assert login(directory, who, password) == auth.LoginResult()
     assert answers.calls == []
+
+
+@pytest.mark.parametrize("who, password", [
+    ("carol@example.com", "pw"),        # in the directory maybe, but not registered here
+    ("dave@example.com", "dave pw"),    # deactivated
+])
+def test_unregistered_or_deactivated_ask_about_nobody(directory, answers, who, password):
+    """The same round trips as a registered user's check (review 9.8), but never as the user
+    named nor with the password typed."""
+    assert login(directory, who, password) == auth.LoginResult()
+    ((asked, sent),) = answers.calls
+    assert asked.startswith("nobody-") and asked.endswith("@example.com") and sent != password
 
 
 def test_domains_without_ldap_use_the_passwd_file(directory, answers):
@@ -338,8 +348,8 @@ def test_a_refusal_says_whether_the_account_is_gone(result, gone):
 
 
 @pytest.mark.parametrize("login_as, outcome, cached", [
-    ("nobody@example.com", Outcome.REFUSED, None),          # not registered: no bind at all
-    ("dave@example.com", Outcome.REFUSED, None),            # deactivated: no bind at all
+    ("nobody@example.com", Outcome.REFUSED, None),          # not registered: a bind as nobody
+    ("dave@example.com", Outcome.REFUSED, None),            # deactivated: likewise
     ("alice@example.com", Outcome.REFUSED, "other pw"),      # the directory says no (a typo)
     ("alice@example.com", Outcome.REFUSED, "pw"),            # ... to what the cache takes
     ("alice@example.com", Outcome.REFUSED, ""),              # ... with nothing cached
@@ -356,4 +366,4 @@ def test_every_refusal_costs_one_hash_check(directory, answers, monkeypatch, log
     monkeypatch.setattr(auth, "verify_password", lambda h, p: checks.append(1) or real(h, p))
     answers.outcome = outcome
     result = login(directory, login_as, "pw")
-    assert result.user is None and len(checks) == 1
+    assert result.user is None and len(checks) == 1 and len(answers.calls) == 1
