@@ -9,6 +9,8 @@ the three transports (plain, StartTLS, ldaps://, with a trustme CA) are exercise
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import imaplib
 import logging
 import socket
 import ssl
@@ -116,16 +118,16 @@ def settings_yaml(kind: str, slapd: sl.Slapd, tmp_path: Path) -> str:
     return f'{{url: "{slapd.ldaps_url}", bind_dn: "{BIND_DN}", ca_file: {slapd.ca_file}, timeout: 2s}}'
 
 
-def make_directory(tmp_path: Path, ldap_yaml: str, registered=REGISTERED) -> Directory:
+def make_directory(tmp_path: Path, ldap_yaml: str, registered=REGISTERED, owner: str = "") -> Directory:
     (tmp_path / "config.yaml").write_text(textwrap.dedent("""\
         listen: {inbound: "127.0.0.1:2525"}
-        storage: {maildirs: maildirs, spool: spool}
+        storage: {maildirs: maildirs, spool: spool%s}
         users_file: users.passwd
         domains:
           example.com:
             primary: "127.0.0.1:2526"
             ldap: %s
-        """) % ldap_yaml)
+        """) % (f", owner: {owner}" if owner else "", ldap_yaml))
     directory = Directory(load(tmp_path / "config.yaml"))
     for email in registered:
         directory.add(email)
@@ -403,6 +405,56 @@ def test_nothing_listening_is_unreachable(tmp_path):
     answer = ldap_bind(directory.config.domains["example.com"].ldap, Mailbox("alice", "example.com"),
                        ALICE.password)
     assert answer.outcome is Outcome.UNREACHABLE and "LDAPSocketOpenError" in answer.detail
+
+
+# -- Dovecot, which reads only the cache ----------------------------------------------------------
+
+def imap_logs_in(port: int, user: str, password: str) -> bool:
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=15)
+    try:
+        client.login(user, password)
+    except imaplib.IMAP4.error:
+        return False
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+    return True
+
+
+def test_an_account_locked_in_the_directory_stops_imap_at_once_and_an_outage_does_not(
+        tmp_path, mail_tmp_path, dovecot_factory, caplog):
+    """Security review 9.6 with the real slapd and Dovecot. OpenLDAP disables an account with
+    ppolicy's pwdAccountLockedTime: a bind answers a plain 49 (as for a typo) and says
+    "accountLocked" only in the password policy response control, which the relay asks for.
+    The first refusal, whatever password was typed, takes alice's cached hash out of the
+    passwd-file, so Dovecot (IMAP, POP3, and the Outbox, reached by IMAP) refuses her at once.
+    slapd stopped is no refusal: the cache keeps answering, for the relay and for Dovecot."""
+    require_slapd()
+    server = sl.start_slapd(tmp_path / "slapd", [ALICE, BOB], ppolicy=True)
+    try:
+        directory = make_directory(mail_tmp_path, settings_yaml("bind_dn", server, mail_tmp_path),
+                                   registered=["alice@example.com", "bob@example.com"], owner="vmail")
+        assert login(directory, "alice@example.com", ALICE.password).user is not None   # synced
+        dovecot = dovecot_factory(mail_tmp_path / "dovecot", mail_tmp_path / "maildirs",
+                                  mail_tmp_path / "users.passwd")
+        assert imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        server.stop()                           # an outage: the cache answers everywhere
+        assert login(directory, "alice@example.com", ALICE.password).user is not None
+        assert login(directory, "alice@example.com", "a typo") == LoginResult()
+        assert verify_password(cached(directory, "alice@example.com"), ALICE.password)
+        assert imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        server.start()
+        server.lock(ALICE)
+        with caplog.at_level(logging.INFO, logger="relay.auth"):
+            assert login(directory, "alice@example.com", "a typo") == LoginResult()
+        assert cached(directory, "alice@example.com") == ""
+        assert 'reason="account refused"' in caplog.text and "ppolicy error 1" in caplog.text
+        assert not imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        assert login(directory, "alice@example.com", ALICE.password) == LoginResult()  # locked
+        assert directory.get(parse_mailbox("alice@example.com")).active   # still gets mail
+        assert login(directory, "bob@example.com", BOB.password).user is not None    # others go on
+    finally:
+        server.stop()
 
 
 # -- the submission port ------------------------------------------------------------------------

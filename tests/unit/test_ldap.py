@@ -21,7 +21,7 @@ from relay.addresses import Mailbox
 from relay.auth import NOT_SYNCED, authenticate, check_password
 from relay.config import LDAP, load
 from relay.directory import Directory, verify_password
-from relay.ldap import Answer, Outcome, bind_failure, ldap_bind, user_dn, user_filter
+from relay.ldap import PPOLICY, Answer, Outcome, bind_failure, ldap_bind, user_dn, user_filter
 
 ALICE = Mailbox("alice", "example.com")
 PEOPLE = "ou=people,dc=example,dc=com"
@@ -339,6 +339,14 @@ def test_directory_state_is_logged_when_it_changes(directory, answers, caplog):
     ({"result": 49, "message": ""}, False),
     ({"result": 32}, True),
     ({"result": 53}, True),
+    # OpenLDAP ppolicy: a plain 49, and why in the response control (as slapd 2.5 sends it)
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x03\x81\x01\x01"}}}, True),   # locked
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x03\x81\x01\x00"}}}, True),   # expired
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x00"}}}, False),   # no error: a typo
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x08\xa0\x03\x81\x01\x02\x81\x01\x01"}}},
+     True),                                                          # a warning first, then locked
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x83\x81\x01\x01"}}}, False),  # junk
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x05\x81\x09\x01"}}}, False),  # short
 ])
 def test_a_refusal_says_whether_the_account_is_gone(result, gone):
     from relay.ldap import bind_failure
