@@ -8,7 +8,10 @@ Used by the submission port (and, later, the control panel and the webmail):
     an unknown login is checked against a fixed dummy hash of the configured scheme, so the
     time taken does not tell who is registered.
   - A domain with `ldap` settings asks its directory first (`relay.ldap`), for registered,
-    active users only. While the directory answers it is the truth: its yes stores a fresh
+    active users only; any other login in that domain costs the same round trips, about a
+    name no entry has (`_ask_about_nobody`), and one dummy hash check. A login in a domain
+    without `ldap`, or in none the relay serves, asks no directory: which domains use one is
+    no secret, who is registered is. While the directory answers it is the truth: its yes stores a fresh
     hash of the password in the passwd-file (only when the stored one does not already verify
     it), its no is final. When it cannot be reached, the passwd-file answers with the last
     password synced, so the same password keeps working everywhere through an outage. The
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import unicodedata
 from collections import deque
@@ -120,6 +124,8 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
         return LoginResult(await asyncio.to_thread(_check, directory, login, password))
     user = await asyncio.to_thread(directory.get, address)
     if user is None or not user.active or not password_is_usable(password):
+        if password_is_usable(password):    # the directory work a registered user's check costs
+            await asyncio.to_thread(_ask_about_nobody, domain)
         await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
         return LoginResult()
     outcome, detail, gone = await asyncio.to_thread(ldap_bind, domain.ldap, address, password)
@@ -134,6 +140,18 @@ async def authenticate(directory: Directory, login: str, password: str) -> Login
         await asyncio.to_thread(_check, directory, login, "")     # the same cost as any refusal
         return LoginResult(problem=NOT_SYNCED)
     return LoginResult(await asyncio.to_thread(_check, directory, login, password))
+
+
+def _ask_about_nobody(domain: Domain) -> None:
+    """The directory round trips of a real check, for a login refused without one (unknown or
+    deactivated), so that the time a refusal takes does not tell who is registered (review
+    9.8), nor does a directory down, which delays every check by its time-out. It asks about
+    a name no entry has, with a password nobody has: no account's failure count moves, and
+    the typed password never goes to an entry the relay does not serve."""
+    assert domain.ldap is not None
+    nobody = Mailbox(f"nobody-{secrets.token_hex(8)}", domain.name)
+    answer = ldap_bind(domain.ldap, nobody, secrets.token_urlsafe(18))
+    _note_ldap(domain, answer.outcome, answer.detail)
 
 
 def _note_ldap(domain: Domain, outcome: Outcome, detail: str) -> None:

@@ -20,6 +20,12 @@ skipped with one `outbox.skipped` line, never followed and never waited on. A me
 `max_size` bytes is not sent (Drafts and an explanation, as for a foreign From), and is not read
 either: its size is looked at first. Line ends are made CRLF before the recipients are read, so
 they are read from the lines that leave.
+
+The relay's own disk failing (full, read-only) leaves the message in the Outbox with one
+`outbox.deferred` line per scan, and the next scan tries again; it is never half-sent: a
+message is queued only when its Outbox directory will take the removal that follows, and
+one queued whose removal still failed is remembered (`outbox.not_removed`), so that later
+scans retry only the removal (a restart meanwhile sends it once more).
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class OutboxRunner:
         self._kick = asyncio.Event()
         self._watched: set[Path] = set()
         self._skipped: set[Path] = set()  # logged once each
+        self._sent: set[tuple[Mailbox, str]] = set()  # queued, not yet out of the Outbox
 
     def kick(self) -> None:
         self._kick.set()
@@ -187,6 +194,9 @@ class OutboxRunner:
 
     def _pickup(self, user: Mailbox, directory: Path, fd: int, name: str) -> int:
         path = directory / name
+        key = (user, name.split(":2,")[0])
+        if key in self._sent:                 # queued already; only its removal failed
+            return self._remove(user, path, fd, name, None)
         try:
             data = self._read(directory, fd, name)
         except FileNotFoundError:
@@ -200,6 +210,13 @@ class OutboxRunner:
         except PermFail as exc:
             self._refuse(user, path, exc)
             return 0
+        try:
+            _removable(fd, name)
+        except FileNotFoundError:
+            return 0  # moved meanwhile, as above
+        except OSError as exc:    # a read-only disk: what is sent now could never be removed
+            event("outbox.deferred", logging.ERROR, user=user, path=path, error=exc)
+            return 0
         # The recipients are read from the lines that leave (rule 11): a bare CR or LF is a
         # line end there, so `Subject: s\rTo: bob@...` names bob, as Submitter.submit sees it.
         data = crlf(data)
@@ -211,19 +228,49 @@ class OutboxRunner:
                 raise PermFail(554, "5.5.1 The message names no recipient (To, Cc or Bcc)")
             entry = self.submitter.submit(user, str(user), rcpts, data)
         except PermFail as exc:
-            self._refuse(user, path, exc)
+            return self._refuse(user, path, exc)
+        except (StorageError, OSError) as exc:   # our own disk (full, read-only): try again later
+            event("outbox.deferred", logging.ERROR, user=user, path=path, error=exc)
             return 0
-        except StorageError as exc:
-            event("outbox.deferred", logging.ERROR, user=user, error=exc)
-            return 0
-        remove_sent(fd, name)
-        event("outbox.sent", user=user, id=entry, rcpts=len(rcpts))
-        return 1
+        self._sent.add(key)
+        return self._remove(user, path, fd, name, entry, len(rcpts))
 
-    def _refuse(self, user: Mailbox, path: Path, exc: PermFail) -> None:
-        self.maildirs.move(path, user, "Drafts")
+    def _remove(self, user: Mailbox, path: Path, fd: int, name: str, entry: str | None,
+                rcpts: int = 0) -> int:
+        """Take a queued message out of the Outbox. When that fails (the disk went read-only
+        after the send) it is remembered as sent, so that later scans retry only the removal
+        and never queue it again; a restart meanwhile sends it once more."""
+        try:
+            remove_sent(fd, name)
+        except OSError as exc:
+            if entry is not None:
+                event("outbox.not_removed", logging.ERROR, user=user, path=path, id=entry,
+                      error=exc)
+            return 1 if entry is not None else 0
+        self._sent.discard((user, name.split(":2,")[0]))
+        if entry is not None:
+            event("outbox.sent", user=user, id=entry, rcpts=rcpts)
+            return 1
+        event("outbox.removed", user=user, path=path)
+        return 0
+
+    def _refuse(self, user: Mailbox, path: Path, exc: PermFail) -> int:
+        try:
+            self.maildirs.move(path, user, "Drafts")
+        except (StorageError, OSError) as error:
+            event("outbox.deferred", logging.ERROR, user=user, path=path, error=error)
+            return 0
         self.notify(user, _explanation(self.hostname, user, exc.text))
         event("outbox.refused", logging.WARNING, user=user, reason=exc.text)
+        return 0
+
+
+def _removable(fd: int, name: str) -> None:
+    """Raise OSError unless the Outbox directory `fd` will take the removal that follows the
+    send. A rename onto itself changes nothing, but the kernel refuses it on a read-only file
+    system (EROFS) as it would the unlink: a message that could not be taken out of the Outbox
+    would be queued again at every scan."""
+    os.rename(name, name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
 def _is_dir(path: Path) -> bool:

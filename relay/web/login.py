@@ -120,7 +120,8 @@ def throttle_key(kind: str, login: str) -> str:
 async def _check(site: Site, kind: str, login: str, password: str) -> LoginResult:
     """The account, or why not when there is more to say than "wrong" (relay.auth.NOT_SYNCED)."""
     if kind == ADMIN:
-        return LoginResult(await asyncio.to_thread(site.admins.verify, login, password))
+        address = login_address(login)     # the users' normalisation: a U+000B names nobody
+        return LoginResult(await asyncio.to_thread(site.admins.verify, str(address or ""), password))
     return await authenticate(site.directory, login, password)
 
 
@@ -133,7 +134,9 @@ def _form(request: web.Request, kind: str, status: int = 200, **context: object)
 async def _login(request: web.Request, kind: str) -> web.StreamResponse:
     site = site_of(request)
     form = await request.post()
-    login, password = str(form.get("email", "")).strip(), str(form.get("password", ""))
+    # As typed: `auth.login_address` is the one normalisation (str.strip() would also drop a
+    # U+000B or U+00A0, which the SMTP ports refuse: one login, two answers).
+    login, password = str(form.get("email", "")), str(form.get("password", ""))
     peer = request.remote or "-"
     account = throttle_key(kind, login)
     fields = {"kind": kind, "user": account_key(login), "peer": peer}

@@ -30,6 +30,8 @@ ROOT_PASSWORD = "root secret"
 SERVICE_DN = f"cn=relay,ou=services,{SUFFIX}"
 SERVICE_PASSWORD = "service secret"
 
+POLICY_DN = f"cn=default,{SUFFIX}"
+
 SCHEMAS = ("core", "cosine", "inetorgperson")
 TOOLS = ("slapd", "slapadd", "slappasswd", "ldappasswd", "ldapmodify")
 INSTALL_HINT = ("Install it with: DEBIAN_FRONTEND=noninteractive apt-get install -y "
@@ -73,7 +75,7 @@ def ssha(password: str) -> str:
     return out.stdout.strip()
 
 
-def ldif(people: list[Person]) -> str:
+def ldif(people: list[Person], ppolicy: bool = False) -> str:
     entries = [
         f"dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n",
         f"dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n",
@@ -81,17 +83,21 @@ def ldif(people: list[Person]) -> str:
         f"dn: {SERVICE_DN}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\n"
         f"cn: relay\nuserPassword: {ssha(SERVICE_PASSWORD)}\n",
     ]
+    if ppolicy:     # the default policy: lockout enforced (pwdAccountLockedTime is obeyed)
+        entries.append(f"dn: {POLICY_DN}\nobjectClass: organizationalRole\nobjectClass: pwdPolicy\n"
+                       f"cn: default\npwdAttribute: userPassword\npwdLockout: TRUE\n")
     for p in people:
         entries.append(f"dn: {p.dn}\nobjectClass: inetOrgPerson\nuid: {p.uid}\ncn: {p.uid}\n"
                        f"sn: {p.uid}\nmail: {p.mail}\nuserPassword: {ssha(p.password)}\n")
     return "\n".join(entries)
 
 
-def config(workdir: Path, tls: tuple[Path, Path] | None) -> str:
+def config(workdir: Path, tls: tuple[Path, Path] | None, ppolicy: bool = False) -> str:
     lines = [f"include /etc/ldap/schema/{name}.schema" for name in SCHEMAS]
     lines += [
         "modulepath /usr/lib/ldap",
         "moduleload back_mdb",
+        *(["moduleload ppolicy"] if ppolicy else []),
         f"pidfile {workdir / 'slapd.pid'}",
         f"argsfile {workdir / 'slapd.args'}",
     ]
@@ -104,6 +110,8 @@ def config(workdir: Path, tls: tuple[Path, Path] | None) -> str:
         f'rootdn "{ROOT_DN}"',
         f"rootpw {ssha(ROOT_PASSWORD)}",
         f"directory {workdir / 'data'}",
+        *(['overlay ppolicy', f'ppolicy_default "{POLICY_DN}"', "ppolicy_use_lockout"]
+          if ppolicy else []),
         "access to attrs=userPassword by self write by anonymous auth by * none",
         f'access to * by dn.exact="{SERVICE_DN}" read by self read by * none',
     ]
@@ -179,6 +187,12 @@ class Slapd:
         _run([tool("ldappasswd"), "-x", "-H", self.url, "-D", ROOT_DN, "-w", ROOT_PASSWORD,
               "-s", password, person.dn])
 
+    def lock(self, person: Person) -> None:
+        """Disable an account as an OpenLDAP administrator does with ppolicy: a lock time of
+        000001010000Z locks it until an administrator removes it."""
+        self.modify(f"dn: {person.dn}\nchangetype: modify\nadd: pwdAccountLockedTime\n"
+                    f"pwdAccountLockedTime: 000001010000Z\n")
+
     def modify(self, changes: str) -> None:
         """Apply an LDIF of changes with ldapmodify as the root DN."""
         _run([tool("ldapmodify"), "-x", "-H", self.url, "-D", ROOT_DN, "-w", ROOT_PASSWORD],
@@ -186,14 +200,16 @@ class Slapd:
 
 
 def start_slapd(workdir: Path, people: list[Person], tls: tuple[Path, Path] | None = None,
-                ca_file: Path | None = None) -> Slapd:
+                ca_file: Path | None = None, ppolicy: bool = False) -> Slapd:
     """A running slapd in `workdir` holding `people`; `tls` is (certificate chain, key), and
-    `ca_file` the CA certificate clients should trust (only remembered, for the tests)."""
+    `ca_file` the CA certificate clients should trust (only remembered, for the tests). With
+    `ppolicy`, the password policy overlay with a default policy that enforces locks, and
+    `ppolicy_use_lockout` (so a bind to a locked account says so in its response control)."""
     require_slapd()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir()
-    (workdir / "slapd.conf").write_text(config(workdir, tls))
-    (workdir / "people.ldif").write_text(ldif(people))
+    (workdir / "slapd.conf").write_text(config(workdir, tls, ppolicy))
+    (workdir / "people.ldif").write_text(ldif(people, ppolicy))
     _run([tool("slapadd"), "-q", "-f", str(workdir / "slapd.conf"),
           "-l", str(workdir / "people.ldif")])
     instance = Slapd(workdir, free_port(), free_port() if tls else None, ca_file)

@@ -7,10 +7,15 @@ ends."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
 import smtplib
 import ssl
+import stat
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +23,11 @@ import pytest
 import trustme
 import yaml
 
+from relay.addresses import parse_mailbox
+from relay.delivery.submit import Submitter
+from relay.runners.outbox import OutboxRunner
+from relay.storage.continuity import ContinuityStore
+from relay.storage.maildir import MaildirStore
 from tests.helpers import free_port, wait_for
 
 try:
@@ -161,3 +171,129 @@ def test_a_full_then_read_only_disk_never_gets_a_false_250(tmp_path, small_disk)
         wait_for(lambda: not queued.exists() and "outbox.sent" in relay.log_text(), 45,
                     "the Outbox message sent once there is room", relay.log_text)
         assert relay.running
+
+
+def outbound_entries(relay: rp.RelayProcess) -> list[str]:
+    folder = relay.spool / "outbound" / "msg"
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def lines(relay: rp.RelayProcess, name: str) -> list[str]:
+    return [line for line in relay.log_text().splitlines() if f" {name} " in f"{line} "]
+
+
+def test_the_outbox_on_a_read_only_disk_waits_and_is_sent_when_it_is_writable(tmp_path, small_disk):
+    """The disk goes read-only just after a mail client saved a message into alice's Outbox
+    (the relay is paused with SIGSTOP meanwhile, so that the runner first sees the message on
+    the read-only disk). It cannot be queued: it is not sent, not counted as sent, stays in the
+    Outbox, and one clear `outbox.deferred` line says why, once a rescan, never in a loop.
+    `serve` stays up, and sends it once the disk is writable again."""
+    cfg, _context = relay_config(tmp_path, small_disk)
+    added = rp.run_cli(cfg, "users", "add", ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    outbox = small_disk / "maildirs" / "example.com" / "alice" / ".Outbox"
+    with rp.RelayProcess(cfg) as relay:
+        assert inbound(relay, message(1, 1_000))[0] == 250      # alice's Maildir exists
+        for sub in ("tmp", "new", "cur"):
+            (outbox / sub).mkdir(parents=True, exist_ok=True)
+        assert relay.pid is not None
+        os.kill(relay.pid, signal.SIGSTOP)
+        try:
+            saved = outbox / "tmp" / "1800000000.M1P1Q1.ro-test"
+            saved.write_bytes(f"From: {ALICE}\r\nTo: bob@example.org\r\nSubject: ro\r\n\r\n"
+                              "saved just before the disk went read-only\r\n".encode())
+            queued = outbox / "new" / saved.name
+            saved.rename(queued)
+            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        finally:
+            os.kill(relay.pid, signal.SIGCONT)
+        began = time.monotonic()
+        wait_for(lambda: lines(relay, "outbox.deferred"), 45, "outbox.deferred", relay.log_text)
+        (deferred,) = lines(relay, "outbox.deferred")[:1]
+        assert "user=alice@example.com" in deferred and "Read-only file system" in deferred, deferred
+        # while the disk stays read-only: the message waits, nothing went out, serve is up
+        assert inbound(relay, message(2, 1_000))[0] in range(400, 500)
+        assert queued.exists() and outbound_entries(relay) == []
+        assert lines(relay, "outbox.sent") == [] and lines(relay, "app.runner_failed") == []
+        assert relay.running
+        # one try at each rescan (30 s) at most, never a loop: count the tries so far
+        tries = len(lines(relay, "outbox.deferred"))
+        assert tries <= 2 + (time.monotonic() - began) / 30, lines(relay, "outbox.deferred")
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        wait_for(lambda: not queued.exists() and lines(relay, "outbox.sent"), 45,
+                 "the Outbox message sent once the disk is writable", relay.log_text)
+        assert len(lines(relay, "outbox.sent")) == 1 and len(outbound_entries(relay)) == 1
+        sent = list((outbox.parent / ".Sent" / "cur").iterdir())
+        assert [p.read_bytes().count(b"saved just before") for p in sent] == [1]
+        assert relay.running
+
+
+class RemountAfterQueueing(Submitter):
+    """The real submitter; then the Maildir disk goes read-only, before the Outbox runner can
+    take the message out (the one window the runner's own check cannot close)."""
+
+    def __init__(self, store: ContinuityStore, disk: Path) -> None:
+        super().__init__(store)
+        self.disk, self.calls = disk, 0
+
+    def submit(self, *args, **kwargs) -> str:
+        self.calls += 1
+        entry = super().submit(*args, **kwargs)
+        subprocess.run(["mount", "-o", "remount,ro", str(self.disk)], check=True)
+        return entry
+
+
+def test_a_message_queued_but_not_removed_is_never_queued_again(tmp_path, small_disk, caplog):
+    """Queued, then the Outbox cannot be emptied (read-only): later scans retry the removal
+    only; before the fix every scan crashed the runner and each restart queued it once more."""
+    store = ContinuityStore(MaildirStore(small_disk / "maildirs"), tmp_path / "spool")
+    submitter = RemountAfterQueueing(store, small_disk)
+    outbox = OutboxRunner(store.maildirs, submitter, lambda: ["example.com"], lambda user: True,
+                          lambda: None, "relay.test", store.notify)
+    alice = parse_mailbox(ALICE)
+    new = store.maildirs.ensure(alice) / ".Outbox" / "new"
+    (new / "1800000000.M1P1Q1.t").write_bytes(f"From: {ALICE}\r\nTo: b@example.org\r\n\r\nx\r\n".encode())
+    caplog.set_level(logging.INFO, logger="relay")
+    assert outbox.scan() == 1 and outbox.scan() == 0 and outbox.scan() == 0
+    assert submitter.calls == 1 and len(os.listdir(tmp_path / "spool" / "outbound" / "msg")) == 1
+    assert "outbox.not_removed" in caplog.text and os.listdir(new) == ["1800000000.M1P1Q1.t"]
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert outbox.scan() == 0 and os.listdir(new) == [] and submitter.calls == 1
+    assert "outbox.removed" in caplog.text
+
+
+def test_a_device_and_unreadable_files_in_an_outbox_never_stop_serve(tmp_path):
+    """Issue 9.2's last bullet under the real process: /dev/zero's device node, a write-only
+    /proc/sys file (EACCES at open, even for root) and the relay's own /proc/PID/mem (EIO at
+    read) bind-mounted into alice's Outbox are each skipped with one line; the message beside
+    them goes out and `serve` stays up. (tests/unit/test_symlinks.py has the details.)"""
+    store = tmp_path / "store"
+    cfg, _context = relay_config(tmp_path, store)
+    added = rp.run_cli(cfg, "users", "add", ALICE, "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    new = store / "maildirs" / "example.com" / "alice" / ".Outbox" / "new"
+    mounted: list[Path] = []
+    with rp.RelayProcess(cfg) as relay:
+        assert inbound(relay, message(1, 1_000))[0] == 250      # alice's Maildir exists
+        new.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mknod(new / "1800000000.M1P1Q1.zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+            for n, source in ((2, "/proc/sys/vm/drop_caches"), (3, f"/proc/{relay.pid}/mem")):
+                target = new / f"1800000000.M1P1Q{n}.unreadable"
+                target.touch()
+                subprocess.run(["mount", "--bind", source, str(target)], check=True)
+                mounted.append(target)
+            good = new.parent / "tmp" / "1800000000.M1P1Q4.good"
+            good.parent.mkdir(exist_ok=True)
+            good.write_bytes(f"From: {ALICE}\r\nTo: bob@example.org\r\nSubject: ok\r\n\r\nok\r\n".encode())
+            good.rename(new / good.name)
+            wait_for(lambda: lines(relay, "outbox.sent"), 45, "outbox.sent", relay.log_text)
+            skipped = lines(relay, "outbox.skipped")
+            assert len(skipped) == 3, skipped
+            assert sorted(os.listdir(new)) == ["1800000000.M1P1Q1.zero", "1800000000.M1P1Q2.unreadable",
+                                               "1800000000.M1P1Q3.unreadable"]
+            assert relay.running and lines(relay, "app.runner_failed") == []
+            assert inbound(relay, message(2, 1_000))[0] == 250
+        finally:
+            for target in mounted:
+                subprocess.run(["umount", str(target)], check=False)

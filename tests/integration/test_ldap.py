@@ -9,6 +9,8 @@ the three transports (plain, StartTLS, ldaps://, with a trustme CA) are exercise
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import imaplib
 import logging
 import socket
 import ssl
@@ -116,16 +118,16 @@ def settings_yaml(kind: str, slapd: sl.Slapd, tmp_path: Path) -> str:
     return f'{{url: "{slapd.ldaps_url}", bind_dn: "{BIND_DN}", ca_file: {slapd.ca_file}, timeout: 2s}}'
 
 
-def make_directory(tmp_path: Path, ldap_yaml: str, registered=REGISTERED) -> Directory:
+def make_directory(tmp_path: Path, ldap_yaml: str, registered=REGISTERED, owner: str = "") -> Directory:
     (tmp_path / "config.yaml").write_text(textwrap.dedent("""\
         listen: {inbound: "127.0.0.1:2525"}
-        storage: {maildirs: maildirs, spool: spool}
+        storage: {maildirs: maildirs, spool: spool%s}
         users_file: users.passwd
         domains:
           example.com:
             primary: "127.0.0.1:2526"
             ldap: %s
-        """) % ldap_yaml)
+        """) % (f", owner: {owner}" if owner else "", ldap_yaml))
     directory = Directory(load(tmp_path / "config.yaml"))
     for email in registered:
         directory.add(email)
@@ -237,6 +239,54 @@ def test_only_registered_active_users_and_no_bind_for_the_others(slapd, tmp_path
     assert ALICE.dn in binds(slapd)                                                  # binds...
     assert CAROL.dn not in binds(slapd) and DAVE.dn not in binds(slapd)
     assert "unauthenticated bind" not in slapd.log_text()     # ...and would log an empty password
+
+
+def directory_work(slapd: sl.Slapd) -> dict[str, int]:
+    """What slapd was asked, from its stats log: connections, binds (the request's line, not the
+    second one a successful bind adds) and searches. Each line is
+    written when the request arrives, before slapd answers it, so it is there once a login
+    has its answer."""
+    text = slapd.log_text()
+    return {"connections": text.count(" ACCEPT from "),
+            "binds": sum(" BIND dn=" in line and " method=" in line for line in text.splitlines()),
+            "searches": text.count(" SRCH base=")}
+
+
+@pytest.mark.parametrize("kind", ["bind_dn", "search"])
+def test_every_failing_login_asks_the_directory_the_same(slapd, tmp_path, monkeypatch, kind):
+    """Security review 9.8: refusals must not tell who is registered. A wrong password for a
+    registered user cost a bind at slapd (and, in search mode, a search and a second
+    connection); an unknown or deactivated login, or one whose entry is gone from the
+    directory, cost none, or one connection less. Now each failing login in an LDAP domain costs
+    the same round trips and one hash check. A login in no configured domain asks no directory:
+    which domains the relay serves is no secret (their MX records say it), who is registered is.
+    Counted at slapd and at verify_password, not timed."""
+    directory = make_directory(tmp_path, settings_yaml(kind, slapd, tmp_path),
+                               registered=[*REGISTERED, "gone@example.com"])
+    directory.set_password("alice@example.com", "a cached password")
+    checks = []
+    real = auth.verify_password
+    monkeypatch.setattr(auth, "verify_password", lambda h, p: checks.append(1) or real(h, p))
+
+    def cost(user: str, password: str) -> tuple[dict[str, int], int]:
+        before, hashes = directory_work(slapd), len(checks)
+        assert login(directory, user, password) == LoginResult(), user
+        after = directory_work(slapd)
+        return {k: after[k] - before[k] for k in after}, len(checks) - hashes
+
+    work = {who: cost(who, "a wrong password") for who in (
+        "alice@example.com",        # registered, in the directory: a wrong password
+        "carol@example.com",        # in the directory, not registered here
+        "nobody@example.com",       # nowhere
+        "dave@example.com",         # registered, deactivated
+        "gone@example.com",         # registered, no entry in the directory
+    )}
+    expected = {"connections": 2 if kind == "search" else 1, "binds": 2 if kind == "search" else 1,
+                "searches": 1 if kind == "search" else 0}
+    assert work == dict.fromkeys(work, (expected, 1)), work
+    assert cost("alice@example.net", "a wrong password") == (dict.fromkeys(expected, 0), 1)
+    assert CAROL.dn not in binds(slapd) and DAVE.dn not in binds(slapd)  # never as someone else
+    assert "unauthenticated bind" not in slapd.log_text()
 
 
 @pytest.mark.parametrize("kind", ["bind_dn", "search"])
@@ -355,6 +405,56 @@ def test_nothing_listening_is_unreachable(tmp_path):
     answer = ldap_bind(directory.config.domains["example.com"].ldap, Mailbox("alice", "example.com"),
                        ALICE.password)
     assert answer.outcome is Outcome.UNREACHABLE and "LDAPSocketOpenError" in answer.detail
+
+
+# -- Dovecot, which reads only the cache ----------------------------------------------------------
+
+def imap_logs_in(port: int, user: str, password: str) -> bool:
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=15)
+    try:
+        client.login(user, password)
+    except imaplib.IMAP4.error:
+        return False
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError):
+            client.logout()
+    return True
+
+
+def test_an_account_locked_in_the_directory_stops_imap_at_once_and_an_outage_does_not(
+        tmp_path, mail_tmp_path, dovecot_factory, caplog):
+    """Security review 9.6 with the real slapd and Dovecot. OpenLDAP disables an account with
+    ppolicy's pwdAccountLockedTime: a bind answers a plain 49 (as for a typo) and says
+    "accountLocked" only in the password policy response control, which the relay asks for.
+    The first refusal, whatever password was typed, takes alice's cached hash out of the
+    passwd-file, so Dovecot (IMAP, POP3, and the Outbox, reached by IMAP) refuses her at once.
+    slapd stopped is no refusal: the cache keeps answering, for the relay and for Dovecot."""
+    require_slapd()
+    server = sl.start_slapd(tmp_path / "slapd", [ALICE, BOB], ppolicy=True)
+    try:
+        directory = make_directory(mail_tmp_path, settings_yaml("bind_dn", server, mail_tmp_path),
+                                   registered=["alice@example.com", "bob@example.com"], owner="vmail")
+        assert login(directory, "alice@example.com", ALICE.password).user is not None   # synced
+        dovecot = dovecot_factory(mail_tmp_path / "dovecot", mail_tmp_path / "maildirs",
+                                  mail_tmp_path / "users.passwd")
+        assert imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        server.stop()                           # an outage: the cache answers everywhere
+        assert login(directory, "alice@example.com", ALICE.password).user is not None
+        assert login(directory, "alice@example.com", "a typo") == LoginResult()
+        assert verify_password(cached(directory, "alice@example.com"), ALICE.password)
+        assert imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        server.start()
+        server.lock(ALICE)
+        with caplog.at_level(logging.INFO, logger="relay.auth"):
+            assert login(directory, "alice@example.com", "a typo") == LoginResult()
+        assert cached(directory, "alice@example.com") == ""
+        assert 'reason="account refused"' in caplog.text and "ppolicy error 1" in caplog.text
+        assert not imap_logs_in(dovecot.imap_port, "alice@example.com", ALICE.password)
+        assert login(directory, "alice@example.com", ALICE.password) == LoginResult()  # locked
+        assert directory.get(parse_mailbox("alice@example.com")).active   # still gets mail
+        assert login(directory, "bob@example.com", BOB.password).user is not None    # others go on
+    finally:
+        server.stop()
 
 
 # -- the submission port ------------------------------------------------------------------------

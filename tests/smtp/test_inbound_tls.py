@@ -36,6 +36,7 @@ from tests.smtp.helpers import (
     tls_client,
 )
 from tests.smtp.helpers import plain_client as client
+from tests.web.helpers import Client as WebClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,6 +232,56 @@ def test_one_throttle_locks_submission_port_25_and_the_web_login(start_relay, cl
     assert relay.running.web.app[SITE].throttle is submission_throttle
     assert submission_throttle.blocked("127.0.0.9", ALICE)        # the web's key for alice too
     assert not submission_throttle.blocked("198.51.100.7", ALICE)  # locked for that network only
+
+
+SPELLINGS = ["\talice@example.com", "ALICE@Example.COM", " alice@example.com",
+             "alice@exam\u00adple.com", "alice@ex\u200bample.com", "alice@example.com\x0b"]
+
+
+def test_every_spelling_of_a_login_is_logged_under_one_name(start_relay, client_tls, caplog,
+                                                           monkeypatch):
+    """Security review 9.4: one normalisation, done once, for the throttle, the check and the
+    log. Each spelling of alice's login, wrong or refused before any check (a soft hyphen, a
+    zero-width space, U+000B), is logged as alice@example.com on the submission port, on
+    port 25 AUTH and on the web login, and no log line carries the raw characters."""
+    monkeypatch.setattr("relay.app.LoginThrottle",
+                        lambda: fast_throttle(account_limit=100, address_limit=100))
+    relay = start_relay(submission=True, web=True)
+    assert relay.running is not None and relay.running.web is not None
+    browser = WebClient(relay.running.web.addresses[0][1])
+    caplog.set_level(logging.INFO, logger="relay")
+    for spelling in SPELLINGS[3:]:      # no address: refused even with the right password
+        assert browser.login_user(spelling, PASSWORDS[ALICE]).status == 401, spelling
+    caplog.clear()
+    for spelling in SPELLINGS:
+        assert browser.login_user(spelling, "guess").status == 401, spelling
+        for port in (submission_port(relay), relay.port):
+            with tls_client(port, client_tls) as smtp:
+                assert auth_plain(smtp, spelling, "guess")[0] == 535, (port, spelling)
+    failed = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith(("submission.auth_failed", "web.login_failed"))]
+    assert len(failed) == 3 * len(SPELLINGS), failed
+    assert all(f" user={ALICE} " in f"{line} " for line in failed), failed
+    raw = [r.getMessage() for r in caplog.records
+           if any(c in r.getMessage() for c in "\t\x0b\u00ad\u200b") or "ALICE@" in r.getMessage()]
+    assert raw == []
+
+
+def test_a_lock_earned_on_the_web_login_locks_submission_and_port_25(start_relay, client_tls,
+                                                                     monkeypatch):
+    """The other way round from the test above: guesses at the web login form lock the SMTP
+    AUTH of both ports (one throttle), and the spellings of the address with it."""
+    monkeypatch.setattr("relay.app.LoginThrottle", lambda: fast_throttle(account_limit=3))
+    relay = start_relay(submission=True, web=True)
+    assert relay.running is not None and relay.running.web is not None
+    browser = WebClient(relay.running.web.addresses[0][1])
+    assert [browser.login_user(ALICE, "guess").status for _ in range(3)] == [401] * 3
+    assert browser.login_user(ALICE, PASSWORDS[ALICE]).status == 429
+    for port in (submission_port(relay), relay.port):
+        with tls_client(port, client_tls) as smtp:
+            assert auth_plain(smtp, ALICE, PASSWORDS[ALICE]) == (454, replies.AUTH_BLOCKED[4:].encode())
+            assert auth_plain(smtp, "\tAlice@Example.COM", PASSWORDS[ALICE])[0] == 454
+            assert auth_plain(smtp, "bob@example.com", PASSWORDS["bob@example.com"])[0] == 235
 
 
 # -- STARTTLS itself --------------------------------------------------------------------------------

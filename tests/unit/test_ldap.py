@@ -21,7 +21,7 @@ from relay.addresses import Mailbox
 from relay.auth import NOT_SYNCED, authenticate, check_password
 from relay.config import LDAP, load
 from relay.directory import Directory, verify_password
-from relay.ldap import Answer, Outcome, bind_failure, ldap_bind, user_dn, user_filter
+from relay.ldap import PPOLICY, Answer, Outcome, bind_failure, ldap_bind, user_dn, user_filter
 
 ALICE = Mailbox("alice", "example.com")
 PEOPLE = "ou=people,dc=example,dc=com"
@@ -272,15 +272,25 @@ def test_unreachable_without_a_cache_says_so(directory, answers):
 
 
 @pytest.mark.parametrize("who, password", [
-    ("carol@example.com", "pw"),        # in the directory maybe, but not registered here
-    ("dave@example.com", "dave pw"),    # deactivated
     ("alice@example.com", ""),
     ("alice@example.com", "a\nb"),
     ("not an address", "pw"),
 ])
-def test_no_bind_for_unregistered_deactivated_or_malformed(directory, answers, who, password):
+def test_no_bind_for_a_malformed_login_or_password(directory, answers, who, password):
     assert login(directory, who, password) == auth.LoginResult()
     assert answers.calls == []
+
+
+@pytest.mark.parametrize("who, password", [
+    ("carol@example.com", "pw"),        # in the directory maybe, but not registered here
+    ("dave@example.com", "dave pw"),    # deactivated
+])
+def test_unregistered_or_deactivated_ask_about_nobody(directory, answers, who, password):
+    """The same round trips as a registered user's check (review 9.8), but never as the user
+    named nor with the password typed."""
+    assert login(directory, who, password) == auth.LoginResult()
+    ((asked, sent),) = answers.calls
+    assert asked.startswith("nobody-") and asked.endswith("@example.com") and sent != password
 
 
 def test_domains_without_ldap_use_the_passwd_file(directory, answers):
@@ -329,6 +339,14 @@ def test_directory_state_is_logged_when_it_changes(directory, answers, caplog):
     ({"result": 49, "message": ""}, False),
     ({"result": 32}, True),
     ({"result": 53}, True),
+    # OpenLDAP ppolicy: a plain 49, and why in the response control (as slapd 2.5 sends it)
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x03\x81\x01\x01"}}}, True),   # locked
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x03\x81\x01\x00"}}}, True),   # expired
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x00"}}}, False),   # no error: a typo
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x08\xa0\x03\x81\x01\x02\x81\x01\x01"}}},
+     True),                                                          # a warning first, then locked
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x83\x81\x01\x01"}}}, False),  # junk
+    ({"result": 49, "controls": {PPOLICY: {"value": b"0\x05\x81\x09\x01"}}}, False),  # short
 ])
 def test_a_refusal_says_whether_the_account_is_gone(result, gone):
     from relay.ldap import bind_failure
@@ -338,8 +356,8 @@ def test_a_refusal_says_whether_the_account_is_gone(result, gone):
 
 
 @pytest.mark.parametrize("login_as, outcome, cached", [
-    ("nobody@example.com", Outcome.REFUSED, None),          # not registered: no bind at all
-    ("dave@example.com", Outcome.REFUSED, None),            # deactivated: no bind at all
+    ("nobody@example.com", Outcome.REFUSED, None),          # not registered: a bind as nobody
+    ("dave@example.com", Outcome.REFUSED, None),            # deactivated: likewise
     ("alice@example.com", Outcome.REFUSED, "other pw"),      # the directory says no (a typo)
     ("alice@example.com", Outcome.REFUSED, "pw"),            # ... to what the cache takes
     ("alice@example.com", Outcome.REFUSED, ""),              # ... with nothing cached
@@ -356,4 +374,4 @@ def test_every_refusal_costs_one_hash_check(directory, answers, monkeypatch, log
     monkeypatch.setattr(auth, "verify_password", lambda h, p: checks.append(1) or real(h, p))
     answers.outcome = outcome
     result = login(directory, login_as, "pw")
-    assert result.user is None and len(checks) == 1
+    assert result.user is None and len(checks) == 1 and len(answers.calls) == 1

@@ -7,8 +7,11 @@ These run as root (scripts/test and CI do) with the `vmail` user that scripts/te
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,46 @@ def test_claim_by_path_never_follows_the_last_link(tmp_path, vmail):
     link.symlink_to(secret)
     vmail.claim(link)
     assert owners(secret) == [(0, 0)] and os.lstat(link).st_uid == vmail.uid
+
+
+@contextlib.contextmanager
+def bound_onto(source: str, target: Path):
+    """`source` bind-mounted onto the file `target` for the block (the tests run as root)."""
+    target.touch()
+    subprocess.run(["mount", "--bind", source, str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+@pytest.mark.timeout(30)
+def test_a_device_and_unreadable_files_in_the_outbox_are_skipped(tmp_path, vmail, caplog):
+    """Issue 9.2, last bullet: a device node and two unreadable files sit in bob's Outbox next
+    to a good message. The device is /dev/zero's (1, 5): read, it would fill `max_size` with
+    zeros and go to Drafts (without a limit, eat memory for ever), so it must not even be read.
+    Root reads any file whatever its mode, so "unreadable" is made real by the kernel: an entry
+    bind-mounted from /proc/sys/vm/drop_caches (write-only: open(O_RDONLY) fails with EACCES,
+    even for root) and one from this process's /proc/PID/mem (opens as a regular file, then
+    read() fails with EIO at offset 0, which nothing maps). Each is skipped with one
+    `outbox.skipped` line and left where it is, and the good message after them still goes out."""
+    outbox = runner(tmp_path, vmail)
+    home = outbox.maildirs.ensure(BOB)
+    new = home / ".Outbox" / "new"
+    os.mknod(new / "1700000000.M1P1Q1.zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    drop(home, "1700000000.M1P1Q4.good", MESSAGE)
+    caplog.set_level(logging.INFO, logger="relay")
+    with (bound_onto("/proc/sys/vm/drop_caches", new / "1700000000.M1P1Q2.eacces"),
+          bound_onto(f"/proc/{os.getpid()}/mem", new / "1700000000.M1P1Q3.eio")):
+        assert outbox.scan() == 1
+        assert outbox.scan() == 0           # still there, not tried again in a loop of lines
+        assert sorted(os.listdir(new)) == ["1700000000.M1P1Q1.zero", "1700000000.M1P1Q2.eacces",
+                                           "1700000000.M1P1Q3.eio"]
+    skipped = sorted(r.getMessage() for r in caplog.records
+                     if r.getMessage().startswith("outbox.skipped"))
+    assert len(skipped) == 3 and all("user=bob@example.com" in line for line in skipped)
+    assert "Permission denied" in skipped[1] and "Input/output error" in skipped[2], skipped
+    assert "not a plain file" in skipped[0], skipped
+    assert not (home / ".Drafts").exists()      # the device was not read into a draft
+    (queued,) = (tmp_path / "spool" / "outbound" / "msg").iterdir()
+    assert b"hello" in queued.read_bytes()

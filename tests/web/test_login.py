@@ -29,6 +29,19 @@ def test_admin_login_is_case_insensitive_on_the_address(server, client):
     assert client.login_admin(ADMIN.upper()).status == 303
 
 
+@pytest.mark.parametrize("spelling", [ADMIN + "\x0b", ADMIN + "\u00a0", "\x0c" + ADMIN])
+def test_a_login_that_names_no_address_opens_nothing_even_with_the_right_password(
+        server, client, spelling):
+    """Security review 9.4: one normalisation (`auth.login_address`). The form stripped the
+    login with str.strip(), which also drops U+000B, U+000C and U+00A0, so these spellings
+    logged in here while the SMTP ports refuse them; blanks and tabs around it still go."""
+    user = next(iter(USERS))
+    assert client.login_admin(spelling).status == 401
+    assert client.login_user(user + spelling[len(ADMIN):] if spelling.startswith(ADMIN)
+                             else spelling[0] + user, USERS[user]).status == 401
+    assert client.login_admin(f" {ADMIN}\t").status == 303
+
+
 def test_wrong_admin_password_is_refused_and_logged_without_the_password(server, client, caplog):
     caplog.set_level(logging.INFO, logger="relay")
     reply = client.login_admin(password="not the password")
