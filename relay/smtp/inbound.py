@@ -397,8 +397,8 @@ class InboundHandler:
                        outcomes: dict[Mailbox, str], kept_ids: dict[Mailbox, str]) -> None:
         """Hand the archive a link of its own to the message (the session's goes with it)."""
         assert self.archive is not None
-        try:
-            own = await asyncio.to_thread(message.detached)
+        try:    # in memory, there is nothing to link: no thread hop (and its wake-ups) for it
+            own = message.detached() if message.path is None else await asyncio.to_thread(message.detached)
         except OSError as exc:      # the archive's trouble never costs a sender its 250
             event("inbound.archive_failed", logging.ERROR, id=tx.id, error=exc.strerror or exc)
             return

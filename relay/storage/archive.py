@@ -41,9 +41,9 @@ import hashlib
 import json
 import logging
 import os
-import queue as queues
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
@@ -140,6 +140,10 @@ def chain_of(previous: str, record: Record) -> str:
     return hashlib.sha256(previous.encode() + b"\n" + body).hexdigest()
 
 
+_UNCHAINED = b'{"chain":""'      # how a line begins before its chain is put in, and after:
+_CHAINED = b'{"chain":"'         # (`_CHAINED`, the chain, then `"` and the rest)
+
+
 def _day(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d")
 
@@ -171,6 +175,14 @@ def _write_all(fd: int, data: bytes | MessageFile) -> None:
         view = memoryview(piece)
         while view:
             view = view[os.write(fd, view):]
+
+
+def _in_memory(data: bytes | MessageFile) -> bytes | MessageFile:
+    """A message held in memory as bytes (one copy): hashed in one call, which lets go of the
+    interpreter while it hashes, and written with the rest of its batch in one write."""
+    if isinstance(data, MessageFile) and data.path is None:
+        return data.prefix + data.body
+    return data
 
 
 def _sha256(data: bytes | MessageFile) -> str:
@@ -388,10 +400,15 @@ class ArchiveWriter:
     def __init__(self, archive: Archive, on_written: Callable[[list[Record]], None] | None = None) -> None:
         self.archive = archive
         self._on_written = on_written    # told each batch's records once they are on disk
-        self._queue: queues.Queue[Item | None] = queues.Queue(BACKLOG)
+        self._items: deque[Item] = deque()                 # waiting for the writer, oldest first
+        self._wake = threading.Event()                     # set: a batch has started waiting
+        self._full = threading.Event()                     # set: BATCH wait, or the writer ends
+        self._space = threading.Condition()                # `add` waits on it while BACKLOG wait
+        self._ending = False
         self._thread: threading.Thread | None = None
         self._tails: dict[str, tuple[int, str]] = {}       # day -> (records so far, last chain)
         self._names: dict[str, str] = {}                   # sha256 -> object name, recent ones
+        self._days: dict[int, tuple[str, str, str]] = {}   # `_day_of`'s answers
         self.written = 0
 
     def start(self) -> None:
@@ -439,50 +456,73 @@ class ArchiveWriter:
 
     def add(self, item: Item) -> None:
         """Hand a message over (blocking only while `BACKLOG` messages wait)."""
-        self._queue.put(item)
+        with self._space:
+            while len(self._items) >= BACKLOG and self._thread is not None:
+                self._space.wait(LINGER)
+            self._put(item)
 
     def offer(self, item: Item) -> bool:
         """Hand a message over without waiting (from the event loop); False when the backlog
         is full, and the caller hands it to `add` in a worker thread."""
-        try:
-            self._queue.put_nowait(item)
-        except queues.Full:
+        if len(self._items) >= BACKLOG:
             return False
+        self._put(item)
         return True
+
+    def _put(self, item: Item) -> None:
+        """An append and, once a batch, a wake-up: a `queue.Queue` woke the writer for every
+        message, and each wake-up took the interpreter from the event loop for a moment."""
+        self._items.append(item)
+        waiting = len(self._items)
+        if waiting == 1:
+            self._wake.set()          # the first of a batch: its LINGER starts
+        elif waiting >= BATCH:
+            self._full.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Write what waits, then end; a clean stop removes `writer.open`."""
         if self._thread is None:
             return
-        self._queue.put(None)
+        self._ending = True
+        self._wake.set()
+        self._full.set()
         self._thread.join(timeout)
         if not self._thread.is_alive():
             (self.archive.root / "writer.open").unlink(missing_ok=True)
         self._thread = None
+        with self._space:
+            self._space.notify_all()
 
     def _run(self) -> None:
-        ending = False
-        while not ending:
-            batch: list[Item] = []
-            item = self._queue.get()
-            deadline = time.monotonic() + LINGER
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= BATCH:
-                    break
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queues.Empty:
-                    break
-            ending = item is None
+        """Sleep until a batch starts; wait `LINGER` (or until `BATCH` wait) for the rest of
+        it; write what waits, at most `BATCH` at a time."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if not self._ending:
+                self._full.wait(LINGER)
+            self._full.clear()
+            batch = [self._items.popleft() for _ in range(min(BATCH, len(self._items)))]
+            ending = self._ending
+            if self._items or ending:
+                self._wake.set()          # more than a batch waited, or the end: go round again
+                if len(self._items) >= BATCH:
+                    self._full.set()
+            with self._space:
+                self._space.notify_all()
             if batch:
-                try:
-                    self.write(batch)
-                except OSError as exc:     # the archive's own trouble never stops mail
-                    event("archive.write_failed", logging.ERROR, messages=len(batch),
-                          error=exc.strerror or exc)
-                finally:
-                    _release(batch)
+                self._write_logged(batch)
+            elif ending:
+                return
+
+    def _write_logged(self, batch: list[Item]) -> None:
+        try:
+            self.write(batch)
+        except OSError as exc:     # the archive's own trouble never stops mail
+            event("archive.write_failed", logging.ERROR, messages=len(batch),
+                  error=exc.strerror or exc)
+        finally:
+            _release(batch)
 
     def write(self, batch: list[Item]) -> list[Record]:
         """Write a batch: links and the packs' bytes (flushed), then the day files' lines, then
@@ -493,14 +533,15 @@ class ArchiveWriter:
         packs: dict[str, _Pending] = {}
         try:
             for item in batch:
-                sha = _sha256(item.data)
-                day = _day(item.when)
+                data = _in_memory(item.data)
+                sha = _sha256(data)
+                day = self._day_of(item.when)[0]
                 self._tail(day)              # (and the day's copies: `_known` finds them)
                 name = (self._known(sha) or self._link(sha, item, linked)
-                        or self._append(day, item.data, packs))
+                        or self._append(day, data, packs))
                 self._remember(sha, name)
-                record = self._record(item, sha, name)
-                files.setdefault(day, []).append(record.line())
+                record, line = self._record(item, sha, name)
+                files.setdefault(day, []).append(line)
                 records.append(record)
             while packs:                     # the bytes are on disk before a line names them
                 self._flush_pack(packs.popitem()[1])
@@ -610,17 +651,32 @@ class ArchiveWriter:
         while len(self._names) > NAMES_REMEMBERED:
             del self._names[next(iter(self._names))]
 
-    def _record(self, item: Item, sha: str, name: str) -> Record:
-        day = _day(item.when)
+    def _record(self, item: Item, sha: str, name: str) -> tuple[Record, bytes]:
+        """The item's record and its line, chained to the day's last. Its line is encoded
+        once: `chain` sorts first, so the line is the chained-over one with the chain put in
+        (`chain_of` and `line()` each encoding it cost the writer, in the listeners'
+        interpreter, a JSON encoding a message)."""
+        day, compact, keep_until = self._day_of(item.when)
         count, previous = self._tail(day)
-        keep_until = (datetime.fromtimestamp(item.when, UTC).date() + timedelta(days=self.archive.days))
-        record = Record(id=f"{day.replace('-', '')}.{count + 1}", time=item.when, direction=item.direction,
+        record = Record(id=f"{compact}.{count + 1}", time=item.when, direction=item.direction,
                         kind=item.kind, sender=item.sender, rcpts=item.rcpts, queue_id=item.queue_id,
                         outcome=item.outcome, sha256=sha, object=name, size=len(item.data),
-                        keep_until=keep_until.isoformat(), user=item.user)
-        record = replace(record, chain=chain_of(previous, record))
-        self._tails[day] = (count + 1, record.chain)
-        return record
+                        keep_until=keep_until, user=item.user)
+        body = record.line(chain="")
+        chain = hashlib.sha256(previous.encode() + b"\n" + body).hexdigest()
+        object.__setattr__(record, "chain", chain)      # (frozen: a `replace` built it again)
+        self._tails[day] = (count + 1, chain)
+        return record, b"".join((_CHAINED, chain.encode(), b'"', body[len(_UNCHAINED):]))
+
+    def _day_of(self, moment: float) -> tuple[str, str, str]:
+        """(YYYY-MM-DD, YYYYMMDD, keep_until) of the UTC day of `moment`, worked out once a day."""
+        number = int(moment // 86400)
+        known = self._days.get(number)
+        if known is None:
+            day = _day(moment)
+            keep = datetime.fromtimestamp(moment, UTC).date() + timedelta(days=self.archive.days)
+            known = self._days[number] = (day, day.replace("-", ""), keep.isoformat())
+        return known
 
     def _tail(self, day: str) -> tuple[int, str]:
         """(the highest number used in the day's ids, the last chain): numbers, not a count of

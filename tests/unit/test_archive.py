@@ -10,6 +10,7 @@ from datetime import date
 import pytest
 
 from relay.addresses import AddressError
+from relay.storage import archive as archive_module
 from relay.storage.archive import Archive, ArchiveWriter, Item, Record, chain_of
 
 MESSAGE = b"From: s@sender.test\r\nTo: a@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
@@ -170,3 +171,39 @@ def test_a_day_file_line_written_before_the_faster_encoding_still_verifies(tmp_p
     record = Record.from_line(line)
     assert record.line() == line
     assert chain_of("2026-12-01", record) == record.chain
+
+
+def test_each_line_written_is_the_record_s_own_encoding_and_chains(tmp_path):
+    """The writer encodes a line once and puts the chain in (`chain` sorts first): the bytes
+    must be what `Record.line()` gives, or `verify` and the index would read another line."""
+    archive = Archive(tmp_path)
+    records = ArchiveWriter(archive).write([item(b"%d " % n + MESSAGE, rcpts=("a@example.com", "b@x.test"))
+                                            for n in range(3)])
+    lines = (tmp_path / "days" / "2026-11-01.jsonl").read_bytes().splitlines(keepends=True)
+    assert lines == [r.line() for r in records] and list(archive.records()) == records
+    assert archive.verify() == []
+
+
+def test_what_waits_is_written_in_batches_of_at_most_batch_and_all_of_it_at_stop(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "BATCH", 3)
+    batches: list[int] = []
+    writer = ArchiveWriter(Archive(tmp_path), on_written=lambda records: batches.append(len(records)))
+    for n in range(10):                  # before the thread runs: they wait, as under load
+        assert writer.offer(item(b"%d " % n + MESSAGE))
+    writer.start()
+    writer.stop()
+    assert sum(batches) == 10 and max(batches) == 3
+    assert [r.id for r in Archive(tmp_path).records()] == [f"20261101.{n}" for n in range(1, 11)]
+
+
+def test_offer_says_no_past_the_backlog_and_add_waits_for_room(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "BACKLOG", 4)
+    monkeypatch.setattr(archive_module, "LINGER", 0.01)
+    writer = ArchiveWriter(Archive(tmp_path))
+    assert all(writer.offer(item(b"%d " % n + MESSAGE)) for n in range(4))
+    assert not writer.offer(item(b"one too many " + MESSAGE))
+    writer.start()
+    for n in range(4, 20):               # past the backlog: each waits until the writer took some
+        writer.add(item(b"%d " % n + MESSAGE))
+    writer.stop()
+    assert len(list(Archive(tmp_path).records())) == 20 and Archive(tmp_path).verify() == []

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import calendar
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from datetime import date
 
@@ -15,6 +18,7 @@ from relay.errors import StorageError
 from relay.storage import archive_index
 from relay.storage.archive import Archive, ArchiveWriter, Item
 from relay.storage.archive_index import ArchiveIndex, Query, message_text
+from tests.helpers import wait_for
 
 
 def at(day: str, seconds: int = 3600) -> float:
@@ -530,3 +534,25 @@ def test_the_mime_splitter_reads_the_same_text_as_the_email_package(data):
     """The index splits MIME bodies by their boundaries instead of feeding every line to the
     email package (4x faster on generated mail, the same text on all of it)."""
     assert message_text(data) == _reference_text(data)
+
+
+def test_the_follower_process_runs_on_idle_cpu_only_and_still_catches_up(archive, index):
+    """serve's follower (`python -m relay.storage.archive_index`) is SCHED_IDLE, so it never
+    takes a core from the listeners; mail archived while it runs is found once it caught up,
+    and it ends when its standard input closes (serve's end)."""
+    ArchiveWriter(archive).write([item(message("before it started"), at("2026-11-01"))])
+    log = archive.root.parent / "follower.log"
+    with log.open("wb") as out:
+        follower = subprocess.Popen([sys.executable, "-m", "relay.storage.archive_index", str(archive.root)],
+                                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: ids(index, Query(words="started")), 30, "the follower to index what was there",
+                 explain=lambda: f"exit status {follower.poll()}: {log.read_text()}")
+        assert os.sched_getscheduler(follower.pid) == os.SCHED_IDLE
+        ArchiveWriter(archive).write([item(message("while it ran"), at("2026-11-01", 7200))])
+        found = wait_for(lambda: ids(index, Query(words="ran")), 30, "the follower to catch up")
+        assert found == ["20261101.2"]
+    finally:
+        assert follower.stdin is not None
+        follower.stdin.close()
+        assert follower.wait(30) == 0, log.read_text()
