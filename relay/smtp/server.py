@@ -25,6 +25,13 @@
       already gone; so does a spool file that cannot be written (disk full: 451), so the rest
       of the data is never read as commands. The file is removed once the hook and whoever
       it handed the message to (`MessageFile.hold`) are done.
+    - Once a line is read, a bare LF or a bare CR in it becomes CRLF, as Postfix's
+      `smtpd_forbid_bare_newline = normalize` does for LF (and does not for CR: see README,
+      "Where we differ"): the primary, the continuity copy, the archive and the spam filter
+      all get the same lines, the ones an SMTP client sends on (aiosmtplib, our own DATA
+      writer), so what a user reads over IMAP is what reaches the primary on replay. A line
+      that starts with a dot after a bare line end is text: its dot is kept (the sender did
+      not stuff it), and the DATA writer stuffs it on the way out.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ ENHANCED_FOR = {
     "530": "5.7.0", "534": "5.7.9", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0",
     "552": "5.3.4", "553": "5.1.3", "554": "5.7.0", "555": "5.5.4",
 }
+
+_BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")   # each line end, as aiosmtplib sees them
 
 
 class RelayEnvelope(Envelope):
@@ -298,7 +307,10 @@ class RelaySMTP(SMTP):
                 pending.clear()
                 continue
             nul = nul or b"\0" in whole
-            pending += whole[1:] if whole.startswith(b".") else whole
+            whole = whole[1:] if whole.startswith(b".") else whole
+            if b"\n" in whole[:-2] or b"\r" in whole[:-2]:
+                whole = _BARE_LINE_END.sub(b"\r\n", whole)   # see the module: one kind of line end
+            pending += whole
             if len(pending) >= CHUNK:
                 chunk, pending = pending, bytearray()
                 try:

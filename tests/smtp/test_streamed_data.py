@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from relay.storage.archive import Archive
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import send, stored_files
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,17 +67,18 @@ def test_over_the_limit_is_552_after_the_data_with_nothing_kept_or_spooled(prima
 
 
 def test_big_message_bytes_identical_passed_and_kept(primary, make_relay):
-    """Several spool chunks' worth (CHUNK is 256 KiB): the primary gets the bytes with CRLF
-    line ends (SMTP's own normalisation, as aiosmtplib makes it), the Maildir the very bytes."""
+    """Several spool chunks' worth (CHUNK is 256 KiB): the primary and the Maildir get the
+    same bytes, each bare CR and LF made CRLF as the data arrives (issue 9, point 1: a bare CR
+    kept in the Maildir showed IMAP users another header than the primary got on replay)."""
     relay = make_relay(primary.port)
     content = big_message(random.Random(13), 900_000)
     assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
     (passed,) = primary.received
     assert after_received(passed.content) == LINE_END.sub(b"\r\n", content)
-    primary.script.rcpt = "451 4.3.0 down"
+    primary.script.mail = "451 4.3.0 down"
     assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
     (stored,), (queued,) = kept(relay)
-    assert after_received(stored.read_bytes()) == content
+    assert after_received(stored.read_bytes()) == LINE_END.sub(b"\r\n", content)
     assert queued.samefile(stored)
     wait_for(lambda: incoming_files(relay) == [], 10, "the spool files removed")
 
@@ -116,5 +117,19 @@ def test_the_archive_copies_a_passed_message_from_its_own_link(primary, make_rel
     assert send(relay.port, "x@sender.test", ["alice@example.com"], dot_stuffed(content))[1][0] == 250
     archive = Archive(relay.config.storage.archive)
     (record,) = wait_for(lambda: list(archive.records()), 10, "the message archived")
-    assert after_received(archive.read(record)) == content and archive.verify() == []
+    assert after_received(archive.read(record)) == LINE_END.sub(b"\r\n", content)
+    assert archive.verify() == []
     wait_for(lambda: incoming_files(relay) == [], 10, "the session's and the archive's links gone")
+
+
+def test_a_bare_cr_cannot_show_a_continuity_user_another_from_than_the_primary_gets(make_relay):
+    """Issue 9, point 1, inbound: `Subject: x\\rFrom: CEO` kept with its bare CR was one header
+    line in the Maildir (and to IMAP clients) and two at the primary on replay."""
+    relay = make_relay(free_port())                      # the primary is down: kept
+    wire = (b"Subject: x\rFrom: CEO <ceo@example.com>\r\nFrom: x@sender.test\r\n\r\n"
+            b"line\nother\rlast\r\n")
+    assert send(relay.port, "x@sender.test", ["alice@example.com"], wire)[1][0] == 250
+    (stored,), _ = kept(relay)
+    assert after_received(stored.read_bytes()) == (
+        b"Subject: x\r\nFrom: CEO <ceo@example.com>\r\nFrom: x@sender.test\r\n\r\n"
+        b"line\r\nother\r\nlast\r\n")
