@@ -52,8 +52,8 @@ from relay.web.audit import AuditLog
 from relay.web.csrf import csrf_middleware
 from relay.web.page import STATIC, environment, error_page
 from relay.web.revoked import Revoked
-from relay.web.session import Sessions, load_secret
-from relay.web.site import SITE, Site
+from relay.web.session import ADMIN, USER, Sessions, load_secret
+from relay.web.site import SITE, Site, site_of
 
 log = logging.getLogger("relay.web")
 
@@ -69,16 +69,21 @@ FORM_MARGIN = 1024 * 1024           # with it: a message of message_size_limit p
 
 
 SMALL_BODY = 64 * 1024               # any form without a file: login, password, user settings
-UPLOAD_ROUTES = {"/mail/compose": None, "/panel/import": FORM_MAX_SIZE}   # None: the app's limit
+# The routes that take uploads, who may upload there, and how much (None: the app's limit).
+UPLOAD_ROUTES = {"/mail/compose": (USER, None), "/panel/import": (ADMIN, FORM_MAX_SIZE)}
 
 
 @web.middleware
 async def body_limit_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every request body is bounded before anything reads it (the CSRF check reads the form):
-    `SMALL_BODY`, except on the upload routes. Over it, 413 (aiohttp stops reading there)."""
+    `SMALL_BODY`, except on an upload route for a session logged in as who may upload there
+    (an anonymous POST to /mail/compose must not make the relay read 50 MB to refuse it).
+    Over it, 413 (aiohttp stops reading there)."""
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return await handler(request)
-    limit = UPLOAD_ROUTES.get(request.path, SMALL_BODY)
+    kind, limit = UPLOAD_ROUTES.get(request.path, (None, SMALL_BODY))
+    if kind is not None and not _logged_in_as(request, kind):
+        limit = SMALL_BODY
     if limit is None:
         return await handler(request)
     if request.content_length is not None and request.content_length > limit:
@@ -88,6 +93,14 @@ async def body_limit_middleware(request: web.Request, handler) -> web.StreamResp
         return await handler(limited)
     finally:
         limited._finish()   # aiohttp closes uploaded files of the request it made, not a clone's
+
+
+def _logged_in_as(request: web.Request, kind: str) -> bool:
+    """The request's cookie is a live session of `kind` (read before session_middleware runs,
+    which checks the account too: this only decides how much body to take)."""
+    sessions = site_of(request).sessions
+    session = sessions.loads(request.cookies.get(sessions.cookie))
+    return session is not None and session.logged_in and session.kind == kind
 
 
 def body_limit(config: Config, webmail: bool) -> int:

@@ -231,6 +231,22 @@ def test_a_large_body_off_the_upload_routes_gets_413_before_anything_reads_it(se
     assert reply.status == 413
 
 
+@pytest.mark.parametrize("path", ["/mail/compose", "/panel/import"])
+def test_an_upload_route_takes_a_large_body_only_from_who_may_upload_there(server, client, admin,
+                                                                           path):
+    """Security review 9.5, moved: the CSRF check reads the form before the handler asks who is
+    logged in, so an anonymous POST to an upload route made the relay read its whole limit (51 MB
+    with the webmail) to refuse it. Anonymous, or logged in as the wrong kind: the small limit."""
+    client.get("/login")
+    body = b"csrf=x&file=" + b"a" * (1024 * 1024)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert client.request("POST", path, body, form).status == 413
+    if path == "/mail/compose":      # an administrator is no webmail user
+        assert admin.request("POST", path, body, form).status == 413
+    else:
+        assert admin.request("POST", path, body, form).status == 403   # read, then CSRF says no
+
+
 def test_a_chunked_body_off_the_upload_routes_is_cut_at_the_small_limit(server, client):
     import http.client
 
