@@ -290,7 +290,8 @@ class InboundHandler:
             upstream = (session.upstreams.get(key) or self.pool.take(primary)
                         or Upstream(primary, self.hostname))
             session.upstreams[key] = upstream
-            reply = await upstream.begin(parse_sender(tx.mail_from), list(tx.mail_options))
+            reply = await upstream.begin(parse_sender(tx.mail_from), list(tx.mail_options),
+                                         size=_declared_size(tx.mail_options))
             if not reply.ok:
                 tx.failed[key] = reply
                 return reply
@@ -408,6 +409,16 @@ class InboundHandler:
         rcpts = list(tx.routes)
         return received_header(session, self.hostname, tx.id, str(rcpts[0]) if len(rcpts) == 1 else None,
                                utf8=tx.smtp_utf8)
+
+
+def _declared_size(mail_options: list[str]) -> int | None:
+    """The SIZE the sender declared (RFC 1870), passed on as Postfix's before-queue proxy does:
+    the primary may refuse a message too big for it before the data is sent."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _policy(reply: Reply) -> bool:

@@ -222,6 +222,18 @@ def test_ehlo_offers_pipelining_enhancedstatuscodes_dsn_and_every_reply_has_a_co
         raw.close()
 
 
+def test_the_size_a_sender_declares_is_passed_to_the_primary(primary, make_relay):
+    """As Postfix's before-queue proxy: the primary hears SIZE before the data (RFC 1870)."""
+    relay = make_relay(primary.port)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        client.ehlo("sender.test")
+        for options in (["SIZE=4321"], []):
+            assert client.mail("s@sender.test", options)[0] == 250
+            assert client.rcpt("alice@example.com")[0] == 250
+            assert client.data(b"Subject: s\r\n\r\nx\r\n")[0] == 250
+    assert [r.mail_options for r in primary.received] == [["SIZE=4321"], []]
+
+
 def test_a_pipelined_transaction_is_answered_in_order(primary, make_relay):
     relay = make_relay(primary.port)
     raw = Raw(relay.port)
