@@ -56,7 +56,7 @@ from relay.directory import User
 from relay.log import event
 from relay.smtp import replies
 from relay.smtp.limits import ConnectionLimits, LimitedConnections
-from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
+from relay.smtp.server import FewNames, RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
 from relay.smtp.tls import ServerTLS
@@ -128,7 +128,7 @@ an accepted message without waiting (app.py hands it to the archive writer, whic
 the message's file once copied)."""
 
 
-class InboundHandler:
+class InboundHandler(FewNames):
     """aiosmtpd hooks for the inbound listener."""
 
     takes_spooled = True        # DATA is read from `envelope.spooled` (server.py)

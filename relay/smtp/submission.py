@@ -34,7 +34,7 @@ from relay.errors import PermFail
 from relay.log import event
 from relay.smtp import replies
 from relay.smtp.limits import ConnectionLimits, LimitedConnections
-from relay.smtp.server import RelayEnvelope, RelaySMTP, received_header
+from relay.smtp.server import FewNames, RelayEnvelope, RelaySMTP, received_header
 from relay.smtp.tls import ServerTLS
 from relay.storage.incoming import Incoming
 
@@ -73,7 +73,7 @@ class SubmissionSMTP(LimitedConnections, RelaySMTP):
         return SubmissionSession(self.loop)
 
 
-class SubmissionHandler:
+class SubmissionHandler(FewNames):
     """aiosmtpd hooks and AUTH mechanisms for the submission listener."""
 
     def __init__(self, hostname: str, directory: Directory, submit: Submit | None,

@@ -61,3 +61,96 @@ def test_notify_decides_our_notices():
     assert notify_says(("ORCPT=rfc822;a@b", "NOTIFY=SUCCESS,FAILURE"), "FAILURE")
     assert dsn_field(("RET=HDRS", "ENVID=x+2By"), "ENVID") == "x+2By"
     assert dsn_field(("RET=HDRS",), "ENVID") is None
+
+
+# -- what aiosmtpd builds on every connection, made cheaper ------------------------------------
+
+def _tables_from_full_dir(protocol) -> tuple[set[str], set[str], set[str]]:
+    """The command, AUTH and hook names aiosmtpd's __init__ finds with plain dir()."""
+    handler = protocol.event_handler
+    full = [(name, obj) for obj in (protocol, handler) for name in object.__dir__(obj)]
+    commands = {n[5:] for n, obj in full if obj is protocol and n.startswith("smtp_")}
+    auth = {getattr(getattr(obj, n), "__auth_mechanism_name__", n[5:].replace("__", "-"))
+            for n, obj in full if n.startswith("auth_")}
+    hooks = {n[7:] for n, obj in full if obj is handler and n.startswith("handle_")}
+    return commands, auth, hooks
+
+
+def test_the_tables_aiosmtpd_builds_are_those_plain_dir_gives(tmp_path):
+    """FewNames (relay/smtp/server.py) makes dir() list only the hook names: aiosmtpd's tables of
+    commands, AUTH mechanisms and handler hooks must come out exactly as before."""
+    import asyncio
+
+    import trustme
+
+    from relay.smtp import inbound, submission
+    from relay.smtp.tls import ServerTLS
+    from tests.smtp.helpers import fast_throttle
+
+    pem = tmp_path / "tls.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    tls = ServerTLS(pem, pem)
+
+    async def build() -> list:
+        sending = submission.SubmissionHandler("relay.test", None, None, 10, fast_throttle())
+        receiving = inbound.InboundHandler({}, "relay.test", None, lambda user: False, None,
+                                           submission=sending)
+        return [inbound.make_server_factory(receiving, "relay.test", tls, 1024)(),
+                inbound.make_server_factory(receiving, "relay.test", None, 1024)(),
+                submission.make_server_factory(sending, "relay.test", tls, 1024)()]
+
+    for protocol in asyncio.run(build()):
+        commands, auth, hooks = _tables_from_full_dir(protocol)
+        assert set(protocol._smtp_methods) == commands and "DATA" in commands
+        assert set(protocol._auth_methods) == auth and {"PLAIN", "LOGIN"} <= auth
+        assert set(protocol._handle_hooks) == hooks and "RCPT" in hooks
+
+
+@pytest.mark.parametrize("arg", [
+    "<alice@example.com>", "<alice@example.com> SIZE=123 BODY=8BITMIME", "<a.b+c@x.example>",
+    "<alice@example.com>   NOTIFY=NEVER ORCPT=rfc822;a@b", "<x@y> (a comment) SIZE=1",
+    "<>", " <alice@example.com>", "<alice@example.com>x", "<\"quoted local\"@example.com>",
+    "<j\u00fcrgen@example.com> SMTPUTF8", "<@route,@more:alice@example.com>", "<a..b@example.com>",
+    "<.a@example.com>", "<alice@[127.0.0.1]>", "alice@example.com", "<alice@example.com> ",
+    "<" + "l" * 70 + "@example.com>", "<alice@exam_ple.com>", "<alice@-example.com>",
+    "<alice@example.com>\tSIZE=5", "<alice@example.com> SIZE=5 ", "<a@b>(c)",
+])
+def test_the_fast_address_path_parses_as_aiosmtpd_does(arg):
+    """RelaySMTP._getaddr takes `<dot-atom@domain> PARAMS` without the email package: wherever
+    it does, the address and the rest must be what aiosmtpd's own parser says."""
+    from aiosmtpd.smtp import SMTP
+
+    from relay.smtp.server import RelaySMTP
+
+    class Probe:
+        local_part_limit = 64
+
+    assert RelaySMTP._getaddr(Probe(), arg) == SMTP._getaddr(Probe(), arg), arg
+
+
+def test_the_fast_address_path_agrees_with_aiosmtpd_on_generated_paths():
+    from aiosmtpd.smtp import SMTP
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from relay.smtp.server import RelaySMTP
+
+    class Probe:
+        local_part_limit = 64
+
+    part = st.text("aZ09.!#+-_=~{}'`|^?&*/@[]\"() \t<>\u00e9", min_size=0, max_size=12)
+    rest = st.text("AZ=09;+ ,()\t.", max_size=12)
+
+    @settings(max_examples=400, deadline=None)
+    @given(part, part, rest, st.sampled_from(["<{}@{}>{}", "<{}@{}> {}", "{}@{}{}", "<{}@{}>  {}"]))
+    def agree(local: str, domain: str, tail: str, shape: str) -> None:
+        arg = shape.format(local, domain, tail)
+        assert outcome(RelaySMTP._getaddr, arg) == outcome(SMTP._getaddr, arg), arg
+
+    def outcome(parse, arg: str) -> object:
+        try:
+            return parse(Probe(), arg)
+        except (IndexError, AttributeError) as exc:   # the email package's own faults, both ways
+            return type(exc)
+
+    agree()
