@@ -10,9 +10,10 @@ one host cannot dodge the count by changing addresses); an IPv4-mapped IPv6 addr
 (`class InboundSMTP(LimitedConnections, <base>)`):
   - over a count, `connection_made` writes 421 4.7.0 (over the listener's total or over the
     client's) and closes, before aiosmtpd sees the connection; `connection_lost` releases;
-  - the idle timer runs only while the relay waits for the client: every byte received restarts
-    it, and it is stopped while a handler hook runs or DATA is written to the spool (the relay
-    waiting for a primary or the disk is not the client idling). At expiry 421 4.4.2 and
+  - the idle timer runs only while the relay waits for the client: every line end received
+    restarts it (a byte alone does not, so a command or a line of DATA must arrive whole
+    within the timeout), and it is stopped while a handler hook runs or DATA is written to
+    the spool (the relay waiting for a primary or the disk is not the client idling). At expiry 421 4.4.2 and
     close. aiosmtpd's own `timeout` is a deadline per command instead (reset only when a
     command line arrives): a large DATA on a slow link, or a slow primary, would be cut in
     the middle;
@@ -224,7 +225,10 @@ class LimitedConnections(SMTP):
                 self._counted = None
 
     def data_received(self, data: bytes) -> None:
-        if not self._busy:
+        # A line end, not any byte, restarts the timer: a client dripping a byte at a time
+        # (Postfix's per-read timer lets one hold a session for ever) must finish a command,
+        # or a line of DATA, within idle_timeout.
+        if not self._busy and b"\n" in data:
             self._reset_timeout()
         super().data_received(data)
 

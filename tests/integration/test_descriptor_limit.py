@@ -3,7 +3,7 @@
 Before the connection limits, 1,100 idle connections took every descriptor; asyncio survives
 EMFILE at accept(), but the replay runner's next look at its queue folder failed with EMFILE
 and `serve` exited. Now the inbound listener's total is sized from RLIMIT_NOFILE at start-up:
-the flood beyond it gets 421 4.3.2, and the runners keep their descriptors. This test holds the
+the flood beyond it gets 421 4.7.0, and the runners keep their descriptors. This test holds the
 flood while the replay runner delivers a message kept earlier, then closes it and sends one more.
 """
 

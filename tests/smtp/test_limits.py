@@ -6,7 +6,9 @@ one met first unless a test raises it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
 import ssl
 import time
@@ -120,8 +122,26 @@ def test_waiting_for_a_slow_primary_is_not_the_client_idling(make_relay):
         fake.stop()
 
 
+def test_a_client_dripping_bytes_without_a_line_end_is_closed(make_relay):
+    """Issue 8, point 7: a byte every half second kept the session for ever while any byte
+    restarted the idle timer; a command must now arrive whole within it."""
+    relay = make_relay(extra="limits: {idle_timeout: 1s}\n")
+    client, _ = greeting(relay.port)
+    assert client.command("EHLO sender.test").startswith(b"250-")
+    started = time.monotonic()
+    answered = False
+    with contextlib.suppress(OSError):       # the server may close while we still drip
+        while not answered and time.monotonic() - started < 4:
+            client.sock.sendall(b"N")
+            answered = bool(select.select([client.sock], [], [], 0.25)[0])
+    assert answered, "still open after 4 s of dripping, with a 1 s idle timeout"
+    assert client.reply() == b"421 4.4.2 relay.test Idle too long, closing connection"
+    assert client.closed_by_server()
+    client.close()
+
+
 def test_a_slow_but_steady_upload_is_not_idle(make_relay, primary):
-    """Every byte received restarts the idle timer: a DATA taking longer than the timeout is
+    """Every line received restarts the idle timer: a DATA taking longer than the timeout is
     taken whole. (aiosmtpd's own timeout would cut it: it restarts only per command.)"""
     relay = make_relay(primary.port, extra="limits: {idle_timeout: 2s}\n")
     client, _ = greeting(relay.port)
