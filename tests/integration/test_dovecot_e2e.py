@@ -11,6 +11,7 @@ from __future__ import annotations
 import imaplib
 import io
 import poplib
+import smtplib
 import time
 
 import pytest
@@ -145,3 +146,39 @@ def test_password_changes_and_activation_take_effect_without_reload(world, monke
     assert eventually_logs_in(dovecot.imap_port, "alice@example.com", "alice-new")
     with pytest.raises(imaplib.IMAP4.error):
         imap_fetch(dovecot.imap_port, "alice@example.com", "alice-pw", select=False)
+
+
+def test_a_utf8_user_registered_with_the_command_reads_kept_mail_over_imap(world, monkeypatch):
+    """Issue 8, point 2: `users add` takes a UTF-8 local part, and the line it writes is one
+    Dovecot (contrib/dovecot/dovecot.conf) logs in with; the mail kept for that user reads back."""
+    config, maildirs, dovecot = world
+    user = "j\u00fcrgen@example.com"
+    assert cli(config, "users", "add", user, "--password-stdin", password="j\u00fcrgen-pw",
+               monkeypatch=monkeypatch) == 0
+    relay = InProcessRelay.from_file(config).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+            smtp.ehlo("sender.test")
+            smtp.command_encoding = "utf-8"          # what smtplib does for SMTPUTF8
+            assert smtp.mail("x@sender.test", ["SMTPUTF8"])[0] == 250
+            assert smtp.rcpt(user)[0] == 250
+            assert smtp.data(MEANT)[0] == 250                # smtplib dot-stuffs it
+    finally:
+        relay.stop()
+    deadline = time.monotonic() + 5       # Dovecot looks at the passwd-file once a second
+    while True:
+        client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=15)
+        try:   # imaplib's LOGIN is ASCII-only; mail clients say AUTHENTICATE PLAIN in UTF-8
+            client.authenticate("PLAIN", lambda _: f"\0{user}\0j\u00fcrgen-pw".encode())
+            break
+        except imaplib.IMAP4.error:
+            client.shutdown()
+            assert time.monotonic() < deadline, dovecot.log_text()[-2000:]
+            time.sleep(0.3)
+    try:
+        client.select("INBOX", readonly=True)
+        status, data = client.fetch(b"1", "(BODY.PEEK[])")
+        assert status == "OK" and received_part(data[0][1]) == MEANT
+    finally:
+        client.logout()
+    assert "Username character disallowed" not in dovecot.log_text()
