@@ -240,7 +240,8 @@ async def start(config: Config) -> Running:
                                 throttle) if tls else None
     handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
                              store.keep, config.max_recipients, sending, _screen(config),
-                             directory.is_known, _inbound_archive(store, archive))
+                             directory.is_known, _inbound_archive(store, archive),
+                             _notices(config, store, directory))
     log_accept_errors(asyncio.get_running_loop())
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
                                                           else [])])

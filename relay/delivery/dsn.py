@@ -39,6 +39,7 @@ MAX_HOST = 255
 SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Delivery Report",
 }
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
@@ -55,7 +56,9 @@ def build_dsn(*, reporting_mta: str, original: bytes, mail_from: str, rcpt: str,
     """The bytes of a DSN telling `mail_from` what happened to its message for `rcpt`.
 
     `code` and `text` are the remote server's reply (text without the code, as aiosmtplib gives
-    it); `arrival` and `now` are Unix times. `action` is "failed" or "delayed". `envid` and
+    it); `arrival` and `now` are Unix times. `action` is "failed" or "delayed" (a 4xx or 5xx
+    reply), or "relayed" (RFC 3461 6.2.3: the 2xx of a server that offers no DSN, for a
+    recipient whose NOTIFY asked for SUCCESS). `envid` and
     `orcpt` are the sender's RFC 3461 ENVID and ORCPT (`rfc822;addr`), reported as given when they
     are well-formed xtext and left out otherwise. Raises ValueError for an unusable address, host
     name, code or action.
@@ -65,8 +68,9 @@ def build_dsn(*, reporting_mta: str, original: bytes, mail_from: str, rcpt: str,
     _check_address("rcpt", rcpt)
     if action not in SUBJECTS:
         raise ValueError(f"action must be one of {sorted(SUBJECTS)}, not {action!r}")
-    if not 400 <= code <= 599:
-        raise ValueError(f"a DSN reports a 4xx or 5xx reply, not {code!r}")
+    low, high = (200, 299) if action == "relayed" else (400, 599)
+    if not low <= code <= high:
+        raise ValueError(f"a {action!r} DSN reports a {str(low)[0]}xx reply, not {code!r}")
     now = time.time() if now is None else now
     text, remote_mta = _clean(text, MAX_TEXT), _clean(remote_mta, MAX_HOST)
     utf8 = not (mail_from + rcpt).isascii()
@@ -168,6 +172,10 @@ def _notice_part(reporting_mta: str, rcpt: str, code: int, text: str, remote_mta
     if action == "failed":
         what = f"Your message to <{rcpt}> could not be delivered. {server} said:"
         after = "The headers of your message are attached. The message itself was not delivered."
+    elif action == "relayed":
+        what = f"Your message to <{rcpt}> was passed on. {server} took it, and said:"
+        after = ("That server sends no delivery notices, so this is the last one you will get "
+                 "for this message. Its headers are attached.")
     else:
         what = f"Your message to <{rcpt}> has not been delivered yet. {server} said:"
         after = "Delivery will be retried; you do not need to send the message again."

@@ -217,10 +217,11 @@ class QueueRunner(abc.ABC):
             if verdict in (Verdict.RETRY, Verdict.STOP) and await gate.wait() is not None:
                 results = [(Verdict.UNTRIED, reply)]   # refused before DATA, and not its turn yet
             gate.decided(results[0][0])
+        server = (upstream.server_name, upstream.offers("dsn"))
         for (entry, envelope), (verdict, reply) in zip(members, results, strict=True):
             try:
                 outcomes[entry] = await asyncio.to_thread(self._settle, queue, entry, envelope, data,
-                                                          verdict, reply, upstream.server_name)
+                                                          verdict, reply, server)
             except Exception as exc:  # noqa: BLE001 - likewise
                 outcomes[entry] = await self._crashed(queue, entry, envelope, exc)
         return outcomes
@@ -235,17 +236,22 @@ class QueueRunner(abc.ABC):
         return Outcome(None, envelope=envelope, moved_to=target)
 
     def _settle(self, queue: Queue, entry: str, envelope: Envelope, data: bytes, verdict: Verdict,
-                reply: Reply, server: str) -> Outcome:
-        """Blocking: the move the verdict asks for, and its log line."""
+                reply: Reply, server: tuple[str, bool]) -> Outcome:
+        """Blocking: the move the verdict asks for, and its log line. `server`: its name, and
+        whether it offered DSN (if not, a NOTIFY=SUCCESS is ours to answer: "relayed")."""
         where, note = self.fields(queue), f"{reply.code} {reply.text}"
         attempts = envelope.attempts + 1
+        name, offers_dsn = server
         if verdict is Verdict.DELIVERED:
+            if not offers_dsn and notify_says(envelope.rcpt_options, "SUCCESS"):
+                self._tell(envelope, data, reply, name, "relayed")
             queue.finish(entry)
             event(f"{self.name}.sent", **where, id=entry, rcpt=envelope.rcpt, attempts=attempts)
             metrics.settled(self.name, "sent", where)
             return Outcome(verdict, reply, envelope)
         if verdict is Verdict.REFUSED:
-            told = self._tell(envelope, data, reply, server)
+            told = notify_says(envelope.rcpt_options, "FAILURE") and self._tell(
+                envelope, data, reply, name, "failed")
             queue.fail(entry, envelope, note)
             event(f"{self.name}.failed", logging.WARNING, **where, id=entry,
                   rcpt=envelope.rcpt, reply=note, dsn="yes" if told else "no")
@@ -271,15 +277,16 @@ class QueueRunner(abc.ABC):
             domain = self.fields(queue).get("domain") or (sender_domain(envelope) if envelope else "")
             self.trouble(self.name, str(domain), entry, moved_to, envelope, note)
 
-    def _tell(self, envelope: Envelope, data: bytes, reply: Reply, server: str) -> bool:
-        """Fail and notify: a DSN to whoever `tell_whom` names, unless their RCPT said NOTIFY
-        without FAILURE. True when one was queued."""
+    def _tell(self, envelope: Envelope, data: bytes, reply: Reply, server: str, action: str) -> bool:
+        """A DSN of `action` to whoever `tell_whom` names (the caller checked their NOTIFY).
+        True when one was queued."""
         whom = self.tell_whom(envelope)
-        if whom is None or not notify_says(envelope.rcpt_options, "FAILURE"):
+        if whom is None:
             return False
+        code = reply.code if action == "relayed" or reply.code >= 400 else 451
         self.notice(build_dsn(reporting_mta=self.hostname, original=data, mail_from=whom,
-                              rcpt=envelope.rcpt, code=reply.code if reply.code >= 400 else 451,
-                              text=reply.text, remote_mta=server, arrival=envelope.received_at,
+                              rcpt=envelope.rcpt, code=code, text=reply.text, remote_mta=server,
+                              arrival=envelope.received_at, action=action,
                               envid=dsn_field(envelope.mail_options, "ENVID"),
                               orcpt=dsn_field(envelope.rcpt_options, "ORCPT")), whom)
         return True

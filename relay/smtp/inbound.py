@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
@@ -49,6 +50,7 @@ from relay import metrics
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Limits, Primary
 from relay.delivery.client import Reply, Upstream
+from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.delivery.health import Health
 from relay.delivery.pool import UpstreamPool
 from relay.delivery.rspamd import Scan
@@ -137,13 +139,15 @@ class InboundHandler(FewNames):
                  is_registered: Callable[[Mailbox], bool], keep: Keep,
                  max_recipients: int = 100, submission: SubmissionHandler | None = None,
                  screen: Screen | None = None, known: Callable[[Mailbox], bool] | None = None,
-                 archive: ArchiveHook | None = None) -> None:
+                 archive: ArchiveHook | None = None,
+                 notice: Callable[[bytes, str], None] | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
         self.is_registered = is_registered   # blocking: reads the passwd-file if it changed
         self.known = known                   # from memory (Directory.is_known), may lag a second
         self.archive = archive               # every accepted message, once (never waits)
+        self.notice = notice                 # queues a DSN for an address (blocking)
         self.keep = keep
         self.max_recipients = max_recipients
         self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
@@ -346,7 +350,33 @@ class InboundHandler(FewNames):
                 self._failed(domain, reply)
                 if await self._may_keep(domain, user):
                     outcome[user] = Route.CONTINUITY
-        return await self._answer(tx, message, outcome, answers)
+        answer = await self._answer(tx, message, outcome, answers)
+        if answer.startswith("250") and self.notice is not None:
+            await self._relayed(tx, message, outcome, answers)
+        return answer
+
+    async def _relayed(self, tx: Transaction, message: MessageFile, outcome: dict[Mailbox, Route],
+                       answers: dict[Mailbox, Reply]) -> None:
+        """RFC 3461 6.2.3: a recipient whose NOTIFY asked for SUCCESS, taken by a primary that
+        offers no DSN (so the NOTIFY could not go with it), hears "relayed" from us. Kept
+        recipients hear it from the replay runner once the primary has them."""
+        sender = parse_sender(tx.mail_from)
+        told = [u for u, route in outcome.items()
+                if route is Route.PRIMARY and sender and notify_says(tx.options[u], "SUCCESS")
+                and not tx.used[self.domains[u.domain].primary.address].offers("dsn")]
+        if not told:
+            return
+        head = await asyncio.to_thread(message.head, 64 * 1024)
+        for user in told:
+            reply = answers[user]
+            upstream = tx.used[self.domains[user.domain].primary.address]
+            notice = build_dsn(reporting_mta=self.hostname, original=head, mail_from=sender,
+                               rcpt=str(user), code=reply.code, text=reply.text,
+                               remote_mta=upstream.server_name, arrival=time.time(),
+                               action="relayed", envid=dsn_field(list(tx.mail_options), "ENVID"),
+                               orcpt=dsn_field(tx.options[user], "ORCPT"))
+            assert self.notice is not None
+            await asyncio.to_thread(self.notice, notice, sender)
 
     async def _answer(self, tx: Transaction, message: MessageFile, outcome: dict[Mailbox, Route],
                       answers: dict[Mailbox, Reply]) -> str:

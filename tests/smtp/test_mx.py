@@ -325,6 +325,56 @@ def test_replay_refusal_notifies_the_sender_only_as_asked(make_relay, notify, to
         fake.stop()
 
 
+@pytest.mark.parametrize("notify, dsn, relayed", [
+    ("NOTIFY=SUCCESS", False, True), ("NOTIFY=SUCCESS,FAILURE", False, True),
+    ("NOTIFY=FAILURE", False, False), (None, False, False), ("NOTIFY=SUCCESS", True, False),
+], ids=["success", "success-failure", "failure-only", "no-notify", "primary-does-dsn"])
+def test_a_replayed_message_asked_for_success_gets_a_relayed_notice(make_relay, notify, dsn, relayed):
+    """Issue 8, point 4, RFC 3461 6.2.3: NOTIFY=SUCCESS, and the primary offers no DSN to pass
+    it to, so the relay says "relayed" itself once the primary took the message; a primary
+    that offers DSN gets the NOTIFY and answers for it (and the relay says nothing)."""
+    port = free_port()
+    relay = make_relay(port, extra=FAST)
+    _, reply = transaction(relay.port, "s@sender.test", ["alice@example.com"], b"Subject: x\r\n\r\nx\r\n",
+                           ["ENVID=env-2"], [notify, "ORCPT=rfc822;alice@example.com"] if notify else [])
+    assert reply[0] == 250
+    fake = FakePrimary(dsn=dsn, port=port, name="mx.primary.test").start()
+    try:
+        wait_for(lambda: len(fake.received) == 1 and not entries(relay, "waiting")
+                 and not entries(relay, "active"))          # settled: any notice is queued
+        dsns = entries(relay, "waiting", "outbound")
+        assert len(dsns) == (1 if relayed else 0)
+        if relayed:
+            text = (dsns[0].parent.parent / "msg" / dsns[0].name).read_bytes()
+            assert b"Subject: Successful Mail Delivery Report\r\n" in text
+            assert b"Action: relayed\r\nStatus: 2.0.0\r\nRemote-MTA: dns; mx.primary.test\r\n" in text
+            assert b"Original-Envelope-Id: env-2\r\n" in text and b"Subject: x" in text
+        if dsn:
+            assert fake.received[0].rcpt_params["alice@example.com"][0] == notify
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("dsn", [False, True], ids=["primary-without-dsn", "primary-with-dsn"])
+def test_a_passed_message_asked_for_success_gets_a_relayed_notice(make_relay, dsn):
+    """The same for mail passed straight through: the primary took it, and could not be told
+    of the NOTIFY, so the relay says "relayed" (to the sender, through the outbound queue)."""
+    fake = FakePrimary(dsn=dsn, name="mx.primary.test").start()
+    try:
+        relay = make_relay(fake.port)
+        _, reply = transaction(relay.port, "s@sender.test", ["alice@example.com", "bob@example.com"],
+                               b"Subject: passed\r\n\r\nx\r\n", [], ["NOTIFY=SUCCESS"])
+        assert reply[0] == 250 and len(fake.received) == 1
+        dsns = entries(relay, "waiting", "outbound")
+        assert len(dsns) == (0 if dsn else 2)          # one for each recipient
+        for path in dsns:
+            text = (path.parent.parent / "msg" / path.name).read_bytes()
+            assert b"To: <s@sender.test>\r\n" in text and b"Action: relayed\r\n" in text
+            assert b"Remote-MTA: dns; mx.primary.test\r\n" in text and b"Subject: passed" in text
+    finally:
+        fake.stop()
+
+
 # -- which 4xx mean the primary is in trouble ------------------------------------------------------
 
 def test_a_policy_4_7_goes_back_to_the_sender_and_nothing_is_kept(make_relay):

@@ -119,6 +119,24 @@ def test_failure_puts_a_notice_in_the_users_inbox(make_relay, extra, script):
         smarthost.stop()
 
 
+def test_sent_mail_asked_for_success_gets_a_relayed_notice_from_a_smarthost_without_dsn(
+        smarthost, make_relay):
+    """Issue 8, point 4 (RFC 3461 6.2.3): the smarthost offers no DSN, so the relay answers the
+    user's NOTIFY=SUCCESS itself, into their INBOX, once the smarthost took the message; the
+    recipient without it gets nothing."""
+    relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
+    sender_of(relay).submit(parse_mailbox("alice@example.com"), "alice@example.com",
+                            ["bob@example.org", "carol@example.net"], MESSAGE,
+                            rcpt_options={"bob@example.org": ("NOTIFY=SUCCESS",)})
+    inbox = relay.config.storage.maildirs / "example.com" / "alice" / "new"
+    wait_for(lambda: len(smarthost.received) == 1 and files(inbox))
+    wait_for(lambda: not files(relay.config.storage.spool / "outbound" / "active"))
+    (notice,) = files(inbox)
+    text = notice.read_bytes()
+    assert b"Action: relayed\r\n" in text and b"Final-Recipient: rfc822; bob@example.org" in text
+    assert text.count(b"Final-Recipient:") == 1            # carol asked for nothing
+
+
 def test_outbox_message_is_sent_to_to_cc_bcc_and_removed(smarthost, make_relay):
     relay = make_relay(free_port(), extra=outbound_config(smarthost.port))
     sender_of(relay).store.maildirs.ensure(parse_mailbox("alice@example.com"))
