@@ -389,6 +389,20 @@ def test_a_policy_4_7_goes_back_to_the_sender_and_nothing_is_kept(make_relay):
         fake.stop()
 
 
+def test_a_policy_4_7_to_data_goes_back_to_the_sender_and_nothing_is_kept(make_relay):
+    """The same split after the data (a content policy, a rate limit per message)."""
+    fake = FakePrimary(Script(data="451 4.7.1 Rate limit for this sender, try later")).start()
+    try:
+        relay = make_relay(fake.port)
+        answers, reply = send(relay.port, "s@sender.test", ["alice@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert answers == [(250, b"2.1.5 Recipient OK")]
+        assert reply == (451, b"4.7.1 Rate limit for this sender, try later")
+        assert not stored_files(relay.config.storage.maildirs) and not entries(relay)
+        assert state_of(relay) == "normal"
+    finally:
+        fake.stop()
+
+
 def test_a_busy_mailbox_is_kept_without_an_outage(make_relay):
     fake = FakePrimary(Script(rcpt_for={"alice@example.com": "450 4.2.1 Mailbox busy"})).start()
     try:

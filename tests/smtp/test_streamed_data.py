@@ -61,7 +61,7 @@ def test_over_the_limit_is_552_after_the_data_with_nothing_kept_or_spooled(prima
     primary.script.rcpt = "451 4.3.0 down"         # so a message would be kept
     big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100
     _, reply = send(relay.port, "x@sender.test", ["alice@example.com"], big)
-    assert reply[0] == 552
+    assert reply == (552, b"5.3.4 Error: Too much mail data")       # aiosmtpd's, with a code
     assert kept(relay) == ([], [])
     wait_for(lambda: incoming_files(relay) == [], 10, "the spool file removed")
 
@@ -133,3 +133,12 @@ def test_a_bare_cr_cannot_show_a_continuity_user_another_from_than_the_primary_g
     assert after_received(stored.read_bytes()) == (
         b"Subject: x\r\nFrom: CEO <ceo@example.com>\r\nFrom: x@sender.test\r\n\r\n"
         b"line\r\nother\r\nlast\r\n")
+
+
+def test_a_line_too_long_in_the_data_is_500_with_a_code_and_the_session_goes_on(primary, make_relay):
+    relay = make_relay(primary.port)
+    _, reply = send(relay.port, "x@sender.test", ["alice@example.com"],
+                    b"Subject: long\r\n\r\n" + b"y" * 2000 + b"\r\n")
+    assert reply == (500, b"5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
+    assert primary.received == [] and kept(relay) == ([], [])
+    assert send(relay.port, "x@sender.test", ["alice@example.com"], b"Subject: ok\r\n\r\nx\r\n")[1][0] == 250
