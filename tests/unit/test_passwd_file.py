@@ -81,7 +81,8 @@ def test_a_bad_line_in_the_middle_keeps_the_others_readable(directory, caplog):
                                       "old@example.com"}
 
 
-local_parts = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789.-_+"), min_size=1, max_size=20)
+local_parts = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789.-_+\u00e9\u00fc\u00df\u00f8"),
+                      min_size=1, max_size=20)     # UTF-8 local parts too (issue 8, point 2)
 names = st.text(max_size=40)
 
 
@@ -107,3 +108,23 @@ def test_passwd_file_round_trip(people):
         assume(expected)
         assert read_passwd(directory.file) == expected
         assert all(isinstance(u, User) and u.name == u.name.strip() for u in expected.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=80) | st.sampled_from([
+    b"a@example.com::::A:::", b"x@example.com:{BLF-CRYPT}$2b$05$abc:::X:::nologin",
+    b":::::::", b"a@example.com:::::::\x00", b"\xff\xfe@example.com::::B:::"]), max_size=12))
+def test_any_bytes_in_the_passwd_file_never_raise_and_each_line_stands_alone(lines):
+    """Issue 9, "Also": whatever the file holds, the reader answers with the lines it could
+    read, never an exception, and a line reads the same alone as among the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "users.passwd"
+        file.write_bytes(b"\n".join(lines))
+        users = read_passwd(file)
+        assert all(isinstance(u, User) for u in users.values())
+        alone: dict[str, User] = {}
+        for line in lines:
+            for piece in line.split(b"\n"):
+                file.write_bytes(piece)
+                alone |= read_passwd(file)
+        assert users == alone
