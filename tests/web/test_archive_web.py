@@ -503,6 +503,22 @@ def test_html_in_a_subject_or_body_is_shown_as_text_never_run(server, admin):
     assert "Hello there" in pages[3].text                 # the text of the HTML, tags dropped
 
 
+@pytest.mark.parametrize("subject", [b"=?x\x00?q?boom?=", b"\xe9 =?x\x00?q?boom?=", b"=?utf-8?b?####?=",
+                                     b"=?nonexistent-charset?q?a?=", b"=?utf-8*\x00?q?a?="])
+def test_a_malformed_header_never_breaks_an_archive_page(server, admin, subject):
+    """Issue 9, point 3, on the archive's pages too: what a remote sender wrote renders as best
+    it can, in the list, the message page and the search, never a 500."""
+    data = mail("placeholder", "body words").replace(b"Subject: placeholder", b"Subject: " + subject)
+    data = data.replace(b"\r\n\r\n", b"\r\nContent-Type: text/plain; charset=\"x\x00\"\r\n"
+                        b"Content-Disposition: attachment; filename*=x\x00''%ff\r\n\r\n", 1)
+    (record_id,) = server.put(item(data))
+    alice = logged_in(server)
+    for browser, base in ((admin, "/panel/archive"), (alice, "/mail/archive")):
+        assert browser.get(base).status == 200
+        assert hit_ids(browser.get(f"{base}?from=carol%40remote.test")) == [record_id]
+        assert browser.get(f"{base}/{record_id}").status == 200
+
+
 def test_handed_the_archive_alone_the_site_makes_its_own_index_and_store(make_archive):
     server = make_archive(defaults=True)
     (record_id,) = server.put(item(mail("on its own", "words here")))
