@@ -347,6 +347,20 @@ def test_an_outbox_file_over_the_size_limit_is_not_sent_nor_read_and_the_user_to
     assert relay.nothing_sent()
 
 
+def test_an_outbox_file_for_more_than_max_recipients_is_not_sent_and_the_user_told(start):
+    relay = start()
+    relay.home().joinpath("new").mkdir(parents=True, exist_ok=True)
+    many = ", ".join(f"r{n}@example.org" for n in range(MAX_RCPTS + 1))
+    drop(relay, "alice", f"From: alice@example.com\r\nTo: {many}\r\nSubject: many\r\n\r\nx\r\n".encode())
+    wait_for(lambda: relay.inbox(), what="the notice in alice's INBOX")
+    (notice,) = relay.inbox()
+    text = notice.read_bytes()
+    assert b"Subject: Not sent: a message in your Outbox" in text
+    assert f"Too many recipients: at most {MAX_RCPTS} a message".encode() in text
+    wait_for(lambda: outbox_empty(relay))
+    assert len(files(relay.home() / ".Drafts" / "cur")) == 1 and relay.nothing_sent()
+
+
 # -- issue 8.2: a UTF-8 user sends with SMTPUTF8 on every path -----------------------------------
 
 UTF8_MESSAGE = ("From: Jürgen <jürgen@example.com>\r\nTo: bob@example.org\r\nSubject: grüße\r\n\r\n"
