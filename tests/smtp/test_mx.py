@@ -4,6 +4,8 @@ enhanced status codes, pipelining, and which 4xx mean "the primary is in trouble
 from __future__ import annotations
 
 import json
+import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -441,6 +443,27 @@ def test_during_replay_a_busy_mailbox_waits_and_the_others_go_on(make_relay):
         alice = [r.content for r in fake.received if r.rcpt_tos == ["alice@example.com"]]
         assert [c.rsplit(b"body ", 1)[1] for c in alice] == [b"0\r\n", b"2\r\n", b"4\r\n"]  # in order
         wait_for(lambda: state_of(relay) == "normal")
+    finally:
+        fake.stop()
+
+
+def test_a_mailbox_that_keeps_answering_4xx_waits_longer_each_time(make_relay, caplog):
+    """Issue 8, point 5: "with a growing delay", seen in the replay itself: 1 s, then 2 s, then
+    4 s (probe_interval doubled, at most an hour), while the entry keeps its place."""
+    caplog.set_level(logging.INFO, logger="relay.replay")
+    port = free_port()
+    relay = make_relay(port, extra="replay: {probe_interval: 1s, concurrency: 1}\n")
+    assert send(relay.port, "s@sender.test", ["alice@example.com"], b"Subject: b\r\n\r\nb\r\n")[1][0] == 250
+    fake = FakePrimary(Script(rcpt_for={"alice@example.com": "450 4.2.1 Mailbox busy"}), port=port).start()
+    try:
+        def deferrals() -> list[int]:
+            return [int(re.search(r"retry_in=(\d+)", r.getMessage())[1]) for r in caplog.records
+                    if r.getMessage().startswith("replay.deferred")]
+
+        wait_for(lambda: len(deferrals()) >= 3, 30, "three deferrals")
+        assert deferrals()[:3] == [1, 2, 4]
+        (waiting,) = entries(relay)
+        assert json.loads(waiting.read_bytes())["attempts"] >= 3 and fake.received == []
     finally:
         fake.stop()
 
