@@ -123,6 +123,9 @@ class AlertRunner(QueueRunner):
                 break
         return delivered
 
+    def passed_notify(self, upstream: Upstream) -> bool:
+        return True     # a webhook post: no NOTIFY to answer, no "relayed" notice
+
     async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
         """The entry's JSON to the webhook (`upstream` is the Webhook: the base only reads its
         `server_name`)."""

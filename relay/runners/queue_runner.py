@@ -148,6 +148,11 @@ class QueueRunner(abc.ABC):
     def _verdict(self, envelope: Envelope, reply: Reply) -> Verdict:
         return Verdict.DELIVERED if reply.ok else self.judge(envelope, reply)
 
+    def passed_notify(self, upstream: Upstream) -> bool:
+        """Whether the next hop took the RCPT's NOTIFY with the message (it offered DSN); if
+        not, a NOTIFY=SUCCESS is ours to answer, with a "relayed" notice."""
+        return upstream.offers("dsn")
+
     def tell_whom(self, envelope: Envelope) -> str | None:
         """Who hears of a refusal: the envelope sender (None for `<>`)."""
         return envelope.mail_from or None
@@ -217,7 +222,7 @@ class QueueRunner(abc.ABC):
             if verdict in (Verdict.RETRY, Verdict.STOP) and await gate.wait() is not None:
                 results = [(Verdict.UNTRIED, reply)]   # refused before DATA, and not its turn yet
             gate.decided(results[0][0])
-        server = (upstream.server_name, upstream.offers("dsn"))
+        server = (upstream.server_name, self.passed_notify(upstream))
         for (entry, envelope), (verdict, reply) in zip(members, results, strict=True):
             try:
                 outcomes[entry] = await asyncio.to_thread(self._settle, queue, entry, envelope, data,
