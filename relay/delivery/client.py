@@ -18,9 +18,11 @@ never sent over a connection without TLS.
 
 DATA is written here, not by aiosmtplib's `data()`, which builds the whole message three more
 times (line endings, dot-stuffing, the final dot) and hands it to the transport at once: 4x a
-50 MB message. `_send_data` normalises line endings and dot-stuffs a piece at a time, exactly
-as aiosmtplib does (a lone CR or LF becomes CRLF, a leading dot is doubled, CRLF is added at
-the end when missing), writing each piece once the transport has room. A spooled message
+50 MB message. Pieces are written a CHUNK at a time, so a small message (our Received header,
+its body and the final dot) goes in one write. `_send_data` normalises line endings and
+dot-stuffs a piece at a time, exactly as aiosmtplib does (a lone CR or LF becomes CRLF, a
+leading dot is doubled, CRLF is added at the end when missing), writing once the transport
+has room. A spooled message
 (`MessageFile`) is read from its file in pieces; bytes (replay, the smarthost) are cut into
 pieces of the same size, so one message in memory is the most a send holds. It uses
 aiosmtplib's protocol below `data()` (its command lock, `read_response`, `_drain_helper`):
@@ -328,11 +330,17 @@ class Upstream:
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             stuffer = DotStuffer()
+            held: list[bytes] = []    # written once a CHUNK's worth is in hand: a small message
+            size = 0                  # (our Received header, the body, the dot) is one write
             async for piece in _pieces(message):
-                protocol.write(stuffer.feed(piece))
-                await asyncio.wait_for(protocol._drain_helper(), timeout)
+                held.append(stuffer.feed(piece))
+                size += len(held[-1])
+                if size >= CHUNK:
+                    protocol.write(b"".join(held))
+                    held, size = [], 0
+                    await asyncio.wait_for(protocol._drain_helper(), timeout)
             protocol._response_pending = True
-            protocol.write(stuffer.end() + b".\r\n")
+            protocol.write(b"".join([*held, stuffer.end(), b".\r\n"]))
             response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)

@@ -328,6 +328,23 @@ class RelaySMTP(FewNames, SMTP):
             if not fragments and line == b".\r\n":
                 ended = True
                 break
+            if not fragments and line.endswith(b"\r\n"):
+                block, ended = self._buffered_lines()
+                block = line + block
+                size += len(block)
+                if refusal is None:
+                    refusal = self._refusal(block, size)
+                if refusal is None:
+                    nul = nul or b"\0" in block
+                    pending += _unstuffed(block)
+                else:
+                    pending.clear()
+                if ended:
+                    break
+                if refusal is None and len(pending) >= CHUNK:
+                    refusal = await self._write(spool, pending)
+                    pending = bytearray()
+                continue
             size += len(line)
             if refusal is None and limit and size > limit:
                 refusal = "552 Error: Too much mail data"
@@ -349,17 +366,52 @@ class RelaySMTP(FewNames, SMTP):
                 whole = _BARE_LINE_END.sub(b"\r\n", whole)   # see the module: one kind of line end
             pending += whole
             if len(pending) >= CHUNK:
-                chunk, pending = pending, bytearray()
-                try:
-                    await self._not_idle(spool.write(chunk))
-                except OSError as exc:  # our disk: 451 once the data is read, never mid-way
-                    event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
-                    refusal = replies.LOCAL_ERROR
+                refusal = await self._write(spool, pending)
+                pending = bytearray()
         if not ended:                            # the connection is gone: nothing to hand over
             return "421 4.4.2 Connection lost during DATA", nul
         if refusal is None:
             spool.tail = bytes(pending)
         return refusal, nul
+
+    def _buffered_lines(self) -> tuple[bytes, bool]:
+        """The complete lines already in the reader's buffer, up to the lone dot's (not given):
+        (those lines, whether the dot came). aiosmtpd reads a line an await; a message that
+        arrived whole is taken in one piece instead, with the same rules (`_refusal`,
+        `_unstuffed`): a line ends only at CRLF, and the data only at CRLF "." CRLF."""
+        buffer = self._reader._buffer
+        if buffer.startswith(b".\r\n"):
+            del buffer[:3]
+            ended, end = True, 0
+        else:
+            found = buffer.find(b"\r\n.\r\n")
+            ended = found >= 0
+            end = found + 2 if ended else buffer.rfind(b"\r\n") + 2
+            if end < 2:
+                return b"", False
+        lines = bytes(buffer[:end])
+        del buffer[:end + (3 if ended and end else 0)]
+        self._reader._maybe_resume_transport()
+        return lines, ended
+
+    def _refusal(self, block: bytes, size: int) -> str | None:
+        """What refuses the data for a block of whole lines (read `size` bytes so far)."""
+        if self.data_size_limit and size > self.data_size_limit:
+            return "552 Error: Too much mail data"
+        if len(block) > self.line_length_limit and \
+                max(map(len, block.split(b"\r\n"))) + 2 > self.line_length_limit:
+            return "500 Line too long (see RFC5321 4.5.3.1.6)"
+        return None
+
+    async def _write(self, spool: _Spool, pending: bytearray) -> str | None:
+        """A CHUNK of the message into the spool; the refusal if our disk failed (451 once the
+        data is read, never mid-way)."""
+        try:
+            await self._not_idle(spool.write(pending))
+        except OSError as exc:
+            event("smtp.spool_failed", logging.ERROR, error=exc.strerror or exc)
+            return replies.LOCAL_ERROR
+        return None
 
     async def _hand_over(self, message: MessageFile, nul: bool) -> None:
         """The DATA hook, with the message in `envelope.spooled` (or read into `content`)."""
@@ -378,6 +430,18 @@ class RelaySMTP(FewNames, SMTP):
     async def _not_idle(self, work: Awaitable[_T]) -> _T:
         """Our own work in a session; LimitedConnections (smtp/limits.py) stops its idle timer."""
         return await work
+
+
+def _unstuffed(block: bytes) -> bytes:
+    """Whole lines as stored: a leading dot taken off each (RFC 5321 4.5.2), then a bare CR or
+    LF made CRLF (see the module), as the line-by-line reading does."""
+    if block.startswith(b"."):
+        block = block[1:]
+    block = block.replace(b"\r\n.", b"\r\n")
+    crlf = block.count(b"\r\n")
+    if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        block = _BARE_LINE_END.sub(b"\r\n", block)
+    return block
 
 
 class _Spool:

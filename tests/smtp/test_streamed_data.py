@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import time
 
 import pytest
 
@@ -142,3 +143,39 @@ def test_a_line_too_long_in_the_data_is_500_with_a_code_and_the_session_goes_on(
     assert reply == (500, b"5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
     assert primary.received == [] and kept(relay) == ([], [])
     assert send(relay.port, "x@sender.test", ["alice@example.com"], b"Subject: ok\r\n\r\nx\r\n")[1][0] == 250
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_data_cut_anywhere_into_pieces_is_read_the_same(primary, make_relay, seed):
+    """DATA is read a line at a time, or as a block of the whole lines already received
+    (RelaySMTP._buffered_lines): wherever TCP cuts it, the primary gets the same bytes, and a
+    fake end of data inside stays text."""
+    rng = random.Random(seed)
+    relay = make_relay(primary.port)
+    content = big_message(rng, 60_000) + b"fake\n.\nend\r\n..\r\n.\r.\r\n"
+    wire = dot_stuffed(content) + b".\r\n"
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = conn.makefile("rb")
+
+        def reply() -> bytes:
+            line = reader.readline()
+            while line[3:4] == b"-":
+                line = reader.readline()
+            return line
+        assert reply().startswith(b"220")
+        for command in (b"EHLO sender.test", b"MAIL FROM:<x@sender.test>",
+                        b"RCPT TO:<alice@example.com>", b"DATA"):
+            conn.sendall(command + b"\r\n")
+            assert reply()[:1] in (b"2", b"3")
+        at = 0
+        while at < len(wire):
+            step = rng.choice([1, 2, 3, 5, 7, 50, 500, 5000])
+            conn.sendall(wire[at:at + step])
+            at += step
+            if rng.random() < 0.05:
+                time.sleep(0.002)          # let the relay read what came so far
+        assert reply().startswith(b"250")
+        conn.sendall(b"QUIT\r\n")
+    (got,) = primary.received
+    assert after_received(got.content) == LINE_END.sub(b"\r\n", content)
