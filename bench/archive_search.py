@@ -154,7 +154,7 @@ def fill(archive: Archive, index: ArchiveIndex, corpus: Corpus, fsync: bool) -> 
     archive_index._document = parse
     writer = ArchiveWriter(archive, on_written=add)
     if not fsync:
-        writer._sync = lambda written: None       # the batch's syncfs (or fsyncs): not measured
+        writer._sync = lambda *written: None      # the batch's syncfs (or fsyncs): not measured
     start = time.perf_counter()
     try:
         batch: list[Item] = []
