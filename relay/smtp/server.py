@@ -18,8 +18,9 @@
       never makes a file): `envelope.spooled` is the message (a MessageFile)
       while the DATA hook runs. A handler that says `takes_spooled = True` reads it from there;
       any other gets `envelope.content` as bytes, as aiosmtpd gives it. The reading is
-      aiosmtpd 1.4.6's own, line for line, so its defences against SMTP smuggling
-      (CVE-2024-27305) hold: only CRLF "." CRLF ends the data (a bare LF or CR is content,
+      aiosmtpd 1.4.6's own, line for line, and the same rules for a block of the whole lines
+      already received (`_buffered_lines`: no await a line), so its defences against SMTP
+      smuggling (CVE-2024-27305) hold: only CRLF "." CRLF ends the data (a bare LF or CR is content,
       never a line end), a leading dot is removed only after CRLF, a line over the limit gives
       500 and more than `data_size_limit` bytes 552, both after the data, with the file
       already gone; so does a spool file that cannot be written (disk full: 451), so the rest
