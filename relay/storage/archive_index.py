@@ -364,9 +364,10 @@ def message_text(data: bytes) -> tuple[str, bool]:
 def _document(data: bytes) -> _Document:
     text, attached = message_text(data)
     try:
-        subject = next(iter(headers.values(data, "Subject")), "")[:1000]
-        from_ = tuple(a.lower() for a in headers.addresses(data, "From"))
-        to = tuple(a.lower() for a in headers.addresses(data, "To", "Cc"))
+        head = headers.split(data)[0]     # each lookup reads the header block, not the body too
+        subject = next(iter(headers.values(head, "Subject")), "")[:1000]
+        from_ = tuple(a.lower() for a in headers.addresses(head, "From"))
+        to = tuple(a.lower() for a in headers.addresses(head, "To", "Cc"))
     except Exception:  # noqa: BLE001 - headers that do not parse give nothing, never a fault
         subject, from_, to = "", (), ()
     return _Document(subject, text, attached, from_, to)
