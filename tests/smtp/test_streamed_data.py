@@ -8,6 +8,7 @@ import random
 import re
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -84,6 +85,23 @@ def test_big_message_bytes_identical_passed_and_kept(primary, make_relay):
     wait_for(lambda: incoming_files(relay) == [], 10, "the spool files removed")
 
 
+def at_data(conn: socket.socket) -> Callable[[], bytes]:
+    """A raw session to alice, up to the 354 after DATA; returns the reader of the next reply."""
+    reader = conn.makefile("rb")
+
+    def reply() -> bytes:
+        line = reader.readline()
+        while line[3:4] == b"-":
+            line = reader.readline()
+        return line
+    assert reply().startswith(b"220")
+    for command in (b"EHLO sender.test", b"MAIL FROM:<x@sender.test>",
+                    b"RCPT TO:<alice@example.com>", b"DATA"):
+        conn.sendall(command + b"\r\n")
+        assert reply()[:1] in (b"2", b"3")
+    return reply
+
+
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n",
                                       b"\r\n.\r"])
 def test_only_crlf_dot_crlf_ends_the_data_no_smuggling(primary, make_relay, fake_end):
@@ -92,17 +110,7 @@ def test_only_crlf_dot_crlf_ends_the_data_no_smuggling(primary, make_relay, fake
     smuggled = (b"MAIL FROM:<evil@sender.test>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
                 b"Subject: smuggled\r\n\r\nevil\r\n")
     with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
-        reader = conn.makefile("rb")
-        def reply() -> bytes:
-            line = reader.readline()
-            while line[3:4] == b"-":
-                line = reader.readline()
-            return line
-        assert reply().startswith(b"220")
-        for command in (b"EHLO sender.test", b"MAIL FROM:<x@sender.test>",
-                        b"RCPT TO:<alice@example.com>", b"DATA"):
-            conn.sendall(command + b"\r\n")
-            assert reply()[:1] in (b"2", b"3")
+        reply = at_data(conn)
         conn.sendall(b"Subject: real\r\n\r\nbody" + fake_end + smuggled + b".\r\n")
         assert reply().startswith(b"250")
         conn.sendall(b"QUIT\r\n")
@@ -156,18 +164,7 @@ def test_data_cut_anywhere_into_pieces_is_read_the_same(primary, make_relay, see
     wire = dot_stuffed(content) + b".\r\n"
     with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = conn.makefile("rb")
-
-        def reply() -> bytes:
-            line = reader.readline()
-            while line[3:4] == b"-":
-                line = reader.readline()
-            return line
-        assert reply().startswith(b"220")
-        for command in (b"EHLO sender.test", b"MAIL FROM:<x@sender.test>",
-                        b"RCPT TO:<alice@example.com>", b"DATA"):
-            conn.sendall(command + b"\r\n")
-            assert reply()[:1] in (b"2", b"3")
+        reply = at_data(conn)
         at = 0
         while at < len(wire):
             step = rng.choice([1, 2, 3, 5, 7, 50, 500, 5000])
