@@ -97,7 +97,7 @@ def test_set_header_changes_only_its_field(message, name, value):
         return
     assert headers.remove(edited, name) == headers.remove(data, name)
     line = f"{name}: {value}".encode() + eol
-    assert len(headers._unfolded(edited, name)) == 1
+    assert len(headers.Block(edited).values(name)) == 1
     assert line in edited
 
 
@@ -109,7 +109,7 @@ def test_append_to_subject_changes_only_the_subject(message):
     edited = headers.append_to_subject(data)
     assert headers.remove(edited, "Subject") == headers.remove(data, "Subject")
     assert headers.split(edited)[1] == body
-    assert len(headers._unfolded(edited, "Subject")) == max(1, len(headers._unfolded(data, "Subject")))
+    assert len(headers.Block(edited).values("Subject")) == max(1, len(headers.Block(data).values("Subject")))
 
 
 @pytest.mark.parametrize("name", ["", "a b", "a:b", "é", "a\nb"])
@@ -172,3 +172,34 @@ def test_view_and_attachment_never_raise_on_hostile_mime(data):
 def test_safe_filename_never_raises(name, number, content_type):
     result = render.safe_filename(name, number, content_type)
     assert result and "/" not in result and "\x00" not in result
+
+
+# Address lists made of the characters that decide how one is split: `headers.addresses` reads a
+# plain list itself (for speed) and must read it exactly as `email.utils.getaddresses` does.
+_ADDRESS_CHARS = st.sampled_from(list("ab.Z_-+=?'/%!#$&*^`{|}~ \t<>@,") + ["é", "\u00a0", "\x00", "\x0b"])
+_address_text = st.lists(_ADDRESS_CHARS, max_size=30).map("".join)
+_address_entries = st.one_of(
+    _address_text,
+    st.builds(lambda display, local, domain: f"{display} <{local}@{domain}>", _address_text, _address_text,
+              _address_text),
+    st.builds(lambda local, domain: f"{local}@{domain}", _address_text, _address_text))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_address_entries, max_size=4), st.sampled_from([", ", ","]))
+def test_a_plain_address_list_is_read_as_the_email_package_reads_it(entries, comma):
+    from email.utils import getaddresses
+    text = comma.join(entries)
+    plain = headers._plain_addresses(text)
+    if plain is not None:
+        assert plain == [addr for _display, addr in getaddresses([text]) if addr]
+
+
+def test_plain_and_subtle_address_lists_both_give_their_addresses():
+    head = (b'From: Alice <alice@example.com>\r\nTo: bob@example.org, "Smith, C" <c@example.net>,\r\n'
+            b" Dan <dan@example.com>\r\nCc: (comment) eve@example.com, undisclosed-recipients:;\r\n\r\n")
+    assert headers._plain_addresses("Alice <alice@example.com>, bob@example.org") == [
+        "alice@example.com", "bob@example.org"]
+    assert headers._plain_addresses('"Smith, C" <c@example.net>') is None      # quotes: the parser's
+    assert headers.addresses(head, "From", "To", "Cc") == [
+        "alice@example.com", "bob@example.org", "c@example.net", "dan@example.com", "eve@example.com"]
