@@ -11,10 +11,13 @@ Tables:
     records    one row per archived record: key, id, time, day, direction, kind, envelope
                sender, sending user, subject, has_attachment, size, and the record's own line,
                so a search returns `Record`s without reading the day files
-    addresses  (address, role, key), indexed by address: the envelope sender, every envelope
-               recipient (a Bcc recipient too), the sending user, the From and the To/Cc header
-               addresses, lower-cased, and each one's "@domain" in the same role (so a
-               domain's mail is one index lookup too)
+    addresses  (address, key, roles), keyed by address: one row for each address a record
+               names, lower-cased, with a bit for each role it has there (the envelope
+               sender, an envelope recipient (a Bcc recipient too), the sending user, a From
+               or a To/Cc header address), and one for each "@domain" with the roles of its
+               addresses (so a domain's mail is one index lookup too). One row an address,
+               not one a role: a sender is mostly its From address too, and the rows are
+               most of what an ingest writes
     words      FTS5, contentless: the subject's words and the text parts' words (text/plain,
                and text/html with its tags dropped), at most `MAX_TEXT` characters a message,
                from its first `MAX_PARSE` bytes
@@ -65,7 +68,7 @@ from datetime import date, timedelta
 from email import policy
 from email.message import Message
 from email.parser import BytesHeaderParser
-from html.parser import HTMLParser
+from html import unescape
 from pathlib import Path
 
 from relay import headers
@@ -76,7 +79,7 @@ from relay.storage.durable import Owner, UnsafePathError, make_dirs
 
 __all__ = ["MAX_PARSE", "MAX_TEXT", "ArchiveIndex", "Page", "Query", "html_text", "key_of", "message_text"]
 
-SCHEMA = 2                      # PRAGMA user_version of the index this module writes (2: @domain rows)
+SCHEMA = 3                      # PRAGMA user_version of the index this module writes (3: roles)
 MAX_TEXT = 256 * 1024           # characters of text (subject aside) indexed per message
 MAX_PARSE = 2 * 1024 * 1024     # bytes of a message parsed for its parts
 MAX_DEPTH = 20                  # multipart levels followed; deeper is taken as one part
@@ -88,8 +91,8 @@ FOLLOW_INTERVAL = 0.5           # seconds between two catch-ups of the follower 
 NICENESS = 10                   # the follower's nice(2) increment
 MIN_KEY, MAX_KEY = -(2**63), 2**63 - 1
 
-# roles in `addresses`
-SENDER, RCPT, USER, FROM, TO = range(5)
+# role bits in `addresses.roles`
+SENDER, RCPT, USER, FROM, TO = (1 << bit for bit in range(5))
 
 _SCHEMA_SQL = (
     "PRAGMA page_size = 4096",          # the backup in `reindex` needs the same size on both sides
@@ -98,8 +101,8 @@ _SCHEMA_SQL = (
     " user TEXT NOT NULL, subject TEXT NOT NULL, has_attachment INTEGER NOT NULL,"
     " size INTEGER NOT NULL, line BLOB NOT NULL)",
     "CREATE INDEX records_day ON records (day)",
-    "CREATE TABLE addresses (address TEXT NOT NULL, role INTEGER NOT NULL, key INTEGER NOT NULL,"
-    " PRIMARY KEY (address, role, key)) WITHOUT ROWID",
+    "CREATE TABLE addresses (address TEXT NOT NULL, key INTEGER NOT NULL, roles INTEGER NOT NULL,"
+    " PRIMARY KEY (address, key)) WITHOUT ROWID",
     "CREATE INDEX addresses_key ON addresses (key)",
     "CREATE VIRTUAL TABLE words USING fts5 (subject, body, content='', columnsize=0,"
     " tokenize='unicode61 remove_diacritics 2')",
@@ -114,10 +117,11 @@ _INSERT_RECORD = ("INSERT OR IGNORE INTO records (key, id, time, day, direction,
 _FROM_WORDS = ("FROM words JOIN records r ON r.key = words.rowid"
                " WHERE words MATCH ? AND words.rowid BETWEEN ? AND ?")
 _FROM_RECORDS = "FROM records r WHERE r.key BETWEEN ? AND ?"
-_BY_USER = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role IN (0, 1, 2))"
-_BY_MAILBOX = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role IN (1, 2))"
-_BY_FROM = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role = 3)"
-_BY_TO = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.role = 4)"
+_BY_ROLES = " AND r.key IN (SELECT a.key FROM addresses a WHERE a.address = ? AND a.roles & {} != 0)"
+_BY_USER = _BY_ROLES.format(SENDER | RCPT | USER)
+_BY_MAILBOX = _BY_ROLES.format(RCPT | USER)
+_BY_FROM = _BY_ROLES.format(FROM)
+_BY_TO = _BY_ROLES.format(TO)
 _BY_DIRECTION = " AND r.direction = ?"
 _BY_ATTACHMENT = " AND r.has_attachment = ?"
 _NEWEST_FROM_WORDS = " ORDER BY words.rowid DESC LIMIT ? OFFSET ?"
@@ -220,40 +224,22 @@ _BLOCK_TAGS = frozenset("address article aside blockquote br dd div dl dt footer
                         "hr li main nav ol p pre section table td th tr ul".split())
 
 
-class _HtmlText(HTMLParser):
-    """The text of an HTML part, crudely: tags dropped (a space for a block), script and style
-    left out, entities decoded. HTMLParser is linear and takes any input."""
+# The text of an HTML part, crudely, with the re module's C loops (HTMLParser, in Python, was a
+# sixth of an ingest): comments, scripts and styles dropped with their content (an unclosed one
+# hides the rest, as a browser would), a tag dropped (a space for a block tag, so words either
+# side stay apart), entities decoded. Each pattern stops at the next "<", so any input is linear.
+_HTML_HIDDEN = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style)\b[^<>]*>.*?(?:</\1\s*>|\Z)",
+                          re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"</?([a-zA-Z][^\s/<>]*)[^<>]*>|<[!?][^<>]*>")
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.pieces: list[str] = []
-        self._hidden = 0
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style"):
-            self._hidden += 1
-        elif tag in _BLOCK_TAGS:
-            self.pieces.append(" ")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style"):
-            self._hidden = max(0, self._hidden - 1)
-        elif tag in _BLOCK_TAGS:
-            self.pieces.append(" ")
-
-    def handle_data(self, data: str) -> None:
-        if not self._hidden:
-            self.pieces.append(data)
+def _tag_space(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return " " if name and name.lower() in _BLOCK_TAGS else ""
 
 
 def html_text(html: str) -> str:
-    parser = _HtmlText()
-    try:
-        parser.feed(html)
-        parser.close()
-    except Exception:  # noqa: BLE001 - whatever was read before the fault is the part's text
-        pass
-    return "".join(parser.pieces)
+    return unescape(_HTML_TAG.sub(_tag_space, _HTML_HIDDEN.sub(" ", html)))
 
 
 def _part_text(part: Message, body: bytes, subtype: str) -> str | None:
@@ -364,13 +350,30 @@ def message_text(data: bytes) -> tuple[str, bool]:
 def _document(data: bytes) -> _Document:
     text, attached = message_text(data)
     try:
-        head = headers.split(data)[0]     # each lookup reads the header block, not the body too
-        subject = next(iter(headers.values(head, "Subject")), "")[:1000]
-        from_ = tuple(a.lower() for a in headers.addresses(head, "From"))
-        to = tuple(a.lower() for a in headers.addresses(head, "To", "Cc"))
+        block = headers.Block(headers.split(data)[0])     # the header block, split once
+        subject = next(iter(block.values("Subject")), "")[:1000]
+        from_ = tuple(a.lower() for a in block.addresses("From"))
+        to = tuple(a.lower() for a in block.addresses("To", "Cc"))
     except Exception:  # noqa: BLE001 - headers that do not parse give nothing, never a fault
         subject, from_, to = "", (), ()
     return _Document(subject, text, attached, from_, to)
+
+
+def _roles(record: Record, doc: _Document) -> dict[str, int]:
+    """Each address the record names, and each one's "@domain", with its role bits."""
+    roles: dict[str, int] = {}
+    named = [(record.sender.lower(), SENDER), (record.user.lower(), USER)]
+    named += [(a.lower(), RCPT) for a in record.rcpts]
+    named += [(a, FROM) for a in doc.from_] + [(a, TO) for a in doc.to]
+    for address, role in named:
+        if not address.strip("@"):
+            continue
+        roles[address] = roles.get(address, 0) | role
+        if "@" in address:
+            domain = "@" + address.rpartition("@")[2]
+            if domain != "@":
+                roles[domain] = roles.get(domain, 0) | role
+    return roles
 
 
 # -- files and connections -------------------------------------------------------------------
@@ -619,12 +622,8 @@ class ArchiveIndex:
             record.size, record.line())).rowcount
         if added != 1:                  # a key taken: more than 2**30 records in one day
             return 0
-        people = {(record.sender.lower(), SENDER), (record.user.lower(), USER)}
-        people |= {(a.lower(), RCPT) for a in record.rcpts}
-        people |= {(a, FROM) for a in doc.from_} | {(a, TO) for a in doc.to}
-        people |= {("@" + a.rpartition("@")[2], role) for a, role in people if "@" in a}
-        conn.executemany("INSERT OR IGNORE INTO addresses (address, role, key) VALUES (?, ?, ?)",
-                         [(address, role, key) for address, role in people if address.strip("@")])
+        conn.executemany("INSERT OR IGNORE INTO addresses (address, key, roles) VALUES (?, ?, ?)",
+                         [(address, key, roles) for address, roles in _roles(record, doc).items()])
         conn.execute("INSERT INTO words (rowid, subject, body) VALUES (?, ?, ?)",
                      (key, doc.subject, doc.text))
         return 1
