@@ -12,20 +12,25 @@ so every message must be written to disk before the 250:
   relay    `continuity-relay serve` with example.com's primary on the closed port and the
            recipient registered: each message goes to the user's Maildir and the replay queue,
            fsync'd. Afterwards N files must be in maildirs/*/*/new and N entries waiting.
+  disk     no server: SESSIONS threads each write a SIZE-byte file to a temp name, fsync it,
+           rename it into one directory and fsync that directory, N files in all: what this
+           disk does for the same durable work in parallel, with nothing shared.
 
 Each run prints messages, seconds (smtp-source start to exit), msg/s, the machine's CPU use
 during the load (100% = all cores busy) and the server's memory: the relay's peak RSS; for
 Postfix, made of many processes sharing libraries, the sum of their proportional set sizes
 (PSS) at the end of the load, a rough figure. The last line, `ratio relay/postfix`,
 is the relay's msg/s divided by Postfix's from the same run: 1.00 means as fast as Postfix,
-0.50 half as fast. Shared machines are noisy: compare figures from one run, not across runs.
+0.50 half as fast; `ratio relay/disk` is the relay's msg/s over the disk's files/s. Shared
+machines are noisy: compare figures from one run, not across runs.
 
 With `--archive` the relay runs twice in the same run, with `storage.archive` off and on,
 and the last line is `ratio archive on/off` (issue 11: archiving must cost the senders at most
 10%); the archive run also checks that N messages were archived, each verifying.
 
 Usage: .venv/bin/python bench/inbound.py [--messages 5000] [--sessions 20] [--size 4096]
-       [--users 100] [--relay-only | --postfix-only] [--archive] [--keep]
+       [--users 100] [--relay-only | --postfix-only | --disk-only] [--archive]
+       [--profile DIR] [--keep]
 Exit status 0 when every step succeeded and every count matched, 1 otherwise, 2 on bad usage.
 """
 
@@ -44,6 +49,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +58,7 @@ DOMAIN = "example.com"
 RECIPIENT = f"user1@{DOMAIN}"
 SENDER = "bench@example.org"
 RELAY = Path(sys.executable).parent / "continuity-relay"
+PY_SPY = RELAY.parent / "py-spy"
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 POSTFIX_SERVICES = """\
 cleanup unix n - n - 0 cleanup
@@ -175,6 +182,22 @@ def cpu_of_tree(pid: int) -> float:
     return total / tick
 
 
+def cpu_of_threads(pid: int) -> tuple[float, float, float, float]:
+    """CPU seconds (user, system) of the relay's main thread (its event loop: the task whose id
+    is the pid's), then (user, system) of its other threads together (the storage threads')."""
+    tick = os.sysconf("SC_CLK_TCK")
+    loop, rest = [0, 0], [0, 0]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue            # a thread that ended meanwhile: its time went to the process
+        into = loop if task.name == str(pid) else rest
+        into[0] += int(fields[11])
+        into[1] += int(fields[12])
+    return loop[0] / tick, loop[1] / tick, rest[0] / tick, rest[1] / tick
+
+
 def pss_of_tree(pid: int) -> str:
     """Postfix is many processes sharing libraries: sum their proportional set sizes (now)."""
     pids = [pid, *children(pid)]
@@ -200,6 +223,29 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@contextmanager
+def spy(pid: int, out: Path | None) -> Iterator[None]:
+    """py-spy on pid's process tree (every thread, idle samples too, 200 Hz) while the block
+    runs; the collapsed stacks go to `out` when it ends. Nothing when `out` is None."""
+    if out is None:
+        yield
+        return
+    log = out.with_suffix(".log")
+    with log.open("wb") as err:
+        proc = subprocess.Popen([str(PY_SPY), "record", "--format", "raw", "--idle", "--threads",
+                                 "--subprocesses", "--rate", "200", "-p", str(pid), "-o", str(out)],
+                                stdout=err, stderr=subprocess.STDOUT)
+    wait_for(lambda: proc.poll() is not None or b"Sampling process" in log.read_bytes(), 15,
+             "py-spy to attach")
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)         # py-spy writes its file on Ctrl-C
+        proc.wait(60)
+    if not out.exists():
+        raise BenchError(f"py-spy wrote no profile: {log.read_text(errors='replace').strip()}")
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -423,7 +469,8 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = False) -> Result:
+def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = False,
+                profile: Path | None = None) -> Result:
     port = free_port()
     with contextlib.ExitStack() as stack:
         primary = stack.enter_context(primary_sink(root.parent / f"{root.name}-sink")) if through \
@@ -432,8 +479,11 @@ def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = F
         register_users(config, load.users)
         log = root / "relay.log"
         with relay(config, log) as pid:
-            seconds, cpu = send_load(load, port)
-            used = cpu_of_tree(pid)
+            used0, threads0 = cpu_of_tree(pid), cpu_of_threads(pid)
+            with spy(pid, profile):
+                seconds, cpu = send_load(load, port)
+            used = cpu_of_tree(pid) - used0
+            threads = [b - a for a, b in zip(threads0, cpu_of_threads(pid), strict=True)]
             stored, waiting = relay_stored(root)
             memory = peak_rss(pid)
     print(f"relay log: {log_summary(log)}")
@@ -447,8 +497,53 @@ def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = F
         expect(len(archived.verify()), 0, "archive problems")
     name = "relay" + ("+pass" if through else "") + ("+archive" if archive else "")
     print(f"{name} cpu: {used * 1000 / load.messages:.2f} ms a message (the relay and its children, "
-          "during the load)")
+          "during the load); user/system: event loop thread {:.2f}/{:.2f} ms, other threads "
+          "{:.2f}/{:.2f} ms".format(*(t * 1000 / load.messages for t in threads)))
     return Result(name, load.messages, seconds, cpu, memory, used)
+
+
+# -- (c) the disk: the same durable work in parallel, with nothing else ---------------------
+
+def disk_writer(root: Path, names: range, payload: bytes) -> None:
+    """One worker's share: each file written to a temp name, fsync'd, renamed into `done/`,
+    and `done/` fsync'd, as a mail server must before its 250 (no shared fsyncs)."""
+    done = os.open(root / "done", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in names:
+            tmp = root / "tmp" / f"{n}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, root / "done" / f"{n}")
+            os.fsync(done)
+    finally:
+        os.close(done)
+
+
+def bench_disk(load: Load, root: Path) -> Result:
+    """N files of SIZE bytes by SESSIONS threads at once (fsync and rename let go of the GIL),
+    in the same temp dir, so on the same file system as the servers' queues."""
+    for sub in ("tmp", "done"):
+        (root / sub).mkdir(parents=True)
+    payload = os.urandom(load.size)
+    shares = [range(i, load.messages, load.sessions) for i in range(load.sessions)]
+    busy0, total0 = cpu_ticks()
+    own0 = os.times()
+    start = time.monotonic()
+    with ThreadPoolExecutor(load.sessions) as pool:
+        for future in [pool.submit(disk_writer, root, share, payload) for share in shares]:
+            future.result()
+    seconds = time.monotonic() - start
+    own1 = os.times()
+    busy1, total1 = cpu_ticks()
+    print(f"disk cpu: user/system {1000 * (own1.user - own0.user) / load.messages:.2f}/"
+          f"{1000 * (own1.system - own0.system) / load.messages:.2f} ms a file (this process)")
+    expect(sum(1 for _ in (root / "done").iterdir()), load.messages, "files the disk leg wrote")
+    return Result("disk", load.messages, seconds, 100.0 * (busy1 - busy0) / max(1, total1 - total0),
+                  "-")
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -463,10 +558,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--relay-only", action="store_true")
     only.add_argument("--postfix-only", action="store_true")
+    only.add_argument("--disk-only", action="store_true", help="only the disk's own rate")
     parser.add_argument("--archive", action="store_true", help="the relay with storage.archive off "
                         "and on, and their ratio")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy on the relay during "
+                        "the kept leg: DIR/kept.raw, summed up by bench/profile_summary.py --groups")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        if args.postfix_only or args.disk_only:
+            parser.error("--profile profiles the relay's kept leg")
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
     if min(args.messages, args.sessions, args.size, args.users) < 1:
         parser.error("--messages, --sessions, --size and --users must be at least 1")
     return args
@@ -478,8 +581,10 @@ def preflight(args: argparse.Namespace) -> None:
     for tool in ("smtp-source", "postfix"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found (Debian package postfix)")
-    if not args.postfix_only and not RELAY.exists():
+    if not (args.postfix_only or args.disk_only) and not RELAY.exists():
         raise BenchError(f"{RELAY} not found: run with the project venv's python")
+    if args.profile is not None and not PY_SPY.exists():
+        raise BenchError(f"{PY_SPY} not found: .venv/bin/pip install py-spy")
 
 
 def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
@@ -487,13 +592,20 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
     print(f"load: {load.messages} messages, {load.size} bytes, {load.sessions} sessions, "
           f"recipient {RECIPIENT}, {load.users} registered users")
     results: dict[str, Result] = {}
-    if not args.relay_only:
+    if not (args.relay_only or args.disk_only):
         results["postfix"] = bench_postfix(load, tmp / "postfix")
         print(results["postfix"].line(), flush=True)
-    if not args.postfix_only:
-        results["relay"] = bench_relay(load, tmp / "relay")
+    if not (args.relay_only or args.postfix_only):
+        results["disk"] = bench_disk(load, tmp / "disk")
+        print(results["disk"].line(), flush=True)
+    if not (args.postfix_only or args.disk_only):
+        profile = args.profile / "kept.raw" if args.profile is not None else None
+        results["relay"] = bench_relay(load, tmp / "relay", profile=profile)
         print(results["relay"].line(), flush=True)
-    if args.archive and not args.postfix_only:
+        if profile is not None:
+            from profile_summary import grouped
+            print(f"\n== profile of the kept leg ({profile}) ==\n{grouped(profile)}\n")
+    if args.archive and not (args.postfix_only or args.disk_only):
         results["archive"] = bench_relay(load, tmp / "relay-archive", archive=True)
         print(results["archive"].line(), flush=True)
         print(f"ratio archive on/off (kept in an outage) = "
@@ -525,6 +637,8 @@ def bench_main(args: argparse.Namespace, prefix: str, check: Callable[[argparse.
         shutil.rmtree(tmp, ignore_errors=True)
     if "relay" in results and "postfix" in results:
         print(f"ratio relay/postfix = {results['relay'].rate / results['postfix'].rate:.2f}")
+    if "relay" in results and "disk" in results:
+        print(f"ratio relay/disk = {results['relay'].rate / results['disk'].rate:.2f}")
     return 0
 
 

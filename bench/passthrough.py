@@ -51,7 +51,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import smtplib
 import statistics
 import subprocess
@@ -63,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inbound import (
+    PY_SPY,
     RECIPIENT,
     RELAY,
     SENDER,
@@ -82,12 +82,12 @@ from inbound import (
     relay,
     relay_stored,
     send_load,
+    spy,
     wait_for,
     write_relay_config,
 )
 from profile_summary import grouped
 
-PY_SPY = RELAY.parent / "py-spy"
 COUNTER = re.compile(rb"mesg=(\d+)")
 
 
@@ -155,29 +155,6 @@ def poll_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.005)
-
-
-@contextmanager
-def spy(pid: int, out: Path | None) -> Iterator[None]:
-    """py-spy on pid's process tree (every thread, idle samples too, 200 Hz) while the block
-    runs; the collapsed stacks go to `out` when it ends. Nothing when `out` is None."""
-    if out is None:
-        yield
-        return
-    log = out.with_suffix(".log")
-    with log.open("wb") as err:
-        proc = subprocess.Popen([str(PY_SPY), "record", "--format", "raw", "--idle", "--threads",
-                                 "--subprocesses", "--rate", "200", "-p", str(pid), "-o", str(out)],
-                                stdout=err, stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or b"Sampling process" in log.read_bytes(), 15,
-             "py-spy to attach")
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)         # py-spy writes its file on Ctrl-C
-        proc.wait(60)
-    if not out.exists():
-        raise BenchError(f"py-spy wrote no profile: {log.read_text(errors='replace').strip()}")
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ class RelaySMTP(FewNames, SMTP):
         super().__init__(*args, **kwargs)
         self._greeted = False
         self._plain_replies = False    # answering EHLO or HELO: no enhanced codes
+        self._held: list[str] = []     # lines of a multi-line reply not written yet (push)
         self.incoming = incoming or _default_incoming()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -206,15 +207,23 @@ class RelaySMTP(FewNames, SMTP):
         return RelayEnvelope()
 
     async def push(self, status) -> None:
+        """Our extensions and enhanced codes added; the lines of a multi-line reply (EHLO's
+        dozen) held back and written with its last line, in one write: the client reads none
+        of them before that one, and each write is a send(2), and a wake-up of the client."""
         if isinstance(status, str):
             if not self._greeted and status.startswith("220"):
                 self._greeted = True
             elif self._plain_replies:
                 if status == "250 HELP":
-                    for extension in EXTENSIONS:
-                        await super().push(f"250-{extension}")
+                    self._held.extend(f"250-{extension}" for extension in EXTENSIONS)
             else:
                 status = with_enhanced_code(status)
+            if status.rpartition("\n")[2][3:4] == "-":
+                self._held.append(status)
+                return
+            if self._held:
+                status = "\r\n".join((*self._held, status))
+                self._held.clear()
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:

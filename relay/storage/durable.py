@@ -85,23 +85,29 @@ class _GroupSync:
 
     Each caller takes a ticket from one clock after its change; a fsync that starts when the
     clock reads N covers every ticket up to N, because those changes were all made before it.
-    A directory's entry is dropped once nobody waits on it, so the table stays small.
+    Each directory has a condition of its own (all on one lock), so a fsync that ends wakes
+    only the threads waiting for that directory: a kept message syncs three directories, and
+    waking every waiter for each made each of them take the GIL just to wait again. A
+    directory's entry is dropped once nobody waits on it, so the tables stay small.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._clock = 0
         self._done: dict[str, int] = {}
         self._busy: set[str] = set()
         self._waiting: dict[str, int] = {}
+        self._conds: dict[str, threading.Condition] = {}
 
     def sync(self, path: str) -> None:
-        with self._cond:
+        with self._lock:
             self._clock += 1
             ticket = self._clock
             self._waiting[path] = self._waiting.get(path, 0) + 1
-            while path in self._busy and self._done.get(path, 0) < ticket:
-                self._cond.wait()
+            if path in self._busy and self._done.get(path, 0) < ticket:
+                cond = self._conds.get(path) or self._conds.setdefault(path, threading.Condition(self._lock))
+                while path in self._busy and self._done.get(path, 0) < ticket:
+                    cond.wait()
             self._waiting[path] -= 1
             if self._done.get(path, 0) >= ticket:
                 self._forget(path)
@@ -113,18 +119,21 @@ class _GroupSync:
             _fsync_dir_now(path)
             synced = True
         finally:
-            with self._cond:
+            with self._lock:
                 self._busy.discard(path)
                 if synced:
                     self._done[path] = max(self._done.get(path, 0), target)
+                cond = self._conds.get(path)
                 self._forget(path)
-                self._cond.notify_all()
+                if cond is not None:
+                    cond.notify_all()
 
     def _forget(self, path: str) -> None:
         """Drop a directory's entry once nobody waits on it or syncs it (lock held)."""
         if not self._waiting.get(path) and path not in self._busy:
             self._waiting.pop(path, None)
             self._done.pop(path, None)
+            self._conds.pop(path, None)
 
 
 _group_sync = _GroupSync()
@@ -242,26 +251,31 @@ def open_dir(root: Path, parts: tuple[str, ...], owner: Owner | None = None,
     part raises FileNotFoundError. With `dir_fd`, the walk starts there instead (`root` then
     only names it in errors). The caller closes the descriptor.
     """
-    if dir_fd is not None:
-        fd = os.dup(dir_fd)
+    if dir_fd is None:
+        fd: int | None = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    elif not parts:
+        return os.dup(dir_fd)
     else:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    path = Path(root)
+        fd = None          # the first part is opened relative to `dir_fd` itself: no dup
+    path = os.fspath(root)    # a string: this runs for every delivery, pathlib costs there
     try:
         for part in parts:
             if not part or part in (".", "..") or "/" in part:
-                raise UnsafePathError(path / part, "not one path component")
-            path = path / part
-            child = _open_part(fd, part, path, owner, mode)
-            os.close(fd)
+                raise UnsafePathError(f"{path}/{part}", "not one path component")
+            path = f"{path}/{part}"
+            child = _open_part(dir_fd if fd is None else fd, part, path, owner, mode)
+            if fd is not None:
+                os.close(fd)
             fd = child
+        assert fd is not None
         return fd
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         raise
 
 
-def _open_part(parent: int, name: str, path: Path, owner: Owner | None, mode: int) -> int:
+def _open_part(parent: int, name: str, path: Path | str, owner: Owner | None, mode: int) -> int:
     """Open `name` under the directory `parent`, creating it with `owner`."""
     created = False
     if owner is not None:

@@ -285,6 +285,7 @@ class MaildirStore:
         self._host = _safe_hostname()
         self._counter = itertools.count()
         self._ready: set[Path] = set()
+        self._places: dict[Mailbox, tuple[str, tuple[str, ...]]] = {}   # see _place
         self._lock = threading.Lock()
 
     def path(self, user: Mailbox) -> Path:
@@ -334,45 +335,51 @@ class MaildirStore:
         return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
 
     def deliver(self, user: Mailbox, data: bytes | Chunked, folder: str | None = None,
-                before_publish: Callable[[Path], None] | None = None, seen: bool = False) -> Path:
+                before_publish: Callable[[str], None] | None = None, seen: bool = False) -> Path:
         """Write `data` into the user's folder (INBOX by default); return the new file's path.
 
         Returns only once the file and new/ are fsync'd. `before_publish` sees the fsync'd
-        temp file before it appears in new/. `seen` files it in cur/ already read (a Sent copy).
+        temp file (its path) before it appears in new/. `seen` files it in cur/ already read
+        (a Sent copy). Paths are plain strings here: this runs for every kept message.
         """
-        box = self.ensure(user)
+        where, parts = self._places.get(user) or self._place(user)
         if folder:
-            box = box / f".{folder}"
+            where, parts = f"{where}/.{folder}", (*parts, f".{folder}")
         name = self.unique_name(len(data))
         final_sub, final_name = ("cur", f"{name}:2,S") if seen else ("new", name)
         with refusing_symlinks():
-            fd = open_dir(self.root, box.relative_to(self.root).parts)
+            fd = open_dir(self.root, parts)
             try:
-                tmp_fd = open_dir(box, ("tmp",), dir_fd=fd)
+                tmp_fd = open_dir(where, ("tmp",), dir_fd=fd)
                 try:
-                    final_fd = open_dir(box, (final_sub,), dir_fd=fd)
+                    final_fd = open_dir(where, (final_sub,), dir_fd=fd)
                 except BaseException:
                     os.close(tmp_fd)
                     raise
             finally:
                 os.close(fd)
         try:
-            self._publish(box, name, final_name, data, tmp_fd, final_fd, before_publish)
+            self._publish(where, name, final_name, data, tmp_fd, final_fd, before_publish)
         finally:
             os.close(tmp_fd)
             os.close(final_fd)
-        final = box / final_sub / final_name
-        fsync_dir(final.parent)
-        return final
+        fsync_dir(f"{where}/{final_sub}")
+        return Path(f"{where}/{final_sub}/{final_name}")
 
-    def _publish(self, box: Path, name: str, final_name: str, data: bytes | Chunked, tmp_fd: int,
-                 final_fd: int, before_publish: Callable[[Path], None] | None) -> None:
+    def _place(self, user: Mailbox) -> tuple[str, tuple[str, ...]]:
+        """The user's tree, made or completed once (`ensure`): its path, and its parts below
+        the root for `open_dir`."""
+        box = self.ensure(user)
+        return self._places.setdefault(user, (os.fspath(box), box.relative_to(self.root).parts))
+
+    def _publish(self, box: str, name: str, final_name: str, data: bytes | Chunked, tmp_fd: int,
+                 final_fd: int, before_publish: Callable[[str], None] | None) -> None:
         """tmp/<name> written through `tmp_fd`, shown to `before_publish`, linked into the
         directory `final_fd` (the link itself, never a target), and unlinked from tmp/."""
         write_new(name, data, owner=self.owner, dir_fd=tmp_fd)
         try:
             if before_publish is not None:
-                before_publish(box / "tmp" / name)
+                before_publish(f"{box}/tmp/{name}")
             os.link(name, final_name, src_dir_fd=tmp_fd, dst_dir_fd=final_fd, follow_symlinks=False)
         finally:
             try:
