@@ -535,3 +535,20 @@ def test_a_message_with_nul_is_refused_and_the_session_goes_on(primary, make_rel
         assert client.sendmail("s@sender.test", ["alice@example.com"], b"Subject: ok\r\n\r\nfine\r\n") == {}
     assert [r.content.endswith(b"fine\r\n") for r in primary.received] == [True]
     assert not stored_files(relay.config.storage.maildirs)
+
+
+@pytest.mark.parametrize("address", ["0@", "<0@[>", "<a@[1.2.3.4>"])
+def test_an_address_the_parser_trips_on_is_malformed_and_the_session_goes_on(primary, make_relay, address):
+    """aiosmtpd's parser (the email package's) raises IndexError or AttributeError on these;
+    aiosmtpd then answered "500 Error: (IndexError) string index out of range"."""
+    relay = make_relay(primary.port)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        client.ehlo("sender.test")
+        code, text = client.docmd(f"MAIL FROM:{address}")
+        assert (code, text.startswith(b"5.1.")) == (553, True), text
+        client.mail("s@sender.test")
+        code, text = client.docmd(f"RCPT TO:{address}")
+        assert (code, text.startswith(b"5.1.")) == (553, True), text
+        client.rset()
+        assert client.sendmail("s@sender.test", ["alice@example.com"], b"Subject: ok\r\n\r\nfine\r\n") == {}
+    assert len(primary.received) == 1

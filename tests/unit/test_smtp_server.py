@@ -150,7 +150,7 @@ def test_the_fast_address_path_agrees_with_aiosmtpd_on_generated_paths():
     def outcome(parse, arg: str) -> object:
         try:
             return parse(Probe(), arg)
-        except (IndexError, AttributeError) as exc:   # the email package's own faults, both ways
-            return type(exc)
+        except (IndexError, AttributeError):   # the email package's own faults: ours says malformed
+            return None, None
 
     agree()
