@@ -25,9 +25,10 @@ import queue
 import sys
 
 FORMATS = ("text", "json")
+MAX_QUEUED = 10_000       # lines waiting for stderr; past that a line is counted, not kept
 
 _listener: logging.handlers.QueueListener | None = None
-_queued: logging.Handler | None = None
+_queued: _Bounded | None = None
 _format = "text"
 
 
@@ -41,10 +42,10 @@ def setup(level: str = "INFO", format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter())
     stop()
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(lines, handler)
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(MAX_QUEUED)
+    _listener = _Listener(lines, handler)
     _listener.start()
-    _queued = logging.handlers.QueueHandler(lines)
+    _queued = _Bounded(lines)
     root = logging.getLogger()
     root.addHandler(_queued)
     root.setLevel(logging.WARNING)
@@ -72,10 +73,51 @@ def stop() -> None:
     global _listener, _queued
     if _queued is not None:
         logging.getLogger().removeHandler(_queued)
+        with _queued.lock:                          # no line being queued meanwhile
+            _queued.say_dropped(block=True)         # the count of the last lines dropped
         _queued = None
     if _listener is not None:
         _listener.stop()
         _listener = None
+
+
+class _Bounded(logging.handlers.QueueHandler):
+    """Never more than `MAX_QUEUED` lines in memory: when stderr stops taking them (a pipe
+    nobody reads, a stalled journald), a line that finds the queue full is dropped and counted,
+    and `log.dropped lines=N` goes out first once there is room, as syslog does. The caller
+    (the event loop too) never waits. `emit` runs under the handler's lock."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self.dropped and not self.say_dropped(block=False):
+            self.dropped += 1
+            return
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def say_dropped(self, block: bool) -> bool:
+        """Queue `log.dropped` for the lines counted so far; whether there was room."""
+        if not self.dropped:
+            return True
+        note = logging.getLogger("relay.log").makeRecord(
+            "relay.log", logging.WARNING, __file__, 0, f"log.dropped lines={self.dropped}", (), None,
+            extra={"event": "log.dropped", "fields": {"lines": self.dropped}})
+        try:
+            self.queue.put(note, block=block)
+        except queue.Full:
+            return False
+        self.dropped = 0
+        return True
+
+
+class _Listener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        self.queue.put(self._sentinel)      # waits for room: a full queue is still written out
 
 
 class JsonFormatter(logging.Formatter):

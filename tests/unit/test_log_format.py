@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 import sys
 import textwrap
+import time
 
 import bcrypt
 import pytest
@@ -139,3 +141,32 @@ def test_a_queue_action_is_logged_once(tmp_path, capsys):
     logged = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(line["event"], line["action"], line["id"]) for line in logged] == [
         ("cli.admin_action", "queue_hold", entry)]
+
+
+def test_a_stderr_nobody_reads_never_holds_more_than_max_queued_lines_and_the_loss_is_counted(tmp_path):
+    """A pipe that is not read fills (64 KiB); the log thread then waits on it, and every line
+    after that used to pile up in memory without end. Now past `MAX_QUEUED` a line is counted,
+    and `log.dropped lines=N` says how many once stderr takes lines again."""
+    marker = tmp_path / "emitted"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""\
+        import pathlib
+        from relay import log
+        log.setup("INFO", "json")
+        for n in range(30_000):
+            log.event("test.line", n=n, pad="x" * 40)
+        pathlib.Path({str(marker)!r}).write_text(str(log._queued.queue.qsize()))
+        log.stop()
+        """)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the logging caller waited for a stderr nobody reads"
+        assert int(marker.read_text()) <= log.MAX_QUEUED
+    finally:
+        _, err = child.communicate(timeout=120)
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    written = [line["n"] for line in lines if line["event"] == "test.line"]
+    dropped = sum(line["lines"] for line in lines if line["event"] == "log.dropped")
+    assert dropped > 0 and len(written) + dropped == 30_000
+    assert written == sorted(written)
