@@ -80,9 +80,12 @@ class Block:
         key = _key(name)
         return [_decode(_unfold(field)) for field in self.fields if _name(field) == key]
 
-    def addresses(self, *names: str) -> list[str]:
+    def addresses(self, *names: str, first: bool = False) -> list[str]:
+        """As `addresses`; with `first`, only the first field of those names (the newest
+        resent block's, which is prepended)."""
         wanted = {_key(name) for name in names}
-        return _addresses(field for field in self.fields if _name(field) in wanted)
+        fields = [field for field in self.fields if _name(field) in wanted]
+        return _addresses(fields[:1] if first else fields)
 
 
 def _addresses(fields: Iterable[Field]) -> list[str]:

@@ -30,10 +30,15 @@ CS_SENT = " (CS-SENT)"
 
 def own_from(user: Mailbox, data: bytes) -> None:
     """The From: header must name exactly the user's own address (RFC 5322 allows several), and
-    so must a Sender: header, which mail clients show as "on behalf of"."""
-    for name, required in (("From", True), ("Sender", False)):
-        found = headers.addresses(data, name)
-        if not found and not required and not headers.values(data, name):
+    so must a Sender: header, which mail clients show as "on behalf of", and the Resent-From:
+    and Resent-Sender: of the newest resent block (the first: a block is prepended, RFC 5322
+    3.6.6), which a client shows as who sent the message on (mutt's bounce, Thunderbird's
+    redirect); older blocks are other people's resends and stay as they were."""
+    block = headers.Block(data)
+    for name, required in (("From", True), ("Sender", False), ("Resent-From", False),
+                           ("Resent-Sender", False)):
+        found = block.addresses(name, first=name.startswith("Resent-"))
+        if not found and not required and not block.values(name):
             continue
         try:
             ok = len(found) == 1 and parse_mailbox(found[0]) == user

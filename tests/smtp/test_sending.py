@@ -331,6 +331,25 @@ def test_resent_bcc_is_removed_and_a_foreign_sender_header_refused(smarthost, ma
                                              b"<alice@example.com>\r\nSubject: r\r\n\r\nx\r\n")
 
 
+def test_a_resent_from_or_sender_naming_another_address_is_refused_an_older_resend_is_kept(make_relay):
+    """A bounce (mutt) or redirect (Thunderbird) says who sent the message on in Resent-From:;
+    naming the CEO there passed (From: itself must be the user's, resent or not). The newest
+    resent block is the first; older ones are others'."""
+    from relay.errors import PermFail
+
+    relay = make_relay(free_port(), extra=outbound_config(free_port()))
+    alice = parse_mailbox("alice@example.com")
+    for field in (b"Resent-From: ceo@example.com", b"Resent-Sender: The CEO <ceo@example.com>",
+                  b"Resent-From: alice@example.com, ceo@example.com"):
+        with pytest.raises(PermFail) as refused:
+            sender_of(relay).submit(alice, "alice@example.com", ["b@example.org"],
+                                    field + b"\r\nFrom: alice@example.com\r\nSubject: s\r\n\r\nx\r\n")
+        assert refused.value.code == 553 and b"Resent-" in field and "Resent-" in refused.value.text
+    sender_of(relay).submit(alice, "alice@example.com", ["b@example.org"],
+                            b"Resent-From: Alice <alice@example.com>\r\nResent-To: b@example.org\r\n"
+                            b"Resent-From: carol@example.net\r\nFrom: alice@example.com\r\n\r\nx\r\n")
+
+
 def test_every_sending_path_keeps_to_the_limits(make_relay):
     """Security review 9.9: Submitter.submit, which every path goes through, enforces
     max_recipients and message_size_limit (the Outbox read a 3 MB file past a 1 MiB limit)."""
