@@ -4,13 +4,15 @@ shares, so the checks, the queue, the Sent copy and the "(CS-SENT)" replay are t
 `Submitter.submit()` (blocking) first makes every line end CRLF (a bare CR or LF included, as the
 SMTP client will on the way out, so every check sees the lines that leave) and refuses NUL;
 then it checks that the From: header is the user's own address, and makes durable, in order:
-  1. one outbound queue entry per recipient (`<spool>/outbound/`), the message written once
-     and hard-linked, Bcc: and Resent-Bcc: removed;
-  2. a copy in the user's `.Sent` folder, as the user wrote it;
-  3. a copy for the user's own mailbox on the primary, its Subject ending in " (CS-SENT)",
-     in the domain's replay queue (replayed like inbound mail once the primary is back).
-Only then may the caller answer 250. A crash part-way leaves some of these done; the client
-gets no 250 and sends again, so nothing is lost and at worst a recipient gets two copies.
+  1. a copy in the user's `.Sent` folder, as the user wrote it;
+  2. a copy for the user's own mailbox on the primary, its Subject ending in " (CS-SENT)",
+     in the domain's replay queue (replayed like inbound mail once the primary is back);
+  3. one outbound queue entry per recipient (`<spool>/outbound/`), the message written once
+     and hard-linked, Bcc: and Resent-Bcc: removed.
+Only then may the caller answer 250. A crash or a failed write part-way leaves some of these
+done; the client gets no 250 and sends again, so nothing is lost, and the recipients' entries
+come last so that a failure before them doubles only the user's own copies. A crash between
+the outbound entries being durable and the 250 still gives a recipient two copies.
 """
 
 from __future__ import annotations
@@ -93,16 +95,19 @@ class Submitter:
         outgoing = headers.remove(headers.remove(data, "Bcc"), "Resent-Bcc")
         now = time.time()
         per_rcpt = rcpt_options or {}
-        ids = self.store.outbound.enqueue_many(outgoing, [
-            Envelope(mail_from=sender, rcpt=rcpt, received_at=now,
-                     mail_options=options_for(outgoing, sender, rcpt, mail_options),
-                     rcpt_options=tuple(per_rcpt.get(rcpt, ())), extra={"user": str(user)})
-            for rcpt in rcpts])
+        # The user's own copies first, the recipients' last: a write that fails part-way (the
+        # Maildirs' disk full, the spool's not) gets no 250, and the client's retry then
+        # doubles only the user's own copies, never what the recipients get.
         self.store.maildirs.deliver(user, data, folder="Sent", seen=True)
         copy = headers.append_to_subject(data, CS_SENT)
         self.store.replay_queue(user.domain).enqueue_bytes(copy, Envelope(
             mail_from=str(user), rcpt=str(user), received_at=now,
             mail_options=options_for(copy, str(user), str(user))))
+        ids = self.store.outbound.enqueue_many(outgoing, [
+            Envelope(mail_from=sender, rcpt=rcpt, received_at=now,
+                     mail_options=options_for(outgoing, sender, rcpt, mail_options),
+                     rcpt_options=tuple(per_rcpt.get(rcpt, ())), extra={"user": str(user)})
+            for rcpt in rcpts])
         if self.store.archive is not None:        # what left, listed for every recipient
             self.store.archive(Item(data=outgoing, direction="out", kind="sent", sender=sender,
                                     rcpts=tuple(rcpts), queue_id=ids[0], user=str(user), when=now,

@@ -306,3 +306,22 @@ def test_a_device_and_unreadable_files_in_an_outbox_never_stop_serve(tmp_path):
         finally:
             for target in mounted:
                 subprocess.run(["umount", str(target)], check=False)
+
+
+def test_a_sent_folder_that_cannot_be_written_queues_nothing_for_the_recipients(tmp_path, small_disk):
+    """The Maildirs' disk read-only, the spool's fine: the submission fails (no 250), and the
+    client's retry must not give the recipient a second copy. The outbound entries were made
+    before the Sent copy, so every failed try left one behind."""
+    store = ContinuityStore(MaildirStore(small_disk / "maildirs"), tmp_path / "spool")
+    alice = parse_mailbox(ALICE)
+    store.maildirs.ensure(alice)
+    submitter = Submitter(store)
+    message = f"From: {ALICE}\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nx\r\n".encode()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for _retry in range(3):
+        with pytest.raises(OSError):
+            submitter.submit(alice, ALICE, ["bob@example.org"], message)
+    assert store.outbound.pending() == []
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    submitter.submit(alice, ALICE, ["bob@example.org"], message)
+    assert len(store.outbound.pending()) == 1
