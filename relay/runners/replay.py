@@ -26,11 +26,13 @@ The order: each user's entries are a `Lane`. A worker takes a lane nobody works 
 is none left (fewer users than workers: one busy mailbox), it joins the lane with the most
 entries left, once that lane's first message was taken, so one mailbox drains over several
 connections at once. Then an `OrderGate`
-holds each message after its RCPT, before DATA, until the one before it in the lane was
-answered: the primary still takes a user's mail oldest first, while the claim, the read,
-MAIL and RCPT of the next messages and the settling of the last one overlap. When a message
-of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held behind it
-are not sent (Verdict.UNTRIED: back to waiting as they were).
+holds each message's final dot (sent after the message itself) until the one before it in the
+lane was answered: a primary commits a message at its dot, so it still takes a user's mail
+oldest first, while the claim, the read, MAIL, RCPT, DATA and the message of the next ones and
+the settling of the last one overlap; per mailbox only the dot and its 250 are serial. When a
+message of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held
+behind it are abandoned before their dot, their connections closed (RFC 5321 3.8: the primary
+commits nothing), and go back to waiting as they were (Verdict.UNTRIED).
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.storage.queue import Envelope, Queue, due_by_user
 
-HELD_BACK = "order"       # the stage of the Reply an OrderGate answers instead of DATA
+HELD_BACK = "order"       # the stage of the Reply an OrderGate answers instead of the dot
 
 
 class OrderGate:
-    """One entry's place in its lane: its DATA waits for the entry before it (`before`), and
+    """One entry's place in its lane: its final dot waits for the entry before it (`before`), and
     its own verdict, once `decided`, tells the entry after it whether it may go (`mine`):
     yes after a 250, a 5xx or no try at all (set aside, crashed, another worker's), no when
     it or anything before it was told to wait, stopped the sweep or was held back."""
@@ -63,6 +65,9 @@ class OrderGate:
     def __init__(self, before: asyncio.Future[bool] | None) -> None:
         self.before = before
         self.mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def due(self) -> bool:
+        return self.before is None or self.before.done()
 
     async def wait(self) -> Reply | None:
         if self.before is None or await asyncio.shield(self.before):
