@@ -28,7 +28,7 @@ from relay.config import Config, load, parse_duration, parse_time, reason_text
 from relay.delivery import planned, readiness
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
-from relay.log import event, formatter, setup, stop
+from relay.log import event, formatter, queued, setup, stop
 from relay.storage import spool
 from relay.storage.archive import Archive, Record
 from relay.storage.archive_export import FORMATS, export
@@ -357,12 +357,15 @@ def _above_the_bar() -> Iterator[None]:
     while, not also to the stderr writer: each line once."""
     relay = logging.getLogger("relay")
     with logging_redirect_tqdm(loggers=[relay]):
-        relay.handlers[-1].setFormatter(formatter())
-        relay.propagate = False
-        try:
-            yield
-        finally:
-            relay.propagate = True
+        bar = relay.handlers[-1]
+        bar.setFormatter(formatter())
+        with queued(bar) as through_a_queue:    # worker threads never wait for the bar
+            relay.handlers[-1] = through_a_queue
+            relay.propagate = False
+            try:
+                yield
+            finally:
+                relay.propagate = True
 
 
 # -- queue management, as Postfix's postqueue and postsuper -------------------------------------

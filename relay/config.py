@@ -119,7 +119,7 @@ class Alerts:
 @dataclass(frozen=True)
 class Replay:
     probe_interval: float = 30.0
-    concurrency: int = 4
+    concurrency: int = 20      # Postfix's default_destination_concurrency_limit (README)
     rate: float | None = None
 
 

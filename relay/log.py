@@ -17,12 +17,14 @@ password or a message body (callers pass neither). Two formats (`log.format`):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import json
 import logging
 import logging.handlers
 import queue
 import sys
+from collections.abc import Iterator
 
 FORMATS = ("text", "json")
 MAX_QUEUED = 10_000       # lines waiting for stderr; past that a line is counted, not kept
@@ -52,6 +54,21 @@ def setup(level: str = "INFO", format: str = "text") -> None:
     logging.getLogger("relay").setLevel(level)
     # aiosmtpd logs every peer and recipient at INFO: that is ours to say, once.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def queued(handler: logging.Handler) -> Iterator[logging.Handler]:
+    """`handler` behind a queue and a thread of its own, as `setup` puts stderr: a caller's
+    line costs it a put, never a wait for the handler's lock (the replay command's progress
+    bar redraws itself for each line, and 20 connections' worker threads log a line a
+    message). What is queued is written before the block ends."""
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(lines, handler)
+    listener.start()
+    try:
+        yield logging.handlers.QueueHandler(lines)
+    finally:
+        listener.stop()
 
 
 def formatter() -> logging.Formatter:

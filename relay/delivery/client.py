@@ -36,7 +36,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -53,8 +53,20 @@ _LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")     # aiosmtplib's LINE_ENDINGS_REG
 CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"
 _SERVER_STAGES = (CONNECT, EHLO, MAIL)
 
-BeforeData = Callable[[], Awaitable["Reply | None"]]
-"""Awaited between the accepted RCPTs and DATA: None to send the message, or the Reply instead."""
+
+
+class Turn(Protocol):
+    """Whether a message may be committed yet (the replay runner's per-mailbox order): DATA
+    sends the message, then holds its final dot until `wait()` says None. Holding the dot, not
+    DATA, leaves only the dot and its 250 waiting for the message before: the primary commits a
+    message at its dot, so it still takes them in order."""
+
+    def due(self) -> bool:
+        """True when `wait()` would answer at once (the dot then goes with the message's end)."""
+
+    async def wait(self) -> Reply | None:
+        """None to send the final dot, or the Reply to answer instead (the message is then
+        abandoned: the connection is closed before its dot, RFC 5321 3.8)."""
 
 NEEDS_SMTPUTF8 = "5.6.7 The address needs SMTPUTF8, which {host} does not offer"
 NO_TLS_FOR_AUTH = "4.7.0 {host} offered no TLS: credentials are never sent in clear"
@@ -305,20 +317,26 @@ class Upstream:
         """Whether the connected server offered `extension` in its EHLO reply."""
         return self._smtp is not None and self._smtp.supports_extension(extension)
 
-    async def data(self, message: Message) -> Reply:
-        """Send the message; the transaction is over whatever the answer."""
+    async def data(self, message: Message, turn: Turn | None = None) -> Reply:
+        """Send the message, its final dot once `turn` says so; the transaction is over
+        whatever the answer. Held back by `turn`, the message is abandoned with its connection
+        (a server commits nothing without the dot, RFC 5321 3.8), and `turn`'s Reply answers."""
         assert self._smtp is not None
         try:
             with self._cut_off():
-                response = await self._send_data(message)
+                response = await self._send_data(message, turn)
+            if isinstance(response, Reply):
+                self.close()
+                return response
             return Reply(response.code, response.message, stage=DATA)
         except (aiosmtplib.SMTPException, OSError) as exc:     # a lost connection is closed
             return self._failed(exc, DATA)
         finally:
             self._in_transaction = False
 
-    async def _send_data(self, message: Message) -> aiosmtplib.SMTPResponse:
-        """DATA, the message a piece at a time, the final dot (see the module)."""
+    async def _send_data(self, message: Message, turn: Turn | None) -> aiosmtplib.SMTPResponse | Reply:
+        """DATA, the message a piece at a time, the final dot (see the module); `turn`'s
+        Reply when it held the dot back."""
         assert self._smtp is not None
         protocol, timeout = self._smtp.protocol, self._smtp.timeout
         if protocol is None or protocol._command_lock is None:
@@ -339,8 +357,14 @@ class Upstream:
                     protocol.write(b"".join(held))
                     held, size = [], 0
                     await asyncio.wait_for(protocol._drain_helper(), timeout)
+            tail = b"".join([*held, stuffer.end()])
+            if turn is not None and not turn.due():     # the message goes now, its dot later
+                protocol.write(tail)
+                tail = b""
+            if turn is not None and (waited := await turn.wait()) is not None:
+                return waited
             protocol._response_pending = True
-            protocol.write(b"".join([*held, stuffer.end(), b".\r\n"]))
+            protocol.write(tail + b".\r\n")
             response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
@@ -353,14 +377,14 @@ class Upstream:
 
     async def send_many(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
                         mail_options: list[str], data: Message,
-                        before_data: BeforeData | None = None) -> list[Reply]:
+                        turn: Turn | None = None) -> list[Reply]:
         """One transaction for several recipients (each with its RCPT options), as Postfix
         sends one copy a destination: each recipient's reply, its RCPT's when refused, else
         DATA's. MAIL refused, or the connection lost, answers the rest the same way.
 
-        `before_data`, when given, is awaited once a recipient was accepted, before DATA (the
-        replay runner holds a message there until the one before it in line was answered): a
-        Reply it returns answers the accepted recipients instead, and no DATA is sent."""
+        `turn`, when given, holds the message's final dot (`Upstream.data`): the replay
+        runner holds a message there until the one before it in line was answered. A Reply it
+        returns answers the accepted recipients instead, and the message is abandoned."""
         reply = await self.begin(sender, mail_options, size=len(data), rcpts=[r for r, _ in rcpts])
         if not reply.ok:
             return [reply] * len(rcpts)
@@ -372,10 +396,7 @@ class Upstream:
                 return replies + [reply] * (len(rcpts) - len(replies))
         if not any(r.ok for r in replies):
             return replies          # the transaction stays open: the next `begin` says RSET
-        held = await before_data() if before_data is not None else None
-        if held is not None:        # likewise
-            return [held if r.ok else r for r in replies]
-        final = await self.data(data)
+        final = await self.data(data, turn)
         return [final if r.ok else r for r in replies]
 
     async def quit(self) -> None:

@@ -16,11 +16,12 @@ failed reply means for the entry (`judge()`):
                         waiting as it was, with its place in line, no attempt counted
 
 A `Gate` lets a runner order entries that go over different connections (the replay runner's
-per-mailbox order): the base awaits `gate.wait()` between the accepted RCPT and DATA, and calls
+per-mailbox order): the message goes out, and its final dot, which makes the destination
+commit it, waits for `gate.wait()` (`delivery/client.py`'s `Turn`); the base calls
 `gate.decided(verdict)` as soon as the entry's verdict is known, before its files are moved, so
-the next entry's DATA need not wait for this one's disk work. A 4xx before DATA (to MAIL or
-RCPT) also waits for the gate: when the entry before it did not go on, it was not this entry's
-turn, and it is UNTRIED rather than counted as a try.
+the next entry's dot need not wait for this one's disk work. A 4xx before the dot (to MAIL,
+RCPT or DATA) also waits for the gate: when the entry before it did not go on, it was not this
+entry's turn, and it is UNTRIED rather than counted as a try.
 
 The base also owns what no subclass should write again: an entry that cannot be read goes to
 hold/, one whose handling raised is counted and goes to hold/ after `MAX_CRASHES`
@@ -68,9 +69,12 @@ class Verdict(enum.Enum):
 class Gate(Protocol):
     """Orders one entry after another one (see the module docstring)."""
 
+    def due(self) -> bool:
+        """True when `wait()` would answer at once."""
+
     async def wait(self) -> Reply | None:
-        """After the RCPT was accepted, before DATA: None to send, or the Reply to settle
-        with instead (`judge` then says UNTRIED)."""
+        """After the message, before its final dot: None to send the dot, or the Reply to
+        settle with instead (`judge` then says UNTRIED; the message was abandoned)."""
 
     def decided(self, verdict: Verdict | None) -> None:
         """The entry's verdict, None when it was not sent (another worker had it, set aside,
@@ -131,8 +135,7 @@ class QueueRunner(abc.ABC):
     async def deliver(self, envelope: Envelope, data: bytes, upstream: Upstream) -> tuple[Verdict, Reply]:
         gate = _GATE.get()
         replies = await upstream.send_many(envelope.mail_from, [(envelope.rcpt, envelope.rcpt_options)],
-                                           list(envelope.mail_options), data,
-                                           gate.wait if gate is not None else None)
+                                           list(envelope.mail_options), data, gate)
         return self._verdict(envelope, replies[0]), replies[0]
 
     async def deliver_many(self, envelopes: list[Envelope], data: bytes,

@@ -26,11 +26,13 @@ The order: each user's entries are a `Lane`. A worker takes a lane nobody works 
 is none left (fewer users than workers: one busy mailbox), it joins the lane with the most
 entries left, once that lane's first message was taken, so one mailbox drains over several
 connections at once. Then an `OrderGate`
-holds each message after its RCPT, before DATA, until the one before it in the lane was
-answered: the primary still takes a user's mail oldest first, while the claim, the read,
-MAIL and RCPT of the next messages and the settling of the last one overlap. When a message
-of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held behind it
-are not sent (Verdict.UNTRIED: back to waiting as they were).
+holds each message's final dot (sent after the message itself) until the one before it in the
+lane was answered: a primary commits a message at its dot, so it still takes a user's mail
+oldest first, while the claim, the read, MAIL, RCPT, DATA and the message of the next ones and
+the settling of the last one overlap; per mailbox only the dot and its 250 are serial. When a
+message of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held
+behind it are abandoned before their dot, their connections closed (RFC 5321 3.8: the primary
+commits nothing), and go back to waiting as they were (Verdict.UNTRIED).
 """
 
 from __future__ import annotations
@@ -49,23 +51,37 @@ from relay.log import event
 from relay.runners.queue_runner import Notice, QueueRunner, Verdict
 from relay.storage.queue import Envelope, Queue, due_by_user
 
-HELD_BACK = "order"       # the stage of the Reply an OrderGate answers instead of DATA
+HELD_BACK = "order"       # the stage of the Reply an OrderGate answers instead of the dot
 
 
 class OrderGate:
-    """One entry's place in its lane: its DATA waits for the entry before it (`before`), and
+    """One entry's place in its lane: its final dot waits for the entry before it (`before`), and
     its own verdict, once `decided`, tells the entry after it whether it may go (`mine`):
     yes after a 250, a 5xx or no try at all (set aside, crashed, another worker's), no when
-    it or anything before it was told to wait, stopped the sweep or was held back."""
+    it or anything before it was told to wait, stopped the sweep or was held back.
+
+    The entry after waits on a future of its own that `decided` sets directly (`_next`), not on
+    `mine` through `asyncio.shield`: per mailbox the dots go one after another, each waking
+    the next, and a shield costs every wake-up one more turn of a busy event loop."""
 
     GO_ON = (Verdict.DELIVERED, Verdict.REFUSED, None)
 
-    def __init__(self, before: asyncio.Future[bool] | None) -> None:
+    def __init__(self, before: OrderGate | None) -> None:
         self.before = before
         self.mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._next: asyncio.Future[None] | None = None   # the wait of the entry after this one
+
+    def due(self) -> bool:
+        return self.before is None or self.before.mine.done()
 
     async def wait(self) -> Reply | None:
-        if self.before is None or await asyncio.shield(self.before):
+        before = self.before
+        if before is None:
+            return None
+        if not before.mine.done():
+            before._next = asyncio.get_running_loop().create_future()
+            await before._next      # its own: a wait cancelled cancels nothing shared
+        if before.mine.result():
             return None
         return Reply(451, "4.4.0 held back: an older message for this mailbox must wait first",
                      stage=HELD_BACK)
@@ -75,15 +91,20 @@ class OrderGate:
             return
         go_on = verdict in self.GO_ON
         if self.before is None or not go_on:
-            self.mine.set_result(go_on)
-        elif self.before.done():
-            self.mine.set_result(self.before.result())
+            self._set(go_on)
+        elif self.before.mine.done():
+            self._set(self.before.mine.result())
         else:   # decided early (a 5xx to RCPT): the next still waits for the one before
-            self.before.add_done_callback(self._follow)
+            self.before.mine.add_done_callback(self._follow)
 
     def _follow(self, before: asyncio.Future[bool]) -> None:
         if not self.mine.done():
-            self.mine.set_result(before.result())
+            self._set(before.result())
+
+    def _set(self, go_on: bool) -> None:
+        self.mine.set_result(go_on)
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
 
 
 @dataclass
@@ -93,12 +114,12 @@ class Lane:
     entries: deque[str]
     workers: int = 0
     closed: bool = False        # told to wait, or held back: no more entries from it
-    last: asyncio.Future[bool] | None = None    # the gate of the entry taken last
-    first: asyncio.Future[bool] | None = None   # ... and of the first: did the mailbox take it
+    last: OrderGate | None = None               # the gate of the entry taken last
+    first: asyncio.Future[bool] | None = None   # the first entry's verdict: did the mailbox take it
 
     def take(self) -> tuple[str, OrderGate]:
         gate = OrderGate(self.last)
-        self.last = gate.mine
+        self.last = gate
         if self.first is None:
             self.first = gate.mine
         return self.entries.popleft(), gate

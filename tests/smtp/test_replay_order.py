@@ -3,12 +3,15 @@ oldest first, and a failure in the middle settles each entry as its own reply sa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import threading
 
 import pytest
 
 from relay.cli import main
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script, send
 from tests.smtp.test_replay import message, number, queue
 
@@ -108,3 +111,86 @@ def test_refusal_mid_pipeline_fails_that_one_and_the_rest_go_on_in_order(busy):
     assert replay_command(relay) == 0
     assert delivered(fake) == [n for n in range(COUNT) if n != 7]
     assert len(queue(relay, "failed")) == 1 and not queue(relay) and not queue(relay, "active")
+
+
+class DotWatcher:
+    """A primary that shows where the relay makes a message wait: it holds its answer to
+    message 1's final dot until message 2's text arrived (on another connection), or a
+    deadline passed, and records what it saw in order."""
+
+    HOLD = 1
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.events: list[tuple[str, int]] = []
+        self.committed: list[int] = []
+        self._texts: dict[int, asyncio.Event] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> DotWatcher:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._session, "127.0.0.1", self.port), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _text(self, n: int) -> asyncio.Event:
+        return self._texts.setdefault(n, asyncio.Event())
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 watcher ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-watcher\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                await self._message(reader, writer)
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:                       # MAIL, RCPT, RSET
+                writer.write(b"250 ok\r\n")
+        writer.close()
+
+    async def _message(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = None
+        while (line := await reader.readline()) not in (b".\r\n", b""):
+            if line.startswith(b"Message-ID: <m"):
+                n = int(line[len(b"Message-ID: <m"):].split(b"@")[0])
+                self.events.append(("text", n))
+                self._text(n).set()
+        if not line or n is None:       # abandoned before its dot: nothing committed
+            return
+        if n == self.HOLD:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._text(n + 1).wait(), 10)
+        self.committed.append(n)
+        self.events.append(("answered", n))
+        writer.write(b"250 queued\r\n")
+
+
+def test_the_next_message_goes_out_while_the_one_before_is_unanswered_its_dot_waits(make_relay):
+    """Per mailbox only the final dot waits for the message before (the primary commits at
+    the dot): message 2's text reaches the primary before message 1 is answered, and the
+    primary still commits them oldest first. Before, message 2's DATA waited for that answer."""
+    port = free_port()
+    relay = make_relay(port, users=("alice@example.com",),
+                       extra="replay: {probe_interval: 1s, concurrency: 2}\n")
+    for n in range(6):
+        assert send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))[1][0] == 250
+    wait_for(lambda: len(queue(relay)) == 6)
+    relay.stop()
+    watcher = DotWatcher(port).start()
+    try:
+        assert replay_command(relay) == 0
+    finally:
+        watcher.stop()
+    assert watcher.committed == list(range(6))
+    assert watcher.events.index(("text", 2)) < watcher.events.index(("answered", 1))

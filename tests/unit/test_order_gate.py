@@ -12,7 +12,7 @@ from relay.runners.replay import HELD_BACK, OrderGate
 def chain(n: int) -> list[OrderGate]:
     gates: list[OrderGate] = []
     for _ in range(n):
-        gates.append(OrderGate(gates[-1].mine if gates else None))
+        gates.append(OrderGate(gates[-1] if gates else None))
     return gates
 
 
@@ -64,4 +64,29 @@ def test_the_first_decision_counts_and_not_sent_goes_on():
         first.decided(None)                         # another worker had it, or it was set aside
         first.decided(Verdict.STOP)                 # a later call changes nothing
         assert await second.wait() is None
+    asyncio.run(scenario())
+
+
+def test_the_next_one_wakes_on_the_first_turn_of_the_loop_after_the_decision():
+    """Per mailbox the dots go one after another: each wake-up through an extra future (a
+    shield) would cost every message one more turn of a busy loop."""
+    async def scenario():
+        first, second = chain(2)
+        waiting = await pending(second)
+        first.decided(Verdict.DELIVERED)
+        await asyncio.sleep(0)                      # one turn of the loop
+        assert waiting.done() and waiting.result() is None
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_wait_leaves_the_chain_as_it_was():
+    async def scenario():
+        first, second, third = chain(3)
+        waiting = await pending(second)
+        waiting.cancel()                            # the sweep is being torn down
+        await asyncio.gather(waiting, return_exceptions=True)
+        first.decided(Verdict.DELIVERED)            # the one before is unharmed
+        assert first.mine.result() is True
+        second.decided(Verdict.STOP)                # as `_drain_lane` says for a cancelled one
+        assert (await third.wait()).stage == HELD_BACK
     asyncio.run(scenario())
