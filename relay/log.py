@@ -62,12 +62,15 @@ def queued(handler: logging.Handler) -> Iterator[logging.Handler]:
     line costs it a put, never a wait for the handler's lock (the replay command's progress
     bar redraws itself for each line, and 20 connections' worker threads log a line a
     message). What is queued is written before the block ends."""
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(lines, handler)
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(MAX_QUEUED)
+    listener = _Listener(lines, handler)
     listener.start()
+    through = _Bounded(lines)
     try:
-        yield logging.handlers.QueueHandler(lines)
+        yield through
     finally:
+        with through.lock:
+            through.say_dropped(block=True)
         listener.stop()
 
 
