@@ -186,6 +186,7 @@ class RelaySMTP(FewNames, SMTP):
         super().__init__(*args, **kwargs)
         self._greeted = False
         self._plain_replies = False    # answering EHLO or HELO: no enhanced codes
+        self._ehlo_lines: list[str] | None = None   # the EHLO reply's lines, written at once
         self.incoming = incoming or _default_incoming()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -210,19 +211,32 @@ class RelaySMTP(FewNames, SMTP):
             if not self._greeted and status.startswith("220"):
                 self._greeted = True
             elif self._plain_replies:
-                if status == "250 HELP":
-                    for extension in EXTENSIONS:
-                        await super().push(f"250-{extension}")
+                if self._ehlo_lines is not None and status.startswith("250"):
+                    if status == "250 HELP":
+                        self._ehlo_lines.extend(f"250-{extension}" for extension in EXTENSIONS)
+                    self._ehlo_lines.append(status)
+                    return
+                await self._push_ehlo_lines()
             else:
                 status = with_enhanced_code(status)
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        """aiosmtpd's, its reply lines written at once: aiosmtpd pushes them one at a time, a
+        write (a send on the socket, and the client's wake-up) a line, ten for one reply."""
         self._plain_replies = True
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
+            await self._push_ehlo_lines()
         finally:
             self._plain_replies = False
+            self._ehlo_lines = None
+
+    async def _push_ehlo_lines(self) -> None:
+        lines, self._ehlo_lines = self._ehlo_lines, [] if self._ehlo_lines is not None else None
+        if lines and self.transport is not None:
+            await SMTP.push(self, "\r\n".join(lines))
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._plain_replies = True
@@ -287,6 +301,7 @@ class RelaySMTP(FewNames, SMTP):
         spool = _Spool(self.incoming)
         message: MessageFile | None = None
         try:
+            self._starting_data()
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             refusal, nul = await self._receive(spool)
             if refusal is not None:
@@ -308,6 +323,10 @@ class RelaySMTP(FewNames, SMTP):
                 await asyncio.shield(spool.discard())
             elif message.path is not None:
                 await asyncio.shield(asyncio.to_thread(message.release))
+
+    def _starting_data(self) -> None:
+        """DATA is taken, the 354 about to go: a subclass's moment to start its own work on
+        the message (the inbound listener sends the primary its DATA)."""
 
     async def _receive(self, spool: _Spool) -> tuple[str | None, bool]:
         """Read DATA up to the lone dot into `spool`: (the refusal, or None; NUL seen).
