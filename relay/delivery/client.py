@@ -569,6 +569,15 @@ class _Pipelining(SMTPProtocol):
         return await self.read_response(timeout=timeout)
 
 
+def _crlf(text: bytes) -> bytes:
+    """Every line end of `text` a CRLF; counted first, since a message from the inbound spool
+    already has only CRLFs (server.py), and counting is cheaper than the substitution."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+        return text
+    return _LINE_END.sub(b"\r\n", text)
+
+
 class DotStuffer:
     """A message's bytes as DATA sends them, fed a piece at a time: every line ending CRLF
     (a lone CR or LF made one), a dot at the start of a line doubled, CRLF at the end."""
@@ -583,7 +592,7 @@ class DotStuffer:
         self._held = b""
         if text.endswith(b"\r"):
             text, self._held = text[:-1], b"\r"
-        return self._stuff(_LINE_END.sub(b"\r\n", text))
+        return self._stuff(_crlf(text))
 
     def end(self) -> bytes:
         """What is left, and the CRLF a message must end with (before the final dot)."""
