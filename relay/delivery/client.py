@@ -558,6 +558,25 @@ class _Pipelining(SMTPProtocol):
             self._grouped = False
             del self._buffer[:]
 
+    async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
+        """aiosmtplib's, with `asyncio.timeout` for its `wait_for`: in Python 3.11 `wait_for`
+        wakes its caller through a future of its own, a loop iteration more for every reply
+        (four a passed message)."""
+        if self._response_waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await self._response_waiter
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+
     async def next_reply(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
         """The next reply: the one parsed and waiting, else one already in the buffer (it came
         behind the one before), else the next to arrive."""
