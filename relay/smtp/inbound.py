@@ -12,7 +12,10 @@ Per recipient, in the sender's session:
       4.7.x (policy, greylisting): goes back to the sender as it is and nothing is kept, so
             the primary's policy still holds.
 At DATA, the message (plus our Received header) goes to the primary for the recipients it took;
-those it now fails temporarily fall back to continuity by the same rules. Continuity copies are
+those it now fails temporarily fall back to continuity by the same rules. The primary's DATA
+command goes out as our sender says DATA (`start_data`), so its 354 comes while the message
+arrives; its refusal answers the message, and a message that does not follow (refused here,
+the sender gone) closes that primary connection mid-DATA (`Transaction.abandon_data`). Continuity copies are
 written to the Maildir and the replay queue, and only then does the sender get 250. When one
 reply cannot be right for every recipient, the answer is 451 and nothing is kept.
 
