@@ -299,7 +299,8 @@ class Upstream:
         that `rcpt` (SMTPUTF8) or aiosmtplib (encoding, control characters) would not send
         as it is, so that one keeps its own answer."""
         assert self._smtp is not None
-        if first is None or not self._smtp.supports_extension("pipelining"):
+        if first is None or not self._smtp.supports_extension("pipelining") \
+                or not isinstance(self._smtp.protocol, _Pipelining):
             return None
         recipient, rcpt_options = first
         if needs_smtputf8(recipient) and not self._utf8:
@@ -321,9 +322,8 @@ class Upstream:
         assert self._smtp is not None
         commands, recipient = group
         protocol, timeout = self._smtp.protocol, self._smtp.timeout
-        if protocol is None or protocol._command_lock is None:
+        if not isinstance(protocol, _Pipelining) or protocol._command_lock is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        assert isinstance(protocol, _Pipelining)
         async with protocol._command_lock:
             protocol._response_pending = True
             protocol.write(commands)
