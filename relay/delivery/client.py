@@ -27,6 +27,16 @@ has room. A spooled message
 pieces of the same size, so one message in memory is the most a send holds. It uses
 aiosmtplib's protocol below `data()` (its command lock, `read_response`, `_drain_helper`):
 tests/smtp check the bytes that arrive, so an aiosmtplib that changes them fails there.
+
+Round trips (RFC 2920): a server that offers PIPELINING gets a transaction's MAIL and first
+RCPT in one write (`begin_rcpt`), and each reply is still its own: read in order, MAIL's
+deciding whether the RCPT's counts. aiosmtplib reads one reply per command written and drops
+what arrives while a reply waits to be picked up, so the connection's protocol is
+`_Pipelining`, which keeps the replies behind the first inside a group (and only there). The
+DATA command can go ahead of the message (`start_data`: inbound sends it as its own sender
+says DATA, so the server's 354 comes while the message arrives); the command lock is held
+from DATA to the reply after the message, and a DATA that will not get its message is ended
+the only way SMTP has, by closing the connection (`close`): the server discards it.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from relay.config import HostPort
 from relay.storage.incoming import CHUNK, MessageFile
@@ -150,6 +162,7 @@ class Upstream:
         self._utf8 = False          # this transaction's MAIL FROM carried SMTPUTF8
         self._lost = False          # the last command failed because the connection was gone
         self._opened = 0.0          # time.monotonic() when connected
+        self._data_lock: asyncio.Lock | None = None   # the command lock, held from DATA on
         self.server_name = primary.address.host   # what the server calls itself, once it said
 
     @property
@@ -181,6 +194,8 @@ class Upstream:
         self._in_transaction = False
         self._opened = time.monotonic()
         await self._smtp.connect(timeout=p.connect_timeout)
+        if type(self._smtp.protocol) is SMTPProtocol:
+            self._smtp.protocol.__class__ = _Pipelining     # the same object, pipelined groups read
         if self._smtp.is_ehlo_or_helo_needed:
             try:
                 await self._smtp.ehlo()
@@ -219,13 +234,30 @@ class Upstream:
         delivery/pool.py) may have been closed by the server meanwhile, its idle timeout: when
         RSET or MAIL finds it gone (or a 421), a new connection is tried once. That says
         nothing of the server; the new connection's answer does."""
+        return (await self._begin_once(sender, mail_options, size, list(rcpts), None))[0]
+
+    async def begin_rcpt(self, sender: str, mail_options: list[str], size: int | None,
+                         recipient: str, options: Iterable[str] = ()) -> tuple[Reply, Reply | None]:
+        """`begin`, then `rcpt(recipient, options)`: (MAIL's reply, the RCPT's, None when MAIL
+        was refused). To a server that offers PIPELINING both go in one write, one round trip
+        instead of two (see the module); the replies are what `begin` and `rcpt` give."""
+        first = (recipient, tuple(options))
+        mail, rcpt = await self._begin_once(sender, mail_options, size, [], first)
+        if mail.ok and rcpt is None:        # not pipelined: the RCPT on its own
+            rcpt = await self.rcpt(recipient, first[1])
+        return mail, rcpt
+
+    async def _begin_once(self, sender: str, mail_options: list[str], size: int | None,
+                          rcpts: list[str], first: tuple[str, tuple[str, ...]] | None,
+                          ) -> tuple[Reply, Reply | None]:
+        """`_begin`, again on a new connection when a reused one turned out gone (`begin`)."""
         reused = self.connected
         with self._cut_off():
-            reply = await self._begin(sender, mail_options, size, list(rcpts))
+            replies = await self._begin(sender, mail_options, size, rcpts, first)
             if reused and self._lost:
                 self.close()
-                reply = await self._begin(sender, mail_options, size, list(rcpts))
-        return reply
+                replies = await self._begin(sender, mail_options, size, rcpts, first)
+        return replies
 
     @contextlib.contextmanager
     def _cut_off(self) -> Iterator[None]:
@@ -238,15 +270,18 @@ class Upstream:
             raise
 
     async def _begin(self, sender: str, mail_options: list[str], size: int | None,
-                     rcpts: list[str]) -> Reply:
+                     rcpts: list[str], first: tuple[str, tuple[str, ...]] | None,
+                     ) -> tuple[Reply, Reply | None]:
+        """MAIL (after RSET when a transaction is open), with the first RCPT in the same write
+        when `first` is given and the server pipelines: (MAIL's reply, that RCPT's or None)."""
         self._lost = False
         failed = await self._open()
         if failed is not None:
-            return failed
+            return failed, None
         assert self._smtp is not None
         utf8 = needs_smtputf8(sender, *rcpts) or any(o.upper() == "SMTPUTF8" for o in mail_options)
         if needs_smtputf8(sender, *rcpts) and not self._smtp.supports_extension("smtputf8"):
-            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL)
+            return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=MAIL), None
         step = MAIL
         try:
             if self._in_transaction:
@@ -259,12 +294,69 @@ class Upstream:
             if size and self._smtp.supports_extension("size"):
                 options.append(f"SIZE={size}")
             self._utf8 = "SMTPUTF8" in options
-            response = await self._smtp.mail(sender, options=options,
-                                             encoding="utf-8" if self._utf8 else "ascii")
+            encoding = "utf-8" if self._utf8 else "ascii"
+            group = self._pipeline(sender, options, encoding, first)
+            if group is not None:
+                return await self._pipelined(sender, group)
+            response = await self._smtp.mail(sender, options=options, encoding=encoding)
             self._in_transaction = True
-            return Reply(response.code, response.message, stage=MAIL)
+            return Reply(response.code, response.message, stage=MAIL), None
         except (UnicodeError, aiosmtplib.SMTPException, OSError) as exc:
-            return self._failed(exc, step)
+            return self._failed(exc, step), None
+
+    def _pipeline(self, sender: str, options: list[str], encoding: str,
+                  first: tuple[str, tuple[str, ...]] | None) -> tuple[bytes, str] | None:
+        """MAIL and the first RCPT as one write, as aiosmtplib's `mail` and `rcpt` would send
+        them, with the recipient; None when they go one at a time: no PIPELINING, or a command
+        that `rcpt` (SMTPUTF8) or aiosmtplib (encoding, control characters) would not send
+        as it is, so that one keeps its own answer."""
+        assert self._smtp is not None
+        if first is None or not self._smtp.supports_extension("pipelining") \
+                or not isinstance(self._smtp.protocol, _Pipelining):
+            return None
+        recipient, rcpt_options = first
+        if needs_smtputf8(recipient) and not self._utf8:
+            return None
+        try:
+            mail = [b"MAIL", b"FROM:" + quote_address(sender).encode(encoding),
+                    *(o.encode("ascii") for o in options)]
+            rcpt = [b"RCPT", b"TO:" + quote_address(recipient).encode("utf-8"),
+                    *(o.encode("ascii") for o in self._dsn_options(rcpt_options))]
+        except UnicodeError:
+            return None
+        if any(COMMAND_INJECTION_REGEX.search(arg) for arg in (*mail, *rcpt)):
+            return None
+        return b" ".join(mail) + b"\r\n" + b" ".join(rcpt) + b"\r\n", recipient
+
+    async def _pipelined(self, sender: str, group: tuple[bytes, str]) -> tuple[Reply, Reply | None]:
+        """Write MAIL and RCPT at once, then read MAIL's reply and the RCPT's, in order. A
+        refused MAIL answers for both (the RCPT's reply, a 503, is read to stay in step)."""
+        assert self._smtp is not None
+        commands, recipient = group
+        protocol, timeout = self._smtp.protocol, self._smtp.timeout
+        if not isinstance(protocol, _Pipelining) or protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol.write(commands)
+            self._in_transaction = True
+            with protocol.group():
+                mail = await protocol.next_reply(timeout)
+                try:
+                    rcpt: aiosmtplib.SMTPResponse | BaseException = await protocol.next_reply(timeout)
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    rcpt = exc
+        if mail.code != 250:
+            reply = self._failed(aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender), MAIL)
+            if isinstance(rcpt, BaseException) and reply.reached:
+                self.close()        # the RCPT's reply never came: out of step
+            return reply, None
+        if isinstance(rcpt, BaseException):
+            return Reply(mail.code, mail.message, stage=MAIL), self._failed(rcpt, RCPT)
+        if rcpt.code not in (250, 251):
+            error = aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, recipient)
+            return Reply(mail.code, mail.message, stage=MAIL), self._failed(error, RCPT)
+        return Reply(mail.code, mail.message, stage=MAIL), Reply(rcpt.code, rcpt.message, stage=RCPT)
 
     def _supported(self, option: str) -> bool:
         """Whether to pass on a MAIL FROM option our client gave us (SIZE is recomputed)."""
@@ -283,14 +375,20 @@ class Upstream:
         assert self._smtp is not None
         if needs_smtputf8(recipient) and not self._utf8:
             return Reply(553, NEEDS_SMTPUTF8.format(host=self.primary.address.host), stage=RCPT)
-        wanted = [o for o in options if o.split("=", 1)[0].upper() in ("NOTIFY", "ORCPT")]
-        passed = wanted if self._smtp.supports_extension("dsn") else []
+        passed = self._dsn_options(options)
         try:
             with self._cut_off():
                 response = await self._smtp.rcpt(recipient, options=passed, encoding="utf-8")
             return Reply(response.code, response.message, stage=RCPT)
         except (UnicodeError, aiosmtplib.SMTPException, OSError) as exc:
             return self._failed(exc, RCPT)
+
+    def _dsn_options(self, options: Iterable[str]) -> list[str]:
+        """RFC 3461's NOTIFY and ORCPT of a recipient, when the server offers DSN."""
+        assert self._smtp is not None
+        if not self._smtp.supports_extension("dsn"):
+            return []
+        return [o for o in options if o.split("=", 1)[0].upper() in ("NOTIFY", "ORCPT")]
 
     def _failed(self, exc: BaseException, step: str) -> Reply:
         """The Reply for a command that raised; a connection that is gone is closed. An address
@@ -317,55 +415,92 @@ class Upstream:
         """Whether the connected server offered `extension` in its EHLO reply."""
         return self._smtp is not None and self._smtp.supports_extension(extension)
 
-    async def data(self, message: Message, turn: Turn | None = None) -> Reply:
-        """Send the message, its final dot once `turn` says so; the transaction is over
-        whatever the answer. Held back by `turn`, the message is abandoned with its connection
-        (a server commits nothing without the dot, RFC 5321 3.8), and `turn`'s Reply answers."""
-        assert self._smtp is not None
+    async def start_data(self) -> Reply | None:
+        """DATA ahead of the message: None once the server said 354 (then `data` sends the
+        message, or `close` ends the DATA unsent), else the server's refusal, as `data` gives
+        it (the transaction stays open on the server's side: the next `begin` says RSET)."""
         try:
             with self._cut_off():
+                await self._open_data()
+            return None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return self._failed(exc, DATA)
+
+    async def _open_data(self) -> None:
+        """DATA and its 354, taking the command lock until the reply after the message."""
+        if self._smtp is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        protocol, timeout = self._smtp.protocol, self._smtp.timeout
+        if protocol is None or protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lock = protocol._command_lock
+        await lock.acquire()
+        try:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+        except BaseException:
+            lock.release()
+            raise
+        self._data_lock = lock
+
+    async def data(self, message: Message, turn: Turn | None = None) -> Reply:
+        """Send the message after DATA (sent here unless `start_data` did), its final dot once
+        `turn` says so. Once the message went, the transaction is over whatever the answer; a
+        DATA refused before it (no 354) leaves it open on the server (Postfix keeps it so),
+        and the next `begin` says RSET. Held back by `turn`, the message is abandoned with its
+        connection (a server commits nothing without the dot, RFC 5321 3.8), and `turn`'s
+        Reply answers."""
+        try:
+            with self._cut_off():
+                if self._data_lock is None:
+                    await self._open_data()
+                self._in_transaction = False
                 response = await self._send_data(message, turn)
             if isinstance(response, Reply):
+                self._release_data()
                 self.close()
                 return response
             return Reply(response.code, response.message, stage=DATA)
         except (aiosmtplib.SMTPException, OSError) as exc:     # a lost connection is closed
             return self._failed(exc, DATA)
         finally:
-            self._in_transaction = False
+            self._release_data()
+
+    def _release_data(self) -> None:
+        lock, self._data_lock = self._data_lock, None
+        if lock is not None and lock.locked():
+            lock.release()
 
     async def _send_data(self, message: Message, turn: Turn | None) -> aiosmtplib.SMTPResponse | Reply:
-        """DATA, the message a piece at a time, the final dot (see the module); `turn`'s
-        Reply when it held the dot back."""
-        assert self._smtp is not None
+        """The message a piece at a time after the server's 354, the final dot (see the
+        module), under the command lock `_open_data` took; `turn`'s Reply when it held the
+        dot back."""
+        assert self._smtp is not None and self._data_lock is not None
         protocol, timeout = self._smtp.protocol, self._smtp.timeout
-        if protocol is None or protocol._command_lock is None:
+        if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        async with protocol._command_lock:
-            protocol._response_pending = True
-            protocol.write(b"DATA\r\n")
-            start = await protocol.read_response(timeout=timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
-            stuffer = DotStuffer()
-            held: list[bytes] = []    # written once a CHUNK's worth is in hand: a small message
-            size = 0                  # (our Received header, the body, the dot) is one write
-            async for piece in _pieces(message):
-                held.append(stuffer.feed(piece))
-                size += len(held[-1])
-                if size >= CHUNK:
-                    protocol.write(b"".join(held))
-                    held, size = [], 0
-                    await asyncio.wait_for(protocol._drain_helper(), timeout)
-            tail = b"".join([*held, stuffer.end()])
-            if turn is not None and not turn.due():     # the message goes now, its dot later
-                protocol.write(tail)
-                tail = b""
-            if turn is not None and (waited := await turn.wait()) is not None:
-                return waited
-            protocol._response_pending = True
-            protocol.write(tail + b".\r\n")
-            response = await protocol.read_response(timeout=timeout)
+        stuffer = DotStuffer()
+        held: list[bytes] = []    # written once a CHUNK's worth is in hand: a small message
+        size = 0                  # (our Received header, the body, the dot) is one write
+        async for piece in _pieces(message):
+            held.append(stuffer.feed(piece))
+            size += len(held[-1])
+            if size >= CHUNK:
+                protocol.write(b"".join(held))
+                held, size = [], 0
+                await asyncio.wait_for(protocol._drain_helper(), timeout)
+        tail = b"".join([*held, stuffer.end()])
+        if turn is not None and not turn.due():     # the message goes now, its dot later
+            protocol.write(tail)
+            tail = b""
+        if turn is not None and (waited := await turn.wait()) is not None:
+            return waited
+        protocol._response_pending = True
+        protocol.write(tail + b".\r\n")
+        response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
@@ -400,7 +535,8 @@ class Upstream:
         return [final if r.ok else r for r in replies]
 
     async def quit(self) -> None:
-        """Say goodbye politely; a primary that does not answer is simply dropped."""
+        """Say goodbye politely; a primary that does not answer is simply dropped. Inside a
+        DATA whose message is on its way this waits for its reply (the command lock)."""
         if self.connected:
             assert self._smtp is not None
             try:
@@ -410,10 +546,78 @@ class Upstream:
         self.close()
 
     def close(self) -> None:
+        """Drop the connection (a DATA started and not sent is discarded by the server)."""
+        self._release_data()
         if self._smtp is not None:
             self._smtp.close()
             self._smtp = None
         self._in_transaction = False
+
+
+class _Pipelining(SMTPProtocol):
+    """aiosmtplib's protocol, reading pipelined groups too (RFC 2920). Alone, it expects one
+    reply per command written and drops data that arrives while a parsed reply waits to be
+    picked up (it could only be paired with the wrong command). Inside a `group` the replies
+    behind the first are expected: they are kept in the buffer, up to aiosmtplib's limit on a
+    reply, and `next_reply` takes each in turn."""
+
+    _grouped = False
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if (self._grouped and waiter is not None and waiter.done()
+                and len(self._buffer) + len(data) <= MAX_RESPONSE_LENGTH):
+            self._buffer.extend(data)       # the next reply of the group, read by next_reply
+            return
+        super().data_received(data)
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        """While a group's replies are read; what is left after it was never asked for."""
+        self._grouped = True
+        try:
+            yield
+        finally:
+            self._grouped = False
+            del self._buffer[:]
+
+    async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
+        """aiosmtplib's, with `asyncio.timeout` for its `wait_for`: in Python 3.11 `wait_for`
+        wakes its caller through a future of its own, a loop iteration more for every reply
+        (four a passed message)."""
+        if self._response_waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await self._response_waiter
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+
+    async def next_reply(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """The next reply: the one parsed and waiting, else one already in the buffer (it came
+        behind the one before), else the next to arrive."""
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done():
+            ready = self._read_response_from_buffer()
+            if ready is not None:
+                return ready
+        return await self.read_response(timeout=timeout)
+
+
+def _crlf(text: bytes) -> bytes:
+    """Every line end of `text` a CRLF; counted first, since a message from the inbound spool
+    already has only CRLFs (server.py), and counting is cheaper than the substitution."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") == crlf and text.count(b"\n") == crlf:
+        return text
+    return _LINE_END.sub(b"\r\n", text)
 
 
 class DotStuffer:
@@ -430,7 +634,7 @@ class DotStuffer:
         self._held = b""
         if text.endswith(b"\r"):
             text, self._held = text[:-1], b"\r"
-        return self._stuff(_LINE_END.sub(b"\r\n", text))
+        return self._stuff(_crlf(text))
 
     def end(self) -> bytes:
         """What is left, and the CRLF a message must end with (before the final dot)."""

@@ -12,7 +12,10 @@ Per recipient, in the sender's session:
       4.7.x (policy, greylisting): goes back to the sender as it is and nothing is kept, so
             the primary's policy still holds.
 At DATA, the message (plus our Received header) goes to the primary for the recipients it took;
-those it now fails temporarily fall back to continuity by the same rules. Continuity copies are
+those it now fails temporarily fall back to continuity by the same rules. The primary's DATA
+command goes out as our sender says DATA (`start_data`), so its 354 comes while the message
+arrives; its refusal answers the message, and a message that does not follow (refused here,
+the sender gone) closes that primary connection mid-DATA (`Transaction.abandon_data`). Continuity copies are
 written to the Maildir and the replay queue, and only then does the sender get 250. When one
 reply cannot be right for every recipient, the answer is 451 and nothing is kept.
 
@@ -87,6 +90,18 @@ class Transaction(RelayEnvelope):
         self.used: dict[HostPort, Upstream] = {}    # got MAIL FROM in this transaction
         self.failed: dict[HostPort, Reply] = {}     # could not be used in this transaction
         self.client: tuple[str | None, str | None] = (None, None)  # (IP, HELO), for the spam filter
+        self.starting: dict[HostPort, asyncio.Task[Reply | None]] = {}  # DATA sent ahead (start_data)
+
+    def abandon_data(self, starting: dict[HostPort, asyncio.Task[Reply | None]] | None = None) -> None:
+        """The primaries' DATA sent ahead (`starting`, else this transaction's own) for a
+        message that will not follow (refused here, the sender gone): their connections are
+        closed, the one way to end a DATA unsent; the primary discards it. The next
+        transaction connects afresh."""
+        starting = self.starting if starting is None else starting
+        for key, task in starting.items():
+            task.cancel()
+            self.used[key].close()
+        starting.clear()
 
 
 class RelaySession(SubmissionSession):
@@ -111,9 +126,23 @@ class InboundSMTP(LimitedConnections, RelaySMTP):
     def _create_envelope(self) -> Envelope:
         return Transaction()
 
+    def _starting_data(self) -> None:
+        if isinstance(self.event_handler, InboundHandler):
+            self.event_handler.start_data(self.session, self.envelope)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        try:
+            await super().smtp_DATA(arg)
+        finally:            # whatever the hook did not take was refused, or its sender left
+            if isinstance(envelope, Transaction):
+                envelope.abandon_data()
+
     def connection_lost(self, error: Exception | None) -> None:
-        session = self.session
+        session, envelope = self.session, self.envelope
         super().connection_lost(error)
+        if isinstance(envelope, Transaction):   # gone mid-DATA: closed now, never pooled
+            envelope.abandon_data()
         if isinstance(session, RelaySession) and isinstance(self.event_handler, InboundHandler):
             handler = self.event_handler
             for upstream in session.upstreams.values():
@@ -294,13 +323,15 @@ class InboundHandler(FewNames):
             upstream = (session.upstreams.get(key) or self.pool.take(primary)
                         or Upstream(primary, self.hostname))
             session.upstreams[key] = upstream
-            reply = await upstream.begin(parse_sender(tx.mail_from), list(tx.mail_options),
-                                         size=_declared_size(tx.mail_options))
-            if not reply.ok:
-                tx.failed[key] = reply
-                return reply
+            mail, first = await upstream.begin_rcpt(parse_sender(tx.mail_from), list(tx.mail_options),
+                                                    _declared_size(tx.mail_options), address, options)
+            if first is None:
+                tx.failed[key] = mail
+                return mail
             tx.used[key] = upstream
-        reply = await upstream.rcpt(address, options)
+            reply = first
+        else:
+            reply = await upstream.rcpt(address, options)
         if not reply.reached:
             tx.failed[key] = reply
             del tx.used[key]
@@ -322,7 +353,9 @@ class InboundHandler(FewNames):
         # A sender hanging up mid-way must not cut a store or a primary conversation in half.
         spooled = envelope.spooled
         spooled.hold()           # until _finish is done, even if the sender hangs up
-        task = asyncio.get_running_loop().create_task(self._finish(session, envelope, spooled))
+        starting, envelope.starting = envelope.starting, {}     # _finish's from now on
+        task = asyncio.get_running_loop().create_task(
+            self._finish(session, envelope, spooled, starting))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         session.finishing += 1
@@ -331,7 +364,41 @@ class InboundHandler(FewNames):
             task.add_done_callback(lambda _: self.spawn(asyncio.to_thread(spooled.release)))
         return await asyncio.shield(task)
 
-    async def _finish(self, session: RelaySession, tx: Transaction, spooled: MessageFile) -> str:
+    def start_data(self, session: Session, tx: Envelope | None) -> None:
+        """As our sender says DATA, before our 354: DATA to each primary that took a recipient,
+        so its 354 comes while the message arrives, not after (a round trip off every
+        message). Its refusal is the DATA reply `_finish` gets, as if it came after the
+        message; a message that does not follow closes the connection (`abandon_data`)."""
+        if not isinstance(tx, Transaction) or self._sending(session):
+            return
+        loop = asyncio.get_running_loop()
+        for key in self._primary_keys(tx):
+            if key not in tx.starting:
+                tx.starting[key] = loop.create_task(tx.used[key].start_data())
+
+    def _primary_keys(self, tx: Transaction) -> list[HostPort]:
+        """The primaries that took a recipient of `tx` and can still get its message."""
+        keys = {self.domains[u.domain].primary.address: None
+                for u, route in tx.routes.items() if route is Route.PRIMARY}
+        return [key for key in keys if key not in tx.failed and key in tx.used]
+
+    async def _finish(self, session: RelaySession, tx: Transaction, spooled: MessageFile,
+                      starting: dict[HostPort, asyncio.Task[Reply | None]]) -> str:
+        try:
+            return await self._deliver(session, tx, spooled, starting)
+        finally:            # any still unsent (an error here) must not stay open in DATA
+            tx.abandon_data(starting)
+
+    @staticmethod
+    async def _data(tx: Transaction, key: HostPort, message: MessageFile,
+                    starting: dict[HostPort, asyncio.Task[Reply | None]]) -> Reply:
+        """The primary's reply to the message: to the DATA sent ahead when it refused that."""
+        started = starting.pop(key, None)
+        refused = await started if started is not None else None
+        return refused or await tx.used[key].data(message)
+
+    async def _deliver(self, session: RelaySession, tx: Transaction, spooled: MessageFile,
+                       starting: dict[HostPort, asyncio.Task[Reply | None]]) -> str:
         message = spooled.with_prefix(self._received(session, tx))
         by_key: dict[HostPort, Reply] = {}
         outcome = dict(tx.routes)
@@ -342,7 +409,7 @@ class InboundHandler(FewNames):
             domain = self.domains[user.domain]
             key = domain.primary.address
             if key not in by_key:
-                by_key[key] = tx.failed.get(key) or await tx.used[key].data(message)
+                by_key[key] = tx.failed.get(key) or await self._data(tx, key, message, starting)
             answers[user] = reply = by_key[key]
             if reply.ok:
                 self.health.primary_ok(domain.name)

@@ -198,6 +198,8 @@ class LimitedConnections(SMTP):
         self._refused = False
         self._errors = 0
         self._busy = 0                 # handler hooks running: the client is not idle
+        self._deadline = 0.0           # loop.time() when the client has idled too long
+        self._armed = False            # the idle timer will fire (_idle_check)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._counted is None:      # not the second call, with the TLS transport
@@ -234,8 +236,6 @@ class LimitedConnections(SMTP):
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         self._busy += 1
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
         try:
             return await super()._call_handler_hook(command, *args)
         finally:
@@ -247,14 +247,31 @@ class LimitedConnections(SMTP):
         """Our own work in a session (writing DATA into the spool): the client is not idle
         while we cannot read, as while a hook runs."""
         self._busy += 1
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
         try:
             return await work
         finally:
             self._busy -= 1
             if not self._busy and self.transport is not None:
                 self._reset_timeout()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The idle deadline moved on. aiosmtpd cancels its timer and makes a new one each
+        time, three a command; here one timer stays armed and, when it fires before the
+        deadline (or while we are busy), is armed again for what is left."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or not self._armed:
+            self._armed = True
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        now = self.loop.time()
+        if self._busy or now < self._deadline:    # busy: the hook's end sets a new deadline
+            deadline = self._deadline if now < self._deadline else now + self._timeout_duration
+            self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
+            return
+        self._armed = False
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.transport is not None:

@@ -301,6 +301,7 @@ class RelaySMTP(FewNames, SMTP):
         spool = _Spool(self.incoming)
         message: MessageFile | None = None
         try:
+            self._starting_data()
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             refusal, nul = await self._receive(spool)
             if refusal is not None:
@@ -322,6 +323,10 @@ class RelaySMTP(FewNames, SMTP):
                 await asyncio.shield(spool.discard())
             elif message.path is not None:
                 await asyncio.shield(asyncio.to_thread(message.release))
+
+    def _starting_data(self) -> None:
+        """DATA is taken, the 354 about to go: a subclass's moment to start its own work on
+        the message (the inbound listener sends the primary its DATA)."""
 
     async def _receive(self, spool: _Spool) -> tuple[str | None, bool]:
         """Read DATA up to the lone dot into `spool`: (the refusal, or None; NUL seen).

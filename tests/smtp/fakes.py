@@ -45,6 +45,7 @@ class Script:
     data_delay_for: Callable[[bytes], float] | None = None  # seconds before that reply, per message
     mail_for: Callable[[object], str | None] | None = None  # the MAIL reply per connection (its
     #                                   aiosmtpd session), None: `mail`; after a 421 it hangs up
+    data_command: str | None = None  # the reply to the DATA command itself, instead of its 354
 
 
 class ScriptedHandler:
@@ -53,6 +54,8 @@ class ScriptedHandler:
         self.received: list[Received] = []
         self.sessions: list[object] = []   # one per connection that sent MAIL
         self.quits = 0                     # QUITs received
+        self.behind_mail: list[bytes] = []  # per MAIL: what had arrived behind it (pipelined)
+        self.data_commands = 0             # DATA commands received (before any message)
 
     async def _act(self, server, verb: str) -> str | None:
         if self.script.hang_at == verb:
@@ -79,6 +82,7 @@ class ScriptedHandler:
         return "221 Bye"
 
     async def handle_MAIL(self, server, session, envelope, address, options):
+        self.behind_mail.append(bytes(server._reader._buffer))
         reply = (self.script.mail_for and self.script.mail_for(session)) or self.script.mail
         if reply.startswith("421"):
             asyncio.get_running_loop().call_later(0.05, server.transport.close)
@@ -124,6 +128,14 @@ def _scripted(base: type[SMTP]) -> type[SMTP]:
                 self._greeted = True
                 status = self.event_handler.script.greeting or status
             await super().push(status)
+
+        async def smtp_DATA(self, arg: str) -> None:
+            handler = self.event_handler
+            handler.data_commands += 1
+            if handler.script.data_command is not None and self.envelope.rcpt_tos:
+                await self.push(handler.script.data_command)   # no 354: the message never comes
+                return
+            await super().smtp_DATA(arg)
 
     return Scripted
 
