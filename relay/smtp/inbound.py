@@ -53,6 +53,7 @@ from relay import metrics
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Limits, Primary
 from relay.delivery.client import Reply, Upstream
+from relay.delivery.dead import DeadPrimaries
 from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.delivery.health import Health
 from relay.delivery.pool import UpstreamPool
@@ -184,6 +185,7 @@ class InboundHandler(FewNames):
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[asyncio.Task] = set()
         self.pool = UpstreamPool(self.spawn)  # primary connections between sessions
+        self.dead = DeadPrimaries()           # primaries a connect just failed to reach
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up (a QUIT to a primary) without holding up the session."""
@@ -320,11 +322,20 @@ class InboundHandler(FewNames):
             return tx.failed[key]
         upstream = tx.used.get(key)
         if upstream is None:
-            upstream = (session.upstreams.get(key) or self.pool.take(primary)
-                        or Upstream(primary, self.hostname))
+            upstream = session.upstreams.get(key) or self.pool.take(primary)
+            fresh = upstream is None or not upstream.connected
+            if fresh and (dead := self.dead.skip(key)) is not None:
+                tx.failed[key] = dead       # a connect failed a moment ago, or one is under way
+                return dead
+            upstream = upstream or Upstream(primary, self.hostname)
             session.upstreams[key] = upstream
-            mail, first = await upstream.begin_rcpt(parse_sender(tx.mail_from), list(tx.mail_options),
-                                                    _declared_size(tx.mail_options), address, options)
+            mail: Reply | None = None
+            try:
+                mail, first = await upstream.begin_rcpt(parse_sender(tx.mail_from), list(tx.mail_options),
+                                                        _declared_size(tx.mail_options), address, options)
+            finally:
+                if fresh:
+                    self.dead.tried(key, mail)
             if first is None:
                 tx.failed[key] = mail
                 return mail
