@@ -148,6 +148,12 @@ def tree_cpu(pid: int) -> float:
     return total / tick
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds of `pid` alone (serve, without its archive writer and index follower)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
 def poll_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """wait_for at 5 ms: the delivered time must not be rounded up to 100 ms."""
     deadline = time.monotonic() + timeout
@@ -166,6 +172,7 @@ class Leg:
     machine_cpu: float
     server_cpu: float           # CPU seconds of the server's process tree during the load
     memory: str
+    own_cpu: float | None = None    # of which the relay's own process (not the archive's)
 
     @property
     def rate(self) -> float:
@@ -179,7 +186,9 @@ class Leg:
         return (f"{self.name:13} msgs={self.messages} seconds={self.seconds:.2f} "
                 f"msg/s={self.rate:.0f} delivered-msg/s={self.delivered_rate:.0f} "
                 f"cpu={self.machine_cpu:.0f}% server-cpu={1000 * self.server_cpu / self.messages:.2f}"
-                f"ms/msg memory={self.memory}")
+                f"ms/msg memory={self.memory}"
+                + (f" serve-process-cpu={1000 * self.own_cpu / self.messages:.2f}ms/msg"
+                   if self.own_cpu is not None else ""))
 
 
 # -- throughput --------------------------------------------------------------------------------
@@ -209,10 +218,10 @@ def leg_relay(load: Load, root: Path, archive: bool, profile: Path | None) -> Le
         register_users(config, load.users)
         log = root / "relay" / "relay.log"
         with relay(config, log) as pid:
-            cpu0 = tree_cpu(pid)
+            cpu0, own0 = tree_cpu(pid), process_cpu(pid)
             with spy(pid, profile):
                 seconds, machine = send_load(load, port)
-            server_cpu = tree_cpu(pid) - cpu0
+            server_cpu, own_cpu = tree_cpu(pid) - cpu0, process_cpu(pid) - own0
             memory = peak_rss(pid)
             counted = sink.count()          # the relay answers 250 after the sink's: all in
             kept = relay_stored(root / "relay")
@@ -224,7 +233,7 @@ def leg_relay(load: Load, root: Path, archive: bool, profile: Path | None) -> Le
         archived = Archive(root / "relay" / "archive")
         expect(sum(1 for _ in archived.records()), load.messages, "archived messages")
         expect(len(archived.verify()), 0, "archive problems")
-    return Leg(name, load.messages, seconds, seconds, machine, server_cpu, memory)
+    return Leg(name, load.messages, seconds, seconds, machine, server_cpu, memory, own_cpu)
 
 
 def throughput(args: argparse.Namespace, tmp: Path) -> None:
@@ -245,6 +254,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
         print(f"ratio {leg.name}/postfix = {leg.rate / postfix_leg.rate:.2f} (senders' rate); "
               f"{leg.rate / postfix_leg.delivered_rate:.2f} (against Postfix's delivered rate); "
               f"server cpu a message {leg.server_cpu / postfix_leg.server_cpu:.2f}x Postfix's")
+    print(f"ratio relay+archive/relay = {legs[2].rate / legs[1].rate:.2f} (the archive on/off)")
     if args.profile is not None:
         for name in ("relay", "relay+archive"):
             print(f"\n== profile {name} ({args.profile / (name + '.raw')}) ==")

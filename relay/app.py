@@ -42,7 +42,8 @@ from relay.smtp.limits import ConnectionLimits, listener_limits, log_accept_erro
 from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, Submit
 from relay.smtp.tls import ServerTLS
-from relay.storage.archive import Archive, ArchiveWriter, Item
+from relay.storage.archive import Archive, Item
+from relay.storage.archive_feed import ArchiveFeed
 from relay.storage.archive_index import ArchiveIndex
 from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.disk import DiskWatch
@@ -92,7 +93,7 @@ class Running:
     submission: tuple[asyncio.Server, SubmissionHandler] | None = None
     web: AppRunner | None = None
     tls: ServerTLS | None = None
-    archive: tuple[ArchiveWriter, ArchiveIndex] | None = None
+    archive: tuple[ArchiveFeed, ArchiveIndex] | None = None
     config: Config | None = None         # in effect: what SIGHUP reloads compare against
     store: ContinuityStore | None = None
     directory: Directory | None = None
@@ -208,8 +209,10 @@ async def start(config: Config) -> Running:
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
     incoming = Incoming(incoming_path(config.storage.spool), owner)
-    await asyncio.to_thread(_clear_incoming, incoming)
+    # The archive's writer first: one a killed serve left running still reads its links
+    # in the incoming spool (storage/archive_feed.py).
     archiving = await asyncio.to_thread(_archive_writer, config, store)
+    await asyncio.to_thread(_clear_incoming, incoming)
     archive = archiving[0] if archiving else None
     directory = Directory(config)
     health = Health(config.storage.spool, owner)
@@ -269,20 +272,21 @@ def _clear_incoming(incoming: Incoming) -> None:
         event("inbound.spool_cleared", files=removed)
 
 
-def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveWriter, ArchiveIndex] | None:
-    """The archive's writer (`storage.archive`), started, with the store's hooks set, and its
-    search index (for searches; the follower process writes it); None when the archive is off."""
+def _archive_writer(config: Config, store: ContinuityStore) -> tuple[ArchiveFeed, ArchiveIndex] | None:
+    """The archive's writer (`storage.archive`), a process of its own fed by `ArchiveFeed`,
+    started, with the store's hooks set, and its search index (for searches; the follower
+    process writes it); None when the archive is off."""
     if config.storage.archive is None:
         return None
     archive = Archive(config.storage.archive, config.archive.days, Owner.named(config.storage.owner))
     index = ArchiveIndex(archive)       # for searches; the follower process writes it
-    writer = ArchiveWriter(archive)
+    writer = ArchiveFeed(archive)
     writer.start()
     store.archive = writer.add          # sent mail and notices: from worker threads
     return writer, index
 
 
-def _inbound_archive(store: ContinuityStore, writer: ArchiveWriter | None) -> ArchiveHook | None:
+def _inbound_archive(store: ContinuityStore, writer: ArchiveFeed | None) -> ArchiveHook | None:
     """Inbound mail to the archive, from the event loop: never waits (the writer's backlog
     full, it waits in a worker thread). Kept mail is a hard link to its kept file."""
     if writer is None:
@@ -397,7 +401,7 @@ async def _submission(config: Config, handler: SubmissionHandler | None, tls: Se
 
 async def _web(config: Config, directory: Directory, store: ContinuityStore,
                submit: Submit | None, throttle: LoginThrottle, tls: ServerTLS | None,
-               archiving: tuple[ArchiveWriter, ArchiveIndex] | None) -> AppRunner | None:
+               archiving: tuple[ArchiveFeed, ArchiveIndex] | None) -> AppRunner | None:
     """The control panel, self-service and webmail on listen.web (HTTPS when web.tls, following
     SIGHUP reloads). The webmail reads the same Maildirs and sends through the same pipeline as
     submission (None: sending is disabled, and the compose page says so); the archive pages

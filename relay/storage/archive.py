@@ -26,13 +26,14 @@ bytes are copied out of the pack into objects/ first, so nothing else of the day
 Nothing here is ever sent anywhere on its own: only a release (`archive release`) moves a copy.
 
 Writing is `ArchiveWriter`'s, one thread that takes batches: the senders' 250 never waits for
-the archive. A batch is made durable with one fdatasync of each pack it appended to, then one
-of each day file (or, when it made hard links, one syncfs(2) of the archive's file system: a
-fsync of every directory a link went into costs more). Its crash window is bounded and visible:
-at most `BATCH` messages or `LINGER` seconds of mail not yet flushed, plus what waits in its
-queue (at most `BACKLOG`: past that, the caller waits). `writer.open` survives a crash, and the
-next start logs `archive.unclean_stop` with that bound, and cuts a torn day-file line and any
-pack bytes no record names.
+the archive. Serve runs it in a process of its own, fed down a pipe (storage/archive_feed.py).
+A batch is made durable with one fdatasync of each pack it appended to, then one of each day
+file (or, when it made hard links, one syncfs(2) of the archive's file system: a fsync of every
+directory a link went into costs more). Its crash window is bounded and visible: at most
+`BATCH` messages or `LINGER` seconds of mail not yet flushed, plus what waits in its queue (at
+most `BACKLOG`: past that, the caller waits). `writer.open` survives a crash, and the next
+start logs `archive.unclean_stop` with that bound, and cuts a torn day-file line and any pack
+bytes no record names.
 """
 
 from __future__ import annotations
@@ -479,15 +480,16 @@ class ArchiveWriter:
         elif waiting >= BATCH:
             self._full.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Write what waits, then end; a clean stop removes `writer.open`."""
+    def stop(self, timeout: float = 30.0, clean: bool = True) -> None:
+        """Write what waits, then end; a clean stop removes `writer.open` (not `clean`: what it
+        was handed is written, but a caller lost what it had not handed over yet)."""
         if self._thread is None:
             return
         self._ending = True
         self._wake.set()
         self._full.set()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if clean and not self._thread.is_alive():
             (self.archive.root / "writer.open").unlink(missing_ok=True)
         self._thread = None
         with self._space:

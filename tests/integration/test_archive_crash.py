@@ -1,5 +1,6 @@
 """The archive across a crash: the real relay killed with SIGKILL while passing mail through,
-then started again (issue 11, point 1: the crash window is bounded and visible).
+then started again, or its archive writer process killed alone (issue 11, point 1: the crash
+window is bounded and visible).
 
 What must hold: every record on disk is whole and the day's chain verifies (a torn last line
 is cut at the start); the start says `archive.unclean_stop` with the bound; what went missing
@@ -8,6 +9,8 @@ is at most that bound; and archiving goes on, the chain continuing, after the re
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 import threading
 from pathlib import Path
@@ -79,6 +82,53 @@ def test_sigkill_while_archiving_pass_through_mail(tmp_path: Path) -> None:
         assert archive.verify() == []                    # the chain goes on over the restart
         relay.stop()
         assert not (tmp_path / "archive" / "writer.open").exists()     # a clean stop says so
+    finally:
+        if relay.running:
+            relay.kill()
+        primary.stop()
+
+
+def _writer_pid(relay: rp.RelayProcess) -> int | None:
+    """serve's archive writer process (relay/storage/archive_feed.py), or None."""
+    for task in Path(f"/proc/{relay.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"relay.storage.archive_feed" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    return None
+
+
+def test_sigkill_of_the_archive_writer_process_under_load(tmp_path: Path) -> None:
+    """The writer process killed alone: serve goes on answering 250, says what the write that
+    found it gone held, starts it again, and the day's chain goes on through the restart."""
+    primary = FakePrimary().start()
+    cfg = _archive_config(tmp_path, primary.port)
+    archive = Archive(tmp_path / "archive")
+    relay = rp.RelayProcess(cfg).start()
+    try:
+        stop, acknowledged = threading.Event(), []
+        sender = threading.Thread(target=_send_until, args=(relay, stop, acknowledged))
+        sender.start()
+        wait_for(lambda: len(list(archive.records())) >= 20, 30, "mail being archived")
+        first = wait_for(lambda: _writer_pid(relay), 10, "the writer process")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "archive.writer_exited" in relay.log_text(), 30, "serve noticing")
+        wait_for(lambda: _writer_pid(relay) not in (None, first), 30, "a new writer process")
+        handed = len(acknowledged)
+        wait_for(lambda: len(acknowledged) >= handed + 30, 30, "mail going on")
+        stop.set()
+        sender.join(15)
+        assert sender.is_alive() is False and relay.running, "serve went on"
+        relay.stop()
+        records = list(archive.records())
+        lost = len(acknowledged) - len(records)
+        assert 0 <= lost <= BATCH + 2 * BACKLOG, (len(acknowledged), len(records))
+        assert archive.verify() == [], "a record torn or out of order after the writer's crash"
+        numbers = {int(archive.read(r).split(b"Subject: n")[1].split(b"\r\n")[0]) for r in records}
+        missing = set(acknowledged) - numbers
+        assert all(n < handed for n in missing), "only mail of the crash's moment is missing"
+        assert acknowledged[-1] in numbers, "archiving went on after the restart"
+        said = relay.log_text(all_runs=True)
+        assert "archive.unclean_stop" in said and "lost=" in said
     finally:
         if relay.running:
             relay.kill()
