@@ -33,6 +33,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -221,6 +222,14 @@ class ArchiveFeed:
             self._proc.wait()
 
 
+def ignore_stop_signals() -> None:
+    """A helper process of serve ends when its standard input ends, never on a signal: Ctrl-C
+    signals the whole foreground group, and systemd's stop every process of the unit, at once;
+    serve then writes what it holds and closes the pipe, and the helper writes that too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _hold_lock(root: Path):
     """The archive's one writer: wait for any other to end (a process serve left running)."""
     fd = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -235,6 +244,7 @@ def _main(argv: list[str]) -> int:
     from relay.log import setup
     from relay.storage.durable import make_dirs
 
+    ignore_stop_signals()
     setup("INFO")
     owner = Owner()
     if len(argv) > 2 and argv[2]:

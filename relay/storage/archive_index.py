@@ -759,7 +759,9 @@ def _main(argv: list[str]) -> int:
     import sys
 
     from relay.log import setup
+    from relay.storage.archive_feed import ignore_stop_signals
 
+    ignore_stop_signals()
     setup("INFO")
     _background()
     archive = Archive(Path(argv[0]), owner=Owner.named(argv[1]) if len(argv) > 1 and argv[1] else Owner())

@@ -133,3 +133,29 @@ def test_sigkill_of_the_archive_writer_process_under_load(tmp_path: Path) -> Non
         if relay.running:
             relay.kill()
         primary.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_is_a_clean_stop_with_everything_archived(tmp_path, sig):
+    """Ctrl-C in a terminal signals the whole foreground group, and systemd's stop
+    (KillMode=control-group) SIGTERMs every process of the unit: serve and its archive
+    writer and index follower get it at once. The helpers end when serve closes their input,
+    so what was archived is all there, and the stop is clean."""
+    primary = FakePrimary().start()
+    cfg = _archive_config(tmp_path, primary.port)
+    archive = Archive(tmp_path / "archive")
+    relay = rp.RelayProcess(cfg, wrapper=["setsid"]).start()      # a group of its own
+    try:
+        with smtplib.SMTP(*relay.address, timeout=10) as client:
+            for n in range(200):
+                client.sendmail("s@sender.test", ["alice@example.com"],
+                                f"From: s@sender.test\r\nSubject: n{n}\r\n\r\nx\r\n".encode())
+        os.killpg(relay.pid, sig)
+        assert relay.proc.wait(30) == 0, relay.log_text()
+        assert len(list(archive.records())) == 200, relay.log_text()
+        assert not (tmp_path / "archive" / "writer.open").exists(), relay.log_text()
+        assert "Traceback" not in relay.log_text() and "archive.writer_exited" not in relay.log_text()
+    finally:
+        if relay.running:
+            relay.kill()
+        primary.stop()
