@@ -745,11 +745,19 @@ def _background() -> None:
     """The follower runs only on CPU time nothing else wants (SCHED_IDLE): at nice 10 it still
     took a tenth of a core from the listeners under load, about 0.7 ms of parsing a message.
     So under load the index lags, and it catches up once the burst is over. Where SCHED_IDLE
-    is not to be had, nice(2) as before."""
+    is not to be had, nice(2) as before; where neither is (a seccomp filter that denies
+    systemd's @resources: the shipped unit lets these two through), it says so and follows
+    at the priority it has: an index that lags behind is better than none."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
     except (AttributeError, OSError):
+        pass
+    try:
         os.nice(NICENESS)
+    except OSError as exc:
+        event("archive.index_priority", logging.WARNING, error=exc.strerror or exc,
+              hint="the index follower shares the CPU with the listeners at their priority")
 
 
 def _main(argv: list[str]) -> int:

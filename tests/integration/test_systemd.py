@@ -65,6 +65,9 @@ def test_the_unit_scores_low_exposure(tmp_path):
     assert float(found.group(1)) < EXPOSURE_LIMIT, found.group(0)
     readme = (REPO_ROOT / "README.md").read_text()
     assert f"{found.group(1)} {found.group(2)}" in readme, "the README states the score"
+    # @resources is denied but for what the index follower needs to lower its own priority
+    assert re.search(r"✓ SystemCallFilter=~@privileged", done.stdout), done.stdout
+    assert "sched_setscheduler is allowed" in done.stdout, done.stdout
 
 
 # -- the notify protocol, with the real process ---------------------------------------------------

@@ -556,3 +556,17 @@ def test_the_follower_process_runs_on_idle_cpu_only_and_still_catches_up(archive
         assert follower.stdin is not None
         follower.stdin.close()
         assert follower.wait(30) == 0, log.read_text()
+
+
+def test_a_follower_refused_a_lower_priority_says_so_and_follows_anyway(monkeypatch, caplog):
+    """A seccomp filter that denies @resources (EPERM for both calls) must not stop the index:
+    the follower crashed at start-up, over and over, under such a filter."""
+    from relay.storage import archive_index
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(archive_index.os, "sched_setscheduler", refused)
+    monkeypatch.setattr(archive_index.os, "nice", refused)
+    archive_index._background()
+    assert "archive.index_priority" in caplog.text and "not permitted" in caplog.text
