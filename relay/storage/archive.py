@@ -474,10 +474,9 @@ class ArchiveWriter:
         """An append and, once a batch, a wake-up: a `queue.Queue` woke the writer for every
         message, and each wake-up took the interpreter from the event loop for a moment."""
         self._items.append(item)
-        waiting = len(self._items)
-        if waiting == 1:
-            self._wake.set()          # the first of a batch: its LINGER starts
-        elif waiting >= BATCH:
+        if not self._wake.is_set():
+            self._wake.set()          # the first of a batch: its LINGER starts. (Not "one
+        if len(self._items) >= BATCH:  # waits": two threads at once both saw two, and slept.)
             self._full.set()
 
     def stop(self, timeout: float = 30.0, clean: bool = True) -> None:

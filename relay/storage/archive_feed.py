@@ -146,7 +146,7 @@ class ArchiveFeed:
     def _put(self, item: Item) -> None:
         spooled = item.data if isinstance(item.data, MessageFile) and item.data.path else None
         self._frames.append((frame(item), spooled))
-        if len(self._frames) == 1:
+        if not self._wake.is_set():      # (not "one waits": two threads at once both saw two)
             self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -172,8 +172,6 @@ class ArchiveFeed:
                 self._space.notify_all()
             if batch:
                 self._send(batch)
-            if self._frames:        # put while this batch was taken: its wake-up was not set
-                self._wake.set()
             if ending and not self._frames:
                 self._finish()
                 return

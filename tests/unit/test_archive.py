@@ -6,6 +6,7 @@ from __future__ import annotations
 import calendar
 import os
 from datetime import date
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,51 @@ def test_offer_says_no_past_the_backlog_and_add_waits_for_room(tmp_path, monkeyp
         writer.add(item(b"%d " % n + MESSAGE))
     writer.stop()
     assert len(list(Archive(tmp_path).records())) == 20 and Archive(tmp_path).verify() == []
+
+
+
+def _rounds_left_asleep(target, waiting, threads: int = 8, rounds: int = 2500) -> int:
+    """Rounds in which `threads` threads each handed `target` a message at once, onto nothing
+    waiting, and its writer was not woken (`waiting`: its list of what waits)."""
+    import sys
+    import threading
+
+    start, done = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+    item = Item(data=b"x", direction="in", kind="passed", sender="", rcpts=("a@b.c",), queue_id="q",
+                outcome="")
+
+    def put() -> None:
+        for _ in range(rounds):
+            start.wait()
+            target.add(item)
+            done.wait()
+
+    switch, asleep = sys.getswitchinterval(), 0
+    sys.setswitchinterval(1e-6)          # a thread switch between almost any two bytecodes
+    workers = [threading.Thread(target=put) for _ in range(threads)]
+    try:
+        for worker in workers:
+            worker.start()
+        for _ in range(rounds):
+            target._wake.clear()
+            waiting.clear()
+            start.wait()
+            done.wait()
+            asleep += not target._wake.is_set()
+    finally:
+        sys.setswitchinterval(switch)
+        for worker in workers:
+            worker.join()
+    return asleep
+
+
+def test_a_message_handed_over_from_two_threads_at_once_always_wakes_the_writer():
+    """The loop offers inbound mail while worker threads add sent mail. Two first puts at once
+    both saw two waiting and neither woke the writer: then nothing was ever written again (each
+    later put saw more than one), and once `BACKLOG` waited every `add` blocked for good."""
+    from relay.storage.archive_feed import ArchiveFeed
+
+    writer = ArchiveWriter(Archive(Path("/nonexistent")))
+    assert _rounds_left_asleep(writer, writer._items) == 0
+    feed = ArchiveFeed(Archive(Path("/nonexistent")))
+    assert _rounds_left_asleep(feed, feed._frames) == 0
