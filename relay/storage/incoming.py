@@ -124,9 +124,10 @@ class MessageFile:
 
     def detached(self) -> MessageFile:
         """A copy with a file of its own (a hard link), for a reader that outlives the session
-        (the archive writer); its holder releases it. Blocking."""
+        (the archive writer); its holder releases it. Blocking. In memory, there is nothing to
+        hold: the same message (its `release` is a count, and no file goes)."""
         if self.path is None:
-            return replace(self, life=_Life())
+            return self
         link = self.path.with_name(self.path.name + ".archive")
         os.link(self.path, link, follow_symlinks=False)
         return replace(self, path=link, life=_Life())
