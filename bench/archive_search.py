@@ -11,6 +11,7 @@ DAYS days into a temp archive, through the real `ArchiveWriter` with the index a
              20, a count), on the index as ingested and again after the reindex (optimised)
   reindex    seconds to rebuild the index from the files and put it in place
   size       the index's bytes as a share of the archive's (packs, objects and day files)
+  open       p50/p95 of opening a hit: `Archive.get` of its id and its first 64 KiB read
 
 Messages, seeded and reproducible: a Zipf vocabulary of 40,000 made-up words; bodies of
 lognormal length (median 120 words); 35% with an HTML alternative, 12% with a base64
@@ -228,7 +229,24 @@ def measure(index: ArchiveIndex, shapes: dict[str, list[Query]]) -> list[str]:
             call()
             runs.append(time.perf_counter() - start)
         lines.append(f"  {label:22} median of 5 {statistics.median(runs) * 1000:.1f}ms")
+    lines.append(opening(index, shapes))
     return lines
+
+
+def opening(index: ArchiveIndex, shapes: dict[str, list[Query]]) -> str:
+    """Opening a hit (what the panel's and the webmail's message page do): `Archive.get` of
+    its id, then its headers read; over the first hit of each word+7d query."""
+    ids = [found.records[0].id for query in shapes["word+7d"]
+           if (found := index.search(query)).records]
+    seconds = []
+    for record_id in ids:
+        start = time.perf_counter()
+        index.archive.read(index.archive.get(record_id), 64 * 1024)
+        seconds.append(time.perf_counter() - start)
+    if not seconds:
+        return "  open a hit: no hits"
+    return (f"  open a hit (get + read) n={len(seconds):4} p50={percentile(seconds, .5) * 1000:7.1f}ms "
+            f"p95={percentile(seconds, .95) * 1000:7.1f}ms max={max(seconds) * 1000:7.1f}ms")
 
 
 def plans(index: ArchiveIndex, shapes: dict[str, list[Query]]) -> list[str]:

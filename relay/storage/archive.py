@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -253,12 +254,20 @@ class Archive:
                 continue
 
     def get(self, record_id: str) -> Record:
+        """One record by its id: its line found by a byte search of the day's file (in the
+        file's pages, not a copy), and only that line parsed. Parsing every line before it
+        took 0.6 s for the last of a 50,000-message day, for each message opened."""
         day = record_id.split(".")[0]
-        wanted = f"{day[:4]}-{day[4:6]}-{day[6:]}" if len(day) == 8 else ""
-        for record in self.records(wanted) if wanted else ():
-            if record.id == record_id:
-                return record
-        raise CorruptEntryError(f"{record_id}: no such archived message")
+        wanted = f"{day[:4]}-{day[4:6]}-{day[6:]}" if len(day) == 8 and day.isdigit() else ""
+        try:
+            with open(self._day_file(wanted), "rb") as file, \
+                    mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                found = _find_record(data, record_id)
+        except (FileNotFoundError, IsADirectoryError, ValueError):    # (ValueError: empty)
+            found = None
+        if found is None:
+            raise CorruptEntryError(f"{record_id}: no such archived message")
+        return found
 
     def read(self, record: Record, limit: int = -1) -> bytes:
         """The message bytes as archived (without a kept file's trace headers); with `limit`,
@@ -690,6 +699,24 @@ class ArchiveWriter:
                 self._remember(record.sha256, record.object)
             self._tails[day] = (number, previous)
         return self._tails[day]
+
+
+def _find_record(data: mmap.mmap, record_id: str) -> Record | None:
+    """The record `record_id` in a day file's bytes. The needle cannot match inside a string
+    value (a quote in one is escaped), and the line found is parsed and checked anyway."""
+    needle = b'"id":' + json.dumps(record_id).encode() + b","
+    at = data.find(needle)
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        try:
+            record = Record.from_line(data[start:end if end >= 0 else len(data)])
+            if record.id == record_id:
+                return record
+        except (ValueError, TypeError, KeyError):
+            pass            # a torn line: `verify()` names it
+        at = data.find(needle, at + 1)
+    return None
 
 
 def _release(batch: list[Item]) -> None:

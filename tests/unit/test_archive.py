@@ -256,3 +256,22 @@ def test_a_message_handed_over_from_two_threads_at_once_always_wakes_the_writer(
     assert _rounds_left_asleep(writer, writer._items) == 0
     feed = ArchiveFeed(Archive(Path("/nonexistent")))
     assert _rounds_left_asleep(feed, feed._frames) == 0
+
+
+def test_get_finds_any_record_of_a_day_by_its_id_and_nothing_else(tmp_path):
+    """`get` reads only the line it wants: the first, the tenth and the hundredth of a day, an
+    id a longer one begins with, a torn line after a crash, and ids that name nothing."""
+    from relay.errors import CorruptEntryError
+
+    archive = Archive(tmp_path / "archive", 90)
+    records = ArchiveWriter(archive).write(
+        [item(MESSAGE + str(n).encode(), queue_id=f"q{n}", sender='"id":"20261101.7",x@y.test')
+         for n in range(100)])
+    with open(archive._day_file("2026-11-01"), "ab") as file:
+        file.write(b'{"chain":"torn')
+    for record in (records[0], records[9], records[6], records[99]):
+        assert archive.get(record.id) == record
+    assert archive.get("20261101.1").queue_id == "q0" and archive.get("20261101.10").queue_id == "q9"
+    for missing in ("20261101.101", "20261101.", "20261102.1", "2026110.1", "x", "../../etc.1", ""):
+        with pytest.raises(CorruptEntryError):
+            archive.get(missing)
