@@ -404,7 +404,38 @@ class Archive:
         return []
 
 
-class ArchiveWriter:
+class Handoff:
+    """Handing messages over to a writer that takes them in batches, at most `BACKLOG`
+    waiting: `ArchiveWriter` here, and `ArchiveFeed` (storage/archive_feed.py), which sends
+    them to it in another process. A subclass says what waits (`_waiting`) and how one is
+    put there (`_put`), and has `_space` (notified as room is made) and `_thread`."""
+
+    _space: threading.Condition
+    _thread: threading.Thread | None
+
+    def _waiting(self) -> int:
+        raise NotImplementedError
+
+    def _put(self, item: Item) -> None:
+        raise NotImplementedError
+
+    def add(self, item: Item) -> None:
+        """Hand a message over (blocking only while `BACKLOG` messages wait)."""
+        with self._space:
+            while self._waiting() >= BACKLOG and self._thread is not None:
+                self._space.wait(LINGER)
+        self._put(item)
+
+    def offer(self, item: Item) -> bool:
+        """Hand a message over without waiting (from the event loop); False when the backlog
+        is full, and the caller hands it to `add` in a worker thread."""
+        if self._waiting() >= BACKLOG:
+            return False
+        self._put(item)
+        return True
+
+
+class ArchiveWriter(Handoff):
     """The one writer: a thread taking batches from a bounded queue (see the module's text)."""
 
     def __init__(self, archive: Archive, on_written: Callable[[list[Record]], None] | None = None) -> None:
@@ -464,20 +495,8 @@ class ArchiveWriter:
             os.fsync(file.fileno())
         event("archive.repaired", logging.WARNING, pack=pack.name, cut_bytes=size - end)
 
-    def add(self, item: Item) -> None:
-        """Hand a message over (blocking only while `BACKLOG` messages wait)."""
-        with self._space:
-            while len(self._items) >= BACKLOG and self._thread is not None:
-                self._space.wait(LINGER)
-            self._put(item)
-
-    def offer(self, item: Item) -> bool:
-        """Hand a message over without waiting (from the event loop); False when the backlog
-        is full, and the caller hands it to `add` in a worker thread."""
-        if len(self._items) >= BACKLOG:
-            return False
-        self._put(item)
-        return True
+    def _waiting(self) -> int:
+        return len(self._items)
 
     def _put(self, item: Item) -> None:
         """An append and, once a batch, a wake-up: a `queue.Queue` woke the writer for every

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from relay.errors import StorageError
 from relay.log import event
-from relay.storage.archive import BACKLOG, Archive, ArchiveWriter, Item
+from relay.storage.archive import Archive, ArchiveWriter, Handoff, Item
 from relay.storage.durable import Owner
 from relay.storage.incoming import MessageFile
 
@@ -93,7 +93,7 @@ def read_item(stream) -> Item | None:
                 skip=skip, when=when)
 
 
-class ArchiveFeed:
+class ArchiveFeed(Handoff):
     """Serve's side: messages to the writer process, through one thread that writes the pipe.
 
     `offer` (the event loop) and `add` (worker threads) only append a frame: the thread wakes
@@ -133,20 +133,8 @@ class ArchiveFeed:
             code = self._proc.wait()
             raise StorageError(f"the archive writer process exited with status {code} at its start")
 
-    def add(self, item: Item) -> None:
-        """Hand a message over (blocking only while `BACKLOG` messages wait)."""
-        with self._space:
-            while len(self._frames) >= BACKLOG and self._thread is not None:
-                self._space.wait(1.0)
-        self._put(item)
-
-    def offer(self, item: Item) -> bool:
-        """Hand a message over without waiting (from the event loop); False when the backlog
-        is full, and the caller hands it to `add` in a worker thread."""
-        if len(self._frames) >= BACKLOG:
-            return False
-        self._put(item)
-        return True
+    def _waiting(self) -> int:
+        return len(self._frames)
 
     def _put(self, item: Item) -> None:
         spooled = item.data if isinstance(item.data, MessageFile) and item.data.path else None

@@ -54,38 +54,53 @@ def _send_until(relay: rp.RelayProcess, stop: threading.Event, acknowledged: lis
             return                          # the relay died under us
 
 
-def test_sigkill_while_archiving_pass_through_mail(tmp_path: Path) -> None:
+class Load:
+    """The real relay, archiving, passing mail from a sender thread until `stop` is set."""
+
+    def __init__(self, tmp_path: Path, primary: FakePrimary) -> None:
+        self.archive = Archive(tmp_path / "archive")
+        self.relay = rp.RelayProcess(_archive_config(tmp_path, primary.port)).start()
+        self.stop, self.acknowledged = threading.Event(), []
+        self.sender = threading.Thread(target=_send_until, args=(self.relay, self.stop, self.acknowledged))
+        self.sender.start()
+
+
+@pytest.fixture
+def load(tmp_path: Path):
     primary = FakePrimary().start()
-    cfg = _archive_config(tmp_path, primary.port)
-    archive = Archive(tmp_path / "archive")
-    relay = rp.RelayProcess(cfg).start()
+    running = Load(tmp_path, primary)
     try:
-        stop, acknowledged = threading.Event(), []
-        sender = threading.Thread(target=_send_until, args=(relay, stop, acknowledged))
-        sender.start()
-        wait_for(lambda: len(acknowledged) >= 60 and len(list(archive.records())) >= 20, 30,
-                 "mail flowing and being archived")
-        relay.kill()
-        stop.set()
-        sender.join(15)
-        before = list(archive.records())
-        relay.start()
-        assert "archive.unclean_stop" in relay.log_text()
-        assert archive.verify() == [], "a record torn or out of order after the crash"
-        lost = len(acknowledged) - len(before)
-        assert 0 <= lost <= BATCH + BACKLOG, (len(acknowledged), len(before))
-        with smtplib.SMTP(*relay.address, timeout=10) as client:
-            client.sendmail("s@sender.test", ["alice@example.com"],
-                            b"From: s@sender.test\r\nTo: alice@example.com\r\nSubject: after\r\n\r\nx\r\n")
-        wait_for(lambda: any(b"Subject: after" in archive.read(r) for r in list(archive.records())[-3:]),
-                 15, "the first message after the restart archived")
-        assert archive.verify() == []                    # the chain goes on over the restart
-        relay.stop()
-        assert not (tmp_path / "archive" / "writer.open").exists()     # a clean stop says so
+        yield running
     finally:
-        if relay.running:
-            relay.kill()
+        running.stop.set()
+        if running.relay.running:
+            running.relay.kill()
+        running.sender.join(15)
         primary.stop()
+
+
+def test_sigkill_while_archiving_pass_through_mail(tmp_path: Path, load: Load) -> None:
+    relay, archive, stop, acknowledged, sender = (load.relay, load.archive, load.stop, load.acknowledged,
+                                                  load.sender)
+    wait_for(lambda: len(acknowledged) >= 60 and len(list(archive.records())) >= 20, 30,
+             "mail flowing and being archived")
+    relay.kill()
+    stop.set()
+    sender.join(15)
+    before = list(archive.records())
+    relay.start()
+    assert "archive.unclean_stop" in relay.log_text()
+    assert archive.verify() == [], "a record torn or out of order after the crash"
+    lost = len(acknowledged) - len(before)
+    assert 0 <= lost <= BATCH + BACKLOG, (len(acknowledged), len(before))
+    with smtplib.SMTP(*relay.address, timeout=10) as client:
+        client.sendmail("s@sender.test", ["alice@example.com"],
+                        b"From: s@sender.test\r\nTo: alice@example.com\r\nSubject: after\r\n\r\nx\r\n")
+    wait_for(lambda: any(b"Subject: after" in archive.read(r) for r in list(archive.records())[-3:]),
+             15, "the first message after the restart archived")
+    assert archive.verify() == []                    # the chain goes on over the restart
+    relay.stop()
+    assert not (tmp_path / "archive" / "writer.open").exists()     # a clean stop says so
 
 
 def _writer_pid(relay: rp.RelayProcess) -> int | None:
@@ -97,42 +112,32 @@ def _writer_pid(relay: rp.RelayProcess) -> int | None:
     return None
 
 
-def test_sigkill_of_the_archive_writer_process_under_load(tmp_path: Path) -> None:
+def test_sigkill_of_the_archive_writer_process_under_load(load: Load) -> None:
     """The writer process killed alone: serve goes on answering 250, says what the write that
     found it gone held, starts it again, and the day's chain goes on through the restart."""
-    primary = FakePrimary().start()
-    cfg = _archive_config(tmp_path, primary.port)
-    archive = Archive(tmp_path / "archive")
-    relay = rp.RelayProcess(cfg).start()
-    try:
-        stop, acknowledged = threading.Event(), []
-        sender = threading.Thread(target=_send_until, args=(relay, stop, acknowledged))
-        sender.start()
-        wait_for(lambda: len(list(archive.records())) >= 20, 30, "mail being archived")
-        first = wait_for(lambda: _writer_pid(relay), 10, "the writer process")
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: "archive.writer_exited" in relay.log_text(), 30, "serve noticing")
-        wait_for(lambda: _writer_pid(relay) not in (None, first), 30, "a new writer process")
-        handed = len(acknowledged)
-        wait_for(lambda: len(acknowledged) >= handed + 30, 30, "mail going on")
-        stop.set()
-        sender.join(15)
-        assert sender.is_alive() is False and relay.running, "serve went on"
-        relay.stop()
-        records = list(archive.records())
-        lost = len(acknowledged) - len(records)
-        assert 0 <= lost <= BATCH + 2 * BACKLOG, (len(acknowledged), len(records))
-        assert archive.verify() == [], "a record torn or out of order after the writer's crash"
-        numbers = {int(archive.read(r).split(b"Subject: n")[1].split(b"\r\n")[0]) for r in records}
-        missing = set(acknowledged) - numbers
-        assert all(n < handed for n in missing), "only mail of the crash's moment is missing"
-        assert acknowledged[-1] in numbers, "archiving went on after the restart"
-        said = relay.log_text(all_runs=True)
-        assert "archive.unclean_stop" in said and "lost=" in said
-    finally:
-        if relay.running:
-            relay.kill()
-        primary.stop()
+    relay, archive, stop, acknowledged, sender = (load.relay, load.archive, load.stop, load.acknowledged,
+                                                  load.sender)
+    wait_for(lambda: len(list(archive.records())) >= 20, 30, "mail being archived")
+    first = wait_for(lambda: _writer_pid(relay), 10, "the writer process")
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "archive.writer_exited" in relay.log_text(), 30, "serve noticing")
+    wait_for(lambda: _writer_pid(relay) not in (None, first), 30, "a new writer process")
+    handed = len(acknowledged)
+    wait_for(lambda: len(acknowledged) >= handed + 30, 30, "mail going on")
+    stop.set()
+    sender.join(15)
+    assert sender.is_alive() is False and relay.running, "serve went on"
+    relay.stop()
+    records = list(archive.records())
+    lost = len(acknowledged) - len(records)
+    assert 0 <= lost <= BATCH + 2 * BACKLOG, (len(acknowledged), len(records))
+    assert archive.verify() == [], "a record torn or out of order after the writer's crash"
+    numbers = {int(archive.read(r).split(b"Subject: n")[1].split(b"\r\n")[0]) for r in records}
+    missing = set(acknowledged) - numbers
+    assert all(n < handed for n in missing), "only mail of the crash's moment is missing"
+    assert acknowledged[-1] in numbers, "archiving went on after the restart"
+    said = relay.log_text(all_runs=True)
+    assert "archive.unclean_stop" in said and "lost=" in said
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
