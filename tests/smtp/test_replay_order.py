@@ -26,10 +26,12 @@ def slow_every_fourth(content: bytes) -> float:
     return 0.05 if number(content) % 4 == 0 else 0.0
 
 
-@pytest.fixture
-def busy(make_relay):
-    """A relay whose primary answers 451, with COUNT messages kept for alice alone."""
-    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance")).start()
+@pytest.fixture(params=["one at a time", "pipelining"])
+def busy(make_relay, request):
+    """A relay whose primary answers 451, with COUNT messages kept for alice alone; a primary
+    without PIPELINING, and one with (each transaction then goes as one group)."""
+    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance"),
+                       dsn=request.param == "pipelining").start()
     relay = make_relay(fake.port, users=("alice@example.com",), extra=THREE)
     for n in range(COUNT):
         assert send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))[1][0] == 250
