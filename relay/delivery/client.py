@@ -46,7 +46,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +80,11 @@ class Turn(Protocol):
     async def wait(self) -> Reply | None:
         """None to send the final dot, or the Reply to answer instead (the message is then
         abandoned: the connection is closed before its dot, RFC 5321 3.8)."""
+
+    def send_when_due(self, send: Callable[[], None]) -> None:
+        """Call `send` (it writes the dot, and must not raise) the moment the turn comes, if
+        it comes with a go, before `wait()` wakes to say None: the dot goes out from the
+        event loop turn that read the answer before it, not one turn later."""
 
 NEEDS_SMTPUTF8 = "5.6.7 The address needs SMTPUTF8, which {host} does not offer"
 NO_TLS_FOR_AUTH = "4.7.0 {host} offered no TLS: credentials are never sent in clear"
@@ -494,13 +499,17 @@ class Upstream:
                 held, size = [], 0
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
         tail = b"".join([*held, stuffer.end()])
+        dot = _Dot(protocol)
         if turn is not None and not turn.due():     # the message goes now, its dot later
             protocol.write(tail)
             tail = b""
+            turn.send_when_due(dot.send)
         if turn is not None and (waited := await turn.wait()) is not None:
             return waited
-        protocol._response_pending = True
-        protocol.write(tail + b".\r\n")
+        if not dot.sent:
+            dot.send(tail)
+            if not dot.sent:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
@@ -697,6 +706,22 @@ class Upstream:
             self._smtp.close()
             self._smtp = None
         self._in_transaction = False
+
+
+class _Dot:
+    """A message's final dot (after what is left of its text), written once, with the reply
+    it brings expected; on a connection already gone it is not written (`sent` stays False)."""
+
+    def __init__(self, protocol: SMTPProtocol) -> None:
+        self.protocol = protocol
+        self.sent = False
+
+    def send(self, tail: bytes = b"") -> None:
+        if self.sent or self.protocol.transport is None or self.protocol.transport.is_closing():
+            return
+        self.protocol._response_pending = True
+        self.protocol.write(tail + b".\r\n")
+        self.sent = True
 
 
 class _Pipelining(SMTPProtocol):
