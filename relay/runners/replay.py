@@ -29,7 +29,8 @@ connections at once. Then an `OrderGate`
 holds each message's final dot (sent after the message itself) until the one before it in the
 lane was answered: a primary commits a message at its dot, so it still takes a user's mail
 oldest first, while the claim, the read, MAIL, RCPT, DATA and the message of the next ones and
-the settling of the last one overlap; per mailbox only the dot and its 250 are serial. When a
+the settling of the last one overlap; per mailbox only the dot and its 250 are serial (the
+gate writes the held dot itself as the answer before it is read, `send_when_due`). When a
 message of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held
 behind it are abandoned before their dot, their connections closed (RFC 5321 3.8: the primary
 commits nothing), and go back to waiting as they were (Verdict.UNTRIED).
