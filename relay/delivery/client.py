@@ -37,6 +37,9 @@ DATA command can go ahead of the message (`start_data`: inbound sends it as its 
 says DATA, so the server's 354 comes while the message arrives); the command lock is held
 from DATA to the reply after the message, and a DATA that will not get its message is ended
 the only way SMTP has, by closing the connection (`close`): the server discards it.
+A whole transaction of replay or the smarthost (`send_many`) goes as one group to such a
+server: MAIL, its RCPTs and DATA in one write, the message after the 354 (`_send_grouped`),
+two round trips a message instead of three and one a recipient.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +67,7 @@ _LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")     # aiosmtplib's LINE_ENDINGS_REG
 # The stages of a conversation, as `Reply.stage` names them.
 CONNECT, EHLO, MAIL, RCPT, DATA = "connect", "EHLO", "MAIL", "RCPT", "DATA"
 _SERVER_STAGES = (CONNECT, EHLO, MAIL)
+GROUP_RCPTS = 4     # recipients in one pipelined transaction (`Upstream._send_grouped`)
 
 
 
@@ -79,6 +83,11 @@ class Turn(Protocol):
     async def wait(self) -> Reply | None:
         """None to send the final dot, or the Reply to answer instead (the message is then
         abandoned: the connection is closed before its dot, RFC 5321 3.8)."""
+
+    def send_when_due(self, send: Callable[[], None]) -> None:
+        """Call `send` (it writes the dot, and must not raise) the moment the turn comes, if
+        it comes with a go, before `wait()` wakes to say None: the dot goes out from the
+        event loop turn that read the answer before it, not one turn later."""
 
 NEEDS_SMTPUTF8 = "5.6.7 The address needs SMTPUTF8, which {host} does not offer"
 NO_TLS_FOR_AUTH = "4.7.0 {host} offered no TLS: credentials are never sent in clear"
@@ -493,13 +502,17 @@ class Upstream:
                 held, size = [], 0
                 await asyncio.wait_for(protocol._drain_helper(), timeout)
         tail = b"".join([*held, stuffer.end()])
+        dot = _Dot(protocol)
         if turn is not None and not turn.due():     # the message goes now, its dot later
             protocol.write(tail)
             tail = b""
+            turn.send_when_due(dot.send)
         if turn is not None and (waited := await turn.wait()) is not None:
             return waited
-        protocol._response_pending = True
-        protocol.write(tail + b".\r\n")
+        if not dot.sent:
+            dot.send(tail)
+            if not dot.sent:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
@@ -519,7 +532,12 @@ class Upstream:
 
         `turn`, when given, holds the message's final dot (`Upstream.data`): the replay
         runner holds a message there until the one before it in line was answered. A Reply it
-        returns answers the accepted recipients instead, and the message is abandoned."""
+        returns answers the accepted recipients instead, and the message is abandoned.
+
+        To a server that offers PIPELINING the commands go as one group (`_send_grouped`)."""
+        grouped = await self._send_grouped(sender, rcpts, mail_options, data, turn)
+        if grouped is not None:
+            return grouped
         reply = await self.begin(sender, mail_options, size=len(data), rcpts=[r for r, _ in rcpts])
         if not reply.ok:
             return [reply] * len(rcpts)
@@ -533,6 +551,145 @@ class Upstream:
             return replies          # the transaction stays open: the next `begin` says RSET
         final = await self.data(data, turn)
         return [final if r.ok else r for r in replies]
+
+    # -- a whole transaction as one group (RFC 2920): replay and the smarthost ----------------
+
+    async def _send_grouped(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
+                            mail_options: list[str], data: Message, turn: Turn | None,
+                            ) -> list[Reply] | None:
+        """`send_many` with (RSET,) MAIL, every RCPT and DATA in one write, then the message
+        after the 354: two round trips a message where one at a time takes three and one a
+        recipient, and one write of commands where it takes as many. Every reply is read in
+        order and means what it means one at a time. None when the transaction must go one
+        at a time: a server without PIPELINING, a command that path answers or sends
+        differently (SMTPUTF8, an address it cannot send), or a reused connection found gone
+        at MAIL (one at a time, `begin` tries a new connection once)."""
+        reused = self.connected
+        failed = await self._open()
+        if failed is not None:
+            return [failed] * len(rcpts)
+        rset = self._in_transaction     # an open one (refused recipients) is reset first
+        group = self._group_commands(sender, rcpts, mail_options, len(data), rset)
+        if group is None:
+            return None
+        with self._cut_off():
+            replies, error = await self._write_group(group)
+        self._in_transaction = True
+        lost = error or aiosmtplib.SMTPServerDisconnected("Connection lost")
+        for step in ("RSET", MAIL) if rset else (MAIL,):
+            if not replies:
+                return self._group_refused(self._failed(lost, step), reused, len(rcpts), True)
+            if step == "RSET" and (reset := replies.pop(0)).code != 250:
+                refused = self._failed(aiosmtplib.SMTPResponseException(reset.code, reset.message), step)
+                return self._group_refused(refused, reused, len(rcpts), True)
+        mail = replies.pop(0)
+        if mail.code != 250:
+            refused = self._failed(aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender), MAIL)
+            return self._group_refused(refused, reused, len(rcpts), error is not None)
+        return await self._group_answers(rcpts, replies, error, data, turn)
+
+    def _group_commands(self, sender: str, rcpts: list[tuple[str, tuple[str, ...]]],
+                        mail_options: list[str], size: int, rset: bool) -> bytes | None:
+        """The group's commands as aiosmtplib's `rset`, `mail`, `rcpt` and DATA send them, or
+        None (see `_send_grouped`). At most `GROUP_RCPTS` recipients: `_Pipelining` keeps the
+        replies behind the first within aiosmtplib's limit on one reply's length."""
+        assert self._smtp is not None
+        if (not self._smtp.supports_extension("pipelining") or len(rcpts) > GROUP_RCPTS
+                or not isinstance(self._smtp.protocol, _Pipelining)
+                or needs_smtputf8(sender, *(r for r, _ in rcpts))
+                or any(o.upper() == "SMTPUTF8" for o in mail_options)):
+            return None
+        options = [o for o in mail_options if self._supported(o)]
+        if size and self._smtp.supports_extension("size"):
+            options.append(f"SIZE={size}")
+        self._utf8 = False
+        try:
+            commands = [[b"MAIL", b"FROM:" + quote_address(sender).encode("ascii"),
+                         *(o.encode("ascii") for o in options)]]
+            commands += [[b"RCPT", b"TO:" + quote_address(rcpt).encode("ascii"),
+                          *(o.encode("ascii") for o in self._dsn_options(rcpt_options))]
+                         for rcpt, rcpt_options in rcpts]
+        except UnicodeError:
+            return None
+        if any(COMMAND_INJECTION_REGEX.search(arg) for command in commands for arg in command):
+            return None
+        lines = [b"RSET"] * rset + [b" ".join(c) for c in commands] + [b"DATA"]
+        return b"\r\n".join(lines) + b"\r\n"
+
+    async def _write_group(self, commands: bytes,
+                           ) -> tuple[list[aiosmtplib.SMTPResponse], BaseException | None]:
+        """Write the group and read its replies in order, one a line written, until the first
+        that cannot be read (the error then). A 354 to its DATA keeps the command lock, for
+        `data` to send the message under (as `_open_data`)."""
+        assert self._smtp is not None
+        protocol, timeout = self._smtp.protocol, self._smtp.timeout
+        if not isinstance(protocol, _Pipelining) or protocol._command_lock is None:
+            return [], aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lock = protocol._command_lock
+        await lock.acquire()
+        replies: list[aiosmtplib.SMTPResponse] = []
+        error: BaseException | None = None
+        expected = commands.count(b"\r\n")
+        try:
+            protocol._response_pending = True
+            protocol.write(commands)
+            with protocol.group():
+                for _ in range(expected):
+                    try:
+                        replies.append(await protocol.next_reply(timeout))
+                    except (aiosmtplib.SMTPException, OSError) as exc:
+                        error = exc
+                        break
+        finally:
+            if len(replies) == expected and replies[-1].code == 354:
+                self._data_lock = lock
+            else:
+                lock.release()
+        return replies, error
+
+    def _group_refused(self, reply: Reply, reused: bool, count: int, out_of_step: bool) -> list[Reply] | None:
+        """MAIL (or the RSET before it) refused or unanswered: its Reply for every recipient.
+        The RCPTs' and DATA's replies were read to stay in step (their 503s); a group not read
+        to its end, or a DATA the server took anyway (354), leaves the connection out of
+        step: closed. A reused connection found gone: None, one at a time tries a new one."""
+        if out_of_step or self._data_lock is not None:
+            self.close()
+        if reused and self._lost:
+            self.close()
+            return None
+        return [reply] * count
+
+    async def _group_answers(self, rcpts: list[tuple[str, tuple[str, ...]]],
+                             replies: list[aiosmtplib.SMTPResponse], error: BaseException | None,
+                             data: Message, turn: Turn | None) -> list[Reply]:
+        """MAIL was taken: each RCPT's reply, then DATA's for the accepted recipients (the
+        message's, once it said 354), as one at a time answers them."""
+        answers: list[Reply] = []
+        for rcpt, _ in rcpts:
+            if not replies:
+                lost = error or aiosmtplib.SMTPServerDisconnected("Connection lost")
+                reply = self._failed(lost, RCPT)
+                return answers + [reply] * (len(rcpts) - len(answers))
+            got = replies.pop(0)
+            if got.code in (250, 251):
+                answers.append(Reply(got.code, got.message, stage=RCPT))
+                continue
+            reply = self._failed(aiosmtplib.SMTPRecipientRefused(got.code, got.message, rcpt), RCPT)
+            answers.append(reply)
+            if not reply.reached:
+                return answers + [reply] * (len(rcpts) - len(answers))
+        if not any(r.ok for r in answers):
+            if error is not None or self._data_lock is not None:
+                self.close()        # the DATA went unanswered, or the server took it anyway
+            return answers          # the transaction stays open: the next group says RSET
+        if not replies:
+            final = self._failed(error or aiosmtplib.SMTPServerDisconnected("Connection lost"), DATA)
+        elif self._data_lock is None:   # DATA refused: the transaction stays open, as one at a time
+            start = replies[0]
+            final = self._failed(aiosmtplib.SMTPDataError(start.code, start.message), DATA)
+        else:
+            final = await self.data(data, turn)
+        return [final if r.ok else r for r in answers]
 
     async def quit(self) -> None:
         """Say goodbye politely; a primary that does not answer is simply dropped. Inside a
@@ -552,6 +709,22 @@ class Upstream:
             self._smtp.close()
             self._smtp = None
         self._in_transaction = False
+
+
+class _Dot:
+    """A message's final dot (after what is left of its text), written once, with the reply
+    it brings expected; on a connection already gone it is not written (`sent` stays False)."""
+
+    def __init__(self, protocol: SMTPProtocol) -> None:
+        self.protocol = protocol
+        self.sent = False
+
+    def send(self, tail: bytes = b"") -> None:
+        if self.sent or self.protocol.transport is None or self.protocol.transport.is_closing():
+            return
+        self.protocol._response_pending = True
+        self.protocol.write(tail + b".\r\n")
+        self.sent = True
 
 
 class _Pipelining(SMTPProtocol):

@@ -76,6 +76,9 @@ class Gate(Protocol):
         """After the message, before its final dot: None to send the dot, or the Reply to
         settle with instead (`judge` then says UNTRIED; the message was abandoned)."""
 
+    def send_when_due(self, send: Callable[[], None]) -> None:
+        """`send` writes the final dot the moment `wait()` is to say None (client.py's `Turn`)."""
+
     def decided(self, verdict: Verdict | None) -> None:
         """The entry's verdict, None when it was not sent (another worker had it, set aside,
         crashed). Called at least once per attempt; the first call counts."""

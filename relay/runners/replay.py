@@ -29,7 +29,8 @@ connections at once. Then an `OrderGate`
 holds each message's final dot (sent after the message itself) until the one before it in the
 lane was answered: a primary commits a message at its dot, so it still takes a user's mail
 oldest first, while the claim, the read, MAIL, RCPT, DATA and the message of the next ones and
-the settling of the last one overlap; per mailbox only the dot and its 250 are serial. When a
+the settling of the last one overlap; per mailbox only the dot and its 250 are serial (the
+gate writes the held dot itself as the answer before it is read, `send_when_due`). When a
 message of the lane must wait (a 4xx for the mailbox) or the sweep stops, the messages held
 behind it are abandoned before their dot, their connections closed (RFC 5321 3.8: the primary
 commits nothing), and go back to waiting as they were (Verdict.UNTRIED).
@@ -70,6 +71,7 @@ class OrderGate:
         self.before = before
         self.mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._next: asyncio.Future[None] | None = None   # the wait of the entry after this one
+        self._send_next: Callable[[], None] | None = None   # that entry's dot, sent at a go
 
     def due(self) -> bool:
         return self.before is None or self.before.mine.done()
@@ -80,11 +82,21 @@ class OrderGate:
             return None
         if not before.mine.done():
             before._next = asyncio.get_running_loop().create_future()
-            await before._next      # its own: a wait cancelled cancels nothing shared
+            try:
+                await before._next      # its own: a wait cancelled cancels nothing shared
+            finally:
+                before._send_next = None    # cancelled: its connection is closed, no dot
         if before.mine.result():
             return None
         return Reply(451, "4.4.0 held back: an older message for this mailbox must wait first",
                      stage=HELD_BACK)
+
+    def send_when_due(self, send: Callable[[], None]) -> None:
+        """`send` writes this entry's dot when the entry before says go (`_set`): in the
+        loop turn that read its answer, where waking this entry's task first took one more
+        turn of a busy loop, per mailbox one a message."""
+        if self.before is not None and not self.before.mine.done():
+            self.before._send_next = send
 
     def decided(self, verdict: Verdict | None) -> None:
         if self.mine.done():
@@ -103,6 +115,9 @@ class OrderGate:
 
     def _set(self, go_on: bool) -> None:
         self.mine.set_result(go_on)
+        send, self._send_next = self._send_next, None
+        if go_on and send is not None:
+            send()
         if self._next is not None and not self._next.done():
             self._next.set_result(None)
 

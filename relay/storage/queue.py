@@ -27,6 +27,7 @@ What a crash leaves, and what `recover()` (run at start-up) does with it:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -223,8 +224,8 @@ class Queue:
     def read(self, entry: str, state: str = "waiting") -> tuple[Envelope, bytes]:
         """The envelope and the bytes to pass on (without the skipped Maildir headers)."""
         try:
-            envelope = Envelope.from_bytes(_read_plain(self._dir(state) / entry))
-            data = _read_plain(self._dir("msg") / entry, envelope.skip)
+            envelope = Envelope.from_bytes(_read_plain(f"{self._dirs[state]}/{entry}"))
+            data = _read_plain(f"{self._dirs['msg']}/{entry}", envelope.skip)
         except (OSError, ValueError, TypeError) as exc:
             raise CorruptEntryError(f"{self.root.name}/{entry}: {exc}") from exc
         return envelope, data
@@ -262,7 +263,7 @@ class Queue:
     def claim(self, entry: str) -> bool:
         """waiting -> active; False when another worker took it first."""
         try:
-            os.rename(self._dir("waiting") / entry, self._dir("active") / entry)
+            os.rename(f"{self._dirs['waiting']}/{entry}", f"{self._dirs['active']}/{entry}")
         except FileNotFoundError:
             return False
         return True
@@ -335,10 +336,13 @@ class Queue:
         self.move(entry, "active", "failed", replace(envelope, attempts=envelope.attempts + 1, note=note))
 
     def finish(self, entry: str, state: str = "active") -> None:
-        """Done: drop the envelope (the commit marker) first, then the bytes."""
-        (self._dir(state) / entry).unlink()
-        fsync_dir(self._dir(state))
-        (self._dir("msg") / entry).unlink(missing_ok=True)
+        """Done: drop the envelope (the commit marker) first, then the bytes, once its removal
+        is durable (a group-committed fsync: concurrent deliveries share one). Plain strings:
+        this runs once a delivered message, on a storage thread that holds the GIL for it."""
+        os.unlink(f"{self._dirs[state]}/{entry}")
+        fsync_dir(self._dirs[state])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._dirs['msg']}/{entry}")
 
     # -- the administrator's moves (`continuity-relay queue ...`) ------------------------------
 

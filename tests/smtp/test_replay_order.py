@@ -11,6 +11,10 @@ import threading
 import pytest
 
 from relay.cli import main
+from relay.config import HostPort, Primary
+from relay.delivery.client import Reply, Upstream
+from relay.runners.queue_runner import Verdict
+from relay.runners.replay import HELD_BACK, OrderGate
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script, send
 from tests.smtp.test_replay import message, number, queue
@@ -26,10 +30,12 @@ def slow_every_fourth(content: bytes) -> float:
     return 0.05 if number(content) % 4 == 0 else 0.0
 
 
-@pytest.fixture
-def busy(make_relay):
-    """A relay whose primary answers 451, with COUNT messages kept for alice alone."""
-    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance")).start()
+@pytest.fixture(params=["one at a time", "pipelining"])
+def busy(make_relay, request):
+    """A relay whose primary answers 451, with COUNT messages kept for alice alone; a primary
+    without PIPELINING, and one with (each transaction then goes as one group)."""
+    fake = FakePrimary(Script(mail="451 4.3.0 down for maintenance"),
+                       dsn=request.param == "pipelining").start()
     relay = make_relay(fake.port, users=("alice@example.com",), extra=THREE)
     for n in range(COUNT):
         assert send(relay.port, "s@sender.test", ["alice@example.com"], message(n, "alice"))[1][0] == 250
@@ -194,3 +200,50 @@ def test_the_next_message_goes_out_while_the_one_before_is_unanswered_its_dot_wa
         watcher.stop()
     assert watcher.committed == list(range(6))
     assert watcher.events.index(("text", 2)) < watcher.events.index(("answered", 1))
+
+
+def test_the_dot_held_for_the_message_before_goes_as_that_one_is_decided(primary):
+    """The dot waiting for the message before is written by the gate itself, in the loop turn
+    that decided the message before, not once its own task runs again (one more turn of a
+    busy loop, per mailbox one a message): with the loop blocked right after the decision,
+    the primary still gets the dot and commits the message."""
+    peer = Primary(HostPort("127.0.0.1", primary.port), starttls="off", timeout=5)
+
+    async def run() -> list[Reply]:
+        upstream = Upstream(peer, "relay.test")
+        first = OrderGate(None)
+        second = OrderGate(first)
+        sending = asyncio.create_task(upstream.send_many(
+            "s@sender.test", [("alice@example.com", ())], [], message(2, "alice"), second))
+        while first._next is None:          # the message went, its dot waits for the first
+            assert not sending.done()
+            await asyncio.sleep(0.01)
+        first.decided(Verdict.DELIVERED)
+        wait_for(lambda: primary.received, what="the dot")   # blocking: the loop does not turn
+        try:
+            return await sending
+        finally:
+            await upstream.quit()
+
+    (reply,) = asyncio.run(run())
+    assert reply.ok and [number(r.content) for r in primary.received] == [2]
+
+
+def test_a_message_held_back_sends_no_dot(primary):
+    peer = Primary(HostPort("127.0.0.1", primary.port), starttls="off", timeout=5)
+
+    async def run() -> list[Reply]:
+        upstream = Upstream(peer, "relay.test")
+        first = OrderGate(None)
+        sending = asyncio.create_task(upstream.send_many(
+            "s@sender.test", [("alice@example.com", ())], [], message(2, "alice"), OrderGate(first)))
+        while first._next is None:
+            await asyncio.sleep(0.01)
+        first.decided(Verdict.RETRY)
+        return await sending
+
+    (reply,) = asyncio.run(run())
+    assert reply.stage == HELD_BACK
+    assert send(primary.port, "s@sender.test", ["bob@example.com"], message(3, "bob"))[1][0] == 250
+    wait_for(lambda: primary.received)      # the held one's connection was closed well before
+    assert [number(r.content) for r in primary.received] == [3]
