@@ -54,6 +54,7 @@ class ScriptedHandler:
         self.received: list[Received] = []
         self.sessions: list[object] = []   # one per connection that sent MAIL
         self.quits = 0                     # QUITs received
+        self.probes = 0                    # QUITs on connections that sent no MAIL (probes)
         self.behind_mail: list[bytes] = []  # per MAIL: what had arrived behind it (pipelined)
         self.data_commands = 0             # DATA commands received (before any message)
 
@@ -79,6 +80,8 @@ class ScriptedHandler:
 
     async def handle_QUIT(self, server, session, envelope):
         self.quits += 1
+        if not any(known is session for known in self.sessions):
+            self.probes += 1
         return "221 Bye"
 
     async def handle_MAIL(self, server, session, envelope, address, options):
