@@ -50,6 +50,7 @@ from relay.storage.disk import DiskWatch
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.incoming import Incoming, MessageFile, incoming_path
 from relay.storage.maildir import MaildirStore
+from relay.storage.serve_lock import ServeLock
 from relay.storage.state import domain_status, summary
 from relay.web import start_web
 from relay.web.metrics import StatusGauges, start_metrics
@@ -100,6 +101,7 @@ class Running:
     limits: dict[str, ConnectionLimits] = field(default_factory=dict)
     metrics: AppRunner | None = None
     ready_status: str = ""               # the status line READY=1 carries, counted in `start`
+    lock: ServeLock | None = None        # held until close() is done (storage/serve_lock.py)
 
     async def reload_tls(self) -> bool:
         """SIGHUP: read tls.cert and tls.key again; a new connection gets the new certificate,
@@ -131,6 +133,8 @@ class Running:
             writer, index = self.archive
             await asyncio.to_thread(writer.stop)
             index.close()
+        if self.lock is not None:
+            self.lock.release()
         if not self.runners.cancelled() and self.runners.exception() is not None:
             raise self.runners.exception()
 
@@ -206,6 +210,9 @@ async def start(config: Config) -> Running:
     owner = Owner.named(config.storage.owner)
     for root in (config.storage.maildirs, config.storage.spool):
         make_dirs(root, owner)
+    lock = ServeLock(config.storage.spool, owner)    # before the rescan: active/ is ours
+    if not await asyncio.to_thread(lock.take):
+        raise RelayError(f"{lock.path}: held by another serve or a `replay` command; not started")
     store = build_store(config)
     await asyncio.to_thread(recover, config, store)
     incoming = Incoming(incoming_path(config.storage.spool), owner)
@@ -261,7 +268,8 @@ async def start(config: Config) -> Running:
     # waiting envelope in many threads, and the count would wait for the GIL behind it.
     ready = await asyncio.to_thread(_status_line, config, store)
     return Running(inbound, handler, replay, asyncio.create_task(_run_all(*runners), name="runners"),
-                   submission, web, tls, archiving, config, store, directory, limits, metrics, ready)
+                   submission, web, tls, archiving, config, store, directory, limits, metrics, ready,
+                   lock=lock)
 
 
 def _clear_incoming(incoming: Incoming) -> None:
@@ -436,10 +444,30 @@ def _replay_runner(config: Config, store: ContinuityStore, health: Health,
                         _notices(config, store, directory), config.hostname)
 
 
+def claim_spool(config: Config, domains: list[str]) -> ServeLock | None:
+    """For the `replay` command: the serve lock, and `domains`' replay queues recovered (what a
+    stopped serve left in active/), when no serve holds it; None, and active/ left alone, when
+    one does (its entries there are in flight). The caller releases the lock when done."""
+    store = build_store(config)
+    lock = ServeLock(config.storage.spool, store.owner)
+    if not lock.take():
+        return None
+    try:
+        for domain in domains:
+            result = store.replay_queue(domain).recover()
+            if any(result.values()):
+                event("queue.recovered", queue=domain, **result)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 async def replay_once(config: Config, domain: str, progress: Callable[[int], None]) -> Sweep:
     """One sweep of one domain now, whatever its state (the `replay` command).
 
-    No queue recovery here: a running `serve` may hold entries in active/.
+    No queue recovery here (`claim_spool` does it when no serve runs): a running `serve` may
+    hold entries in active/.
     """
     store = build_store(config)
     health = Health(config.storage.spool, Owner.named(config.storage.owner))

@@ -29,7 +29,7 @@ from relay.delivery import planned, readiness
 from relay.directory import Directory
 from relay.errors import ConfigErrors, DirectoryError, EntryError, RelayError, StorageError, UsageError
 from relay.log import event, formatter, queued, setup, stop
-from relay.storage import spool
+from relay.storage import serve_lock, spool
 from relay.storage.archive import Archive, Record
 from relay.storage.archive_export import FORMATS, export
 from relay.storage.archive_index import ArchiveIndex, Query
@@ -326,7 +326,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"{name}: {queue.count('waiting')} waiting for {len(waiting_by_user(queue))} user(s), "
                   f"oldest {_age(oldest) if oldest is not None else '-'}; nothing sent (--dry-run)")
         return 0
-    return asyncio.run(_replay(config, names))
+    from relay import app
+
+    lock = app.claim_spool(config, names)
+    if lock is None:
+        print(f"{config.storage.spool / serve_lock.NAME}: a serve is running: what it has in "
+              f"active/ is in flight and left to it", file=sys.stderr)
+    try:
+        return asyncio.run(_replay(config, names))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 async def _replay(config: Config, names: list[str]) -> int:

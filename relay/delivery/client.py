@@ -694,13 +694,14 @@ class Upstream:
     async def quit(self) -> None:
         """Say goodbye politely; a primary that does not answer is simply dropped. Inside a
         DATA whose message is on its way this waits for its reply (the command lock)."""
-        if self.connected:
-            assert self._smtp is not None
-            try:
+        try:
+            if self.connected:
+                assert self._smtp is not None
                 await self._smtp.quit(timeout=5)
-            except (aiosmtplib.SMTPException, OSError):
-                pass  # closing anyway; nothing is lost by an unanswered QUIT
-        self.close()
+        except (aiosmtplib.SMTPException, OSError):
+            pass  # closing anyway; nothing is lost by an unanswered QUIT
+        finally:
+            self.close()    # also when cancelled waiting for the 221 (a shutdown): no socket left
 
     def close(self) -> None:
         """Drop the connection (a DATA started and not sent is discarded by the server)."""

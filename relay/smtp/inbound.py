@@ -52,7 +52,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from relay import metrics
 from relay.addresses import AddressError, Mailbox, parse_mailbox, parse_sender
 from relay.config import Domain, HostPort, Limits, Primary
-from relay.delivery.client import Reply, Upstream
+from relay.delivery.client import CONNECT, Reply, Upstream
 from relay.delivery.dead import DeadPrimaries
 from relay.delivery.dsn import build_dsn, dsn_field, notify_says
 from relay.delivery.health import Health
@@ -334,7 +334,9 @@ class InboundHandler(FewNames):
                 mail, first = await upstream.begin_rcpt(parse_sender(tx.mail_from), list(tx.mail_options),
                                                         _declared_size(tx.mail_options), address, options)
             finally:
-                if fresh:
+                if fresh or (mail is not None and not mail.reached and mail.stage == CONNECT):
+                    # a kept connection found gone is replaced by a new one (Upstream.begin):
+                    # its failure to connect is news of the primary, as a fresh session's is
                     self.dead.tried(key, mail)
             if first is None:
                 tx.failed[key] = mail

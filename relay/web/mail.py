@@ -4,6 +4,8 @@
     GET  /mail/compose                            the compose form (`?to=` fills in a recipient)
     POST /mail/compose                            send it: the same pipeline as the submission port
     GET  /mail/{folder}?page=N                    the folder's messages, newest first, 25 a page
+                                                  (a folder named archive, compose or folder:
+                                                  /mail/folder/{folder}..., see `folder_url`)
     GET  /mail/{folder}/{key}                     one message (marks it read: flag S); `?view=text`
     GET  /mail/{folder}/{key}/html                its sanitised HTML, for the sandboxed iframe only
     GET  /mail/{folder}/{key}/attachment/{n}      attachment n as a download
@@ -144,8 +146,14 @@ async def _page(request: web.Request, template: str, status: int = 200, **contex
 
 # -- URLs and what templates show ------------------------------------------------------------------
 
+# Folder names our own routes take after /mail/ (`compose` here, `archive` in web/archive.py,
+# `folder` for the form below): such a folder's pages live under /mail/folder/<name>/, where
+# nothing else does; every other folder keeps its plain /mail/<name> URLs.
+ROUTE_NAMES = frozenset({"archive", "compose", "folder"})
+
+
 def folder_url(folder: str, page: int = 1) -> str:
-    url = "/mail/" + quote(folder, safe="")
+    url = ("/mail/folder/" if folder in ROUTE_NAMES else "/mail/") + quote(folder, safe="")
     return f"{url}?page={page}" if page > 1 else url
 
 
@@ -557,9 +565,12 @@ def add_routes(app: web.Application) -> None:
         return
     r.add_get("/mail/compose", compose_form, name="mail_compose")
     r.add_post("/mail/compose", send)
-    r.add_get("/mail/{folder}", folder_page, name="mail_folder")
-    r.add_get("/mail/{folder}/{key}", message_page, name="mail_message")
-    r.add_get("/mail/{folder}/{key}/html", message_html, name="mail_html")
-    r.add_get(r"/mail/{folder}/{key}/attachment/{n:\d{1,6}}", download, name="mail_attachment")
-    r.add_get("/mail/{folder}/{key}/{mode:reply|reply-all|forward}", reply_form, name="mail_reply")
-    r.add_post("/mail/{folder}/{key}/{action:delete|move|unread}", change, name="mail_change")
+    for base, named in (("/mail/folder/{folder}", False), ("/mail/{folder}", True)):  # see folder_url
+        def name(what: str, named: bool = named) -> str | None:
+            return f"mail_{what}" if named else None
+        r.add_get(base, folder_page, name=name("folder"))
+        r.add_get(base + "/{key}", message_page, name=name("message"))
+        r.add_get(base + "/{key}/html", message_html, name=name("html"))
+        r.add_get(base + r"/{key}/attachment/{n:\d{1,6}}", download, name=name("attachment"))
+        r.add_get(base + "/{key}/{mode:reply|reply-all|forward}", reply_form, name=name("reply"))
+        r.add_post(base + "/{key}/{action:delete|move|unread}", change, name=name("change"))

@@ -54,8 +54,10 @@ class ScriptedHandler:
         self.received: list[Received] = []
         self.sessions: list[object] = []   # one per connection that sent MAIL
         self.quits = 0                     # QUITs received
+        self.probes = 0                    # QUITs on connections that sent no MAIL (probes)
         self.behind_mail: list[bytes] = []  # per MAIL: what had arrived behind it (pipelined)
         self.data_commands = 0             # DATA commands received (before any message)
+        self.open: set[SMTP] = set()       # connections not yet closed (stop() closes them)
 
     async def _act(self, server, verb: str) -> str | None:
         if self.script.hang_at == verb:
@@ -79,6 +81,8 @@ class ScriptedHandler:
 
     async def handle_QUIT(self, server, session, envelope):
         self.quits += 1
+        if not any(known is session for known in self.sessions):
+            self.probes += 1
         return "221 Bye"
 
     async def handle_MAIL(self, server, session, envelope, address, options):
@@ -123,6 +127,14 @@ def _scripted(base: type[SMTP]) -> type[SMTP]:
     class Scripted(base):
         _greeted = False
 
+        def connection_made(self, transport) -> None:
+            self.event_handler.open.add(self)
+            super().connection_made(transport)
+
+        def connection_lost(self, error) -> None:
+            self.event_handler.open.discard(self)
+            super().connection_lost(error)
+
         async def push(self, status: str) -> None:
             if not self._greeted:
                 self._greeted = True
@@ -159,17 +171,18 @@ class FakePrimary:
     """An aiosmtpd server in its own thread, answering as its script says.
 
     `smtputf8=False`: a server that does not offer SMTPUTF8; `dsn=True`: one that offers DSN.
-    It calls itself `name` in its greeting and EHLO reply."""
+    It calls itself `name` in its greeting and EHLO reply. `smtp_options` go to aiosmtpd's SMTP
+    (e.g. `auth_required`, `authenticator`)."""
 
     def __init__(self, script: Script | None = None, *, smtputf8: bool = True, dsn: bool = False,
                  name: str = "primary.test", port: int | None = None,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, **smtp_options: object) -> None:
         self.handler = ScriptedHandler(script or Script())
         self.port = port or free_port()
         kind = _DSNController if dsn else _ScriptedController
         self.controller = kind(self.handler, hostname="127.0.0.1", port=self.port,
                                server_hostname=name, decode_data=False, enable_SMTPUTF8=smtputf8,
-                               tls_context=tls_context)
+                               tls_context=tls_context, **smtp_options)
 
     @property
     def script(self) -> Script:
@@ -184,7 +197,19 @@ class FakePrimary:
         return self
 
     def stop(self) -> None:
+        # Close what is still connected first: aiosmtpd's stop only cancels the sessions' tasks,
+        # and a connection the relay keeps (pass-through caches one) would be left to the garbage
+        # collector (a ResourceWarning; after STARTTLS, the raw socket under the TLS one).
+        asyncio.run_coroutine_threadsafe(self._hang_up(), self.controller.loop).result(5)
         self.controller.stop()
+
+    async def _hang_up(self) -> None:
+        for protocol in list(self.handler.open):
+            for transport in (protocol.transport, protocol._original_transport):
+                if transport is not None:
+                    transport.abort()
+        await asyncio.sleep(0)      # abort closes the socket on the loop's next turn
+        await asyncio.sleep(0)
 
 
 def write_config(directory: Path, primary_port: int, *, since: str = "2026-01-01",

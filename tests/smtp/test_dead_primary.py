@@ -12,7 +12,7 @@ import threading
 from relay.delivery.client import CONNECT, Reply
 from relay.delivery.dead import DeadPrimaries
 from tests.helpers import wait_for
-from tests.smtp.fakes import stored_files
+from tests.smtp.fakes import FakePrimary, stored_files
 
 REFUSED = Reply(451, "connection failed during connect", reached=False, stage=CONNECT)
 
@@ -119,3 +119,40 @@ def test_while_one_connect_to_a_silent_primary_waits_other_sessions_keep_their_m
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:    # marked dead: kept
         assert client.sendmail("s@sender.test", ["bob@example.com"], b"Subject: 5\r\n\r\nkept\r\n") == {}
     assert len(stored_files(relay.config.storage.maildirs)) == 5
+
+
+def test_a_kept_connection_whose_reconnect_fails_marks_the_primary_dead(make_relay):
+    """The pool's connection to the primary answers 421 to MAIL (the primary shutting down)
+    and the new connection tried in its place is refused: that is a failed connect like a fresh
+    session's, so the next sessions keep their mail at once instead of each connecting."""
+    fake = FakePrimary().start()
+    try:
+        relay = make_relay(fake.port)
+        dead = relay.running.handler.dead
+        key = relay.config.domains["example.com"].primary.address
+        on_loop(relay, lambda: setattr(dead, "retry", 3600.0))
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:   # passed; kept open
+            assert client.sendmail("s@sender.test", ["alice@example.com"], b"Subject: 1\r\n\r\n1\r\n") == {}
+        assert len(fake.received) == 1
+        stop_listening(fake)              # the kept connection stays; new ones are refused
+        fake.script.mail = "421 4.3.2 primary.test shutting down"
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            assert client.sendmail("s@sender.test", ["alice@example.com"], b"Subject: 2\r\n\r\n2\r\n") == {}
+        assert len(stored_files(relay.config.storage.maildirs)) == 1       # kept
+        marked: list[Reply | None] = []
+        on_loop(relay, lambda: marked.append(dead.skip(key)))
+        assert marked[0] is not None and marked[0].stage == CONNECT and not marked[0].reached
+    finally:
+        fake.stop()
+
+
+def stop_listening(fake: FakePrimary) -> None:
+    """Close the fake primary's listening socket, leaving its connections open."""
+    done = threading.Event()
+
+    def close() -> None:
+        fake.controller.server.close()
+        done.set()
+
+    fake.controller.loop.call_soon_threadsafe(close)
+    assert done.wait(10)

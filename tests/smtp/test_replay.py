@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import threading
-import time
 
 import pytest
 
@@ -142,7 +141,11 @@ def test_primary_that_greets_but_refuses_stays_in_outage_quietly(outage, caplog)
 
     fake, relay, _ = outage
     caplog.set_level(logging.INFO, logger="relay")
-    time.sleep(3.5)  # three probes: each greets, each first delivery gets 451
+    # Three probes: each greets, and the sweep it starts gets 451 to its first MAIL. The fourth
+    # probe comes only after the third sweep's answer was taken (one loop per domain).
+    probes, mails = fake.handler.probes, len(fake.handler.behind_mail)
+    wait_for(lambda: fake.handler.probes >= probes + 4, what="four more probes")
+    assert len(fake.handler.behind_mail) >= mails + 3 and not fake.received
     assert read_state(relay.config.storage.spool / "state", "example.com").state == "outage"
     assert [r for r in caplog.records if r.name == "relay.health"] == []
     fake.script.mail = "250 2.1.0 Ok"
@@ -168,9 +171,8 @@ def test_inbound_success_starts_replay_without_waiting_for_a_probe(make_relay):
 def test_replay_command_sweeps_once_with_summary(outage, capsys):
     fake, relay, _ = outage
     relay.stop()
-    # A probe's sweep cut off by the stop leaves its entry in active/, for the next start-up's
-    # rescan (as Postfix's qmgr does); the command does not take entries a serve may own.
-    Queue(relay.config.storage.spool / "replay" / "example.com").recover()
+    # A probe's sweep cut off by the stop may leave its entry in active/: with no serve holding
+    # the spool's lock, the command recovers it itself.
     config = relay.config.file
     assert main(["replay", "--dry-run", "-c", str(config)]) == 0
     assert capsys.readouterr().out.startswith("example.com: 30 waiting for 3 user(s), oldest ")

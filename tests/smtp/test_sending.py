@@ -223,10 +223,7 @@ def test_submission_port_through_the_whole_relay(smarthost, tmp_path, monkeypatc
 def _auth_smarthost(tmp_path, tls: bool):
     """An aiosmtpd smarthost requiring AUTH (with STARTTLS when `tls`); records the logins."""
     import trustme
-    from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
-
-    from tests.smtp.fakes import ScriptedHandler
 
     seen: list[tuple[bytes, bytes]] = []
 
@@ -241,12 +238,11 @@ def _auth_smarthost(tmp_path, tls: bool):
         ca.cert_pem.write_to_path(str(tmp_path / "smarthost-ca.pem"))
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1").configure_cert(context)
-    handler = ScriptedHandler(Script())
-    port = free_port()
-    smarthost = Controller(handler, hostname="127.0.0.1", port=port, auth_required=True,
-                           auth_require_tls=tls, authenticator=authenticator, tls_context=context)
+    # A FakePrimary: its stop() hangs up on the relay's connection first (a ResourceWarning else)
+    smarthost = FakePrimary(auth_required=True, auth_require_tls=tls, authenticator=authenticator,
+                            tls_context=context)
     (tmp_path / "smarthost.password").write_text("s3cret pass\n")
-    return smarthost, handler, seen, port
+    return smarthost, smarthost.handler, seen, smarthost.port
 
 
 def test_smarthost_auth_with_password_file(make_relay, tmp_path):

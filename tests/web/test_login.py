@@ -10,6 +10,7 @@ import time
 import pytest
 
 from relay.auth import LoginThrottle
+from tests.helpers import wait_for
 from tests.web.helpers import ADMIN, ADMIN_PASSWORD, USERS, Client
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,14 +113,16 @@ def test_guessing_at_an_admin_does_not_lock_the_same_address_out_of_self_service
 
 
 def test_failed_logins_are_delayed_off_the_loop(make_server):
-    server = make_server(LoginThrottle(account_limit=10, base_delay=1.0, max_delay=1.0))
+    throttle = LoginThrottle(account_limit=10, base_delay=1.0, max_delay=1.0)
+    server = make_server(throttle)
     client, other = Client(server.port), Client(server.port, peer="127.0.0.2")
     assert client.login_admin(password="guess guess").status == 401    # first failure: no delay
     replies = []
     delayed = threading.Thread(target=lambda: replies.append(client.login_admin(password="guess guess")))
     started = time.monotonic()
     delayed.start()
-    time.sleep(0.1)                                 # the second failure is now being held
+    # The second failure is counted just before its delay starts: from then on it is held.
+    wait_for(lambda: throttle.delay("127.0.0.1", "") > 0, what="the second failure to be held")
     assert other.get("/login").status == 200        # the loop answers others meanwhile
     assert not replies, "the held failure was answered before the other page"
     delayed.join(10)

@@ -12,6 +12,7 @@ import html
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -191,6 +192,24 @@ def test_mail_goes_to_the_inbox_and_every_folder_is_listed(mail, alice):
     assert "No messages in INBOX" in page.text
     assert alice.get("/mail/Entw%26APw-rfe").status == 200
     assert alice.get("/mail/inbox").status == 200            # IMAP's INBOX is case-insensitive
+
+
+@pytest.mark.parametrize("name", ["archive", "compose", "folder"])
+def test_a_folder_named_like_one_of_our_pages_is_reachable(mail, alice, name):
+    """/mail/archive and /mail/compose are the archive and compose pages: a user's folder of
+    that name has its pages under /mail/folder/<name>; other folders keep /mail/<name>."""
+    key = mail.put(message(f"in {name}"), folder=name)
+    listed = dict(links(alice.get("/mail/INBOX"), "folder"))
+    assert listed[f"/mail/folder/{name}"] == name and ("/mail/Sent", "Sent") in listed.items()
+    page = alice.get(f"/mail/folder/{name}")
+    assert page.status == 200
+    ((href, subject),) = links(page, "message")
+    assert (unquote(href), subject) == (f"/mail/folder/{name}/{key}", f"in {name}")
+    assert f"in {name}" in alice.get(href).text
+    assert alice.post(f"{href}/delete").location == f"/mail/folder/{name}"
+    assert mail.files(name) == [] and len(mail.files("Trash")) == 1
+    assert 'id="compose"' in alice.get("/mail/compose").body        # the pages stay theirs
+    assert alice.get("/mail/archive").status == 200
 
 
 def test_the_list_pages_newest_first_with_unread_marked(mail, alice):
