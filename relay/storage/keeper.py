@@ -20,7 +20,8 @@ is once the Maildir file and the queue entry were fsync'd. What a failure does: 
 gone (killed, crashed) fails every keep still waiting with StorageError (the sender gets 451
 and retries; whatever the child wrote is what a crash of `keep` leaves, see continuity.py),
 and the next keep starts a new child. The child ends when its stdin closes (the relay stopped
-or died), after the keeps it had begun.
+or died), after the keeps it had begun; it ignores SIGTERM and SIGINT, which a stop sends
+the whole process group while the relay still drains.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -203,6 +205,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, store: ContinuityStore) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # A stop signal to the whole group (systemd's, a terminal's Ctrl-C) is the relay's to act
+    # on: it drains its sessions, whose keeps this process is finishing, then closes stdin.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup("WARNING")        # what keep logs (a refused symlink) goes to the relay's stderr
     maildirs, spool, uid, gid = argv
     owner = Owner(int(uid) if uid else None, int(gid) if gid else None)

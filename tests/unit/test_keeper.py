@@ -108,3 +108,24 @@ def test_a_keep_the_child_cannot_do_is_a_storage_error_with_its_reason(tmp_path)
     failed = asyncio.run(main())
     assert isinstance(failed, StorageError) and "symlink" in str(failed)
     assert json.dumps(str(failed))   # the reason, as the child said it
+
+
+def test_a_stop_signal_to_the_group_leaves_the_child_finishing_the_relays_keeps(tmp_path):
+    """systemd and a terminal signal every process of the group at once; the relay drains its
+    sessions after SIGTERM, so the child must still take their keeps (it ends at stdin's end)."""
+    async def main() -> tuple[str, int | None, int | None]:
+        keeper = Keeper(tmp_path / "m", tmp_path / "s")
+        try:
+            await keeper.keep(ALICE, "", MessageFile(None, len(BODY), body=BODY))
+            first = keeper.pid
+            assert first is not None
+            os.kill(first, signal.SIGTERM)
+            os.kill(first, signal.SIGINT)
+            entry = await keeper.keep(ALICE, "", MessageFile(None, len(BODY), body=BODY))
+            return entry, first, keeper.pid
+        finally:
+            await keeper.close()
+
+    entry, first, second = asyncio.run(main())
+    assert second == first
+    assert kept(tmp_path, entry)[1] == BODY
