@@ -498,7 +498,9 @@ def bench_relay(load: Load, root: Path, archive: bool = False, through: bool = F
     name = "relay" + ("+pass" if through else "") + ("+archive" if archive else "")
     print(f"{name} cpu: {used * 1000 / load.messages:.2f} ms a message (the relay and its children, "
           "during the load); user/system: event loop thread {:.2f}/{:.2f} ms, other threads "
-          "{:.2f}/{:.2f} ms".format(*(t * 1000 / load.messages for t in threads)))
+          "{:.2f}/{:.2f} ms".format(*(t * 1000 / load.messages for t in threads))
+          + f"; child processes (the keeper, the index follower) "
+            f"{(used - sum(threads)) * 1000 / load.messages:.2f} ms")
     return Result(name, load.messages, seconds, cpu, memory, used)
 
 

@@ -49,6 +49,7 @@ from relay.storage.continuity import ContinuityStore, trace_headers
 from relay.storage.disk import DiskWatch
 from relay.storage.durable import Owner, make_dirs
 from relay.storage.incoming import Incoming, MessageFile, incoming_path
+from relay.storage.keeper import Keeper
 from relay.storage.maildir import MaildirStore
 from relay.storage.serve_lock import ServeLock
 from relay.storage.state import domain_status, summary
@@ -248,10 +249,12 @@ async def start(config: Config) -> Running:
     # AUTH and sending, on the submission port and (after STARTTLS) on the inbound port
     sending = SubmissionHandler(config.hostname, directory, submit, config.max_recipients,
                                 throttle) if tls else None
+    # kept copies are written by a process of its own (storage/keeper.py), as store.keep would
+    keeper = Keeper(config.storage.maildirs, config.storage.spool, owner)
     handler = InboundHandler(config.domains, config.hostname, health, directory.is_registered,
-                             store.keep, config.max_recipients, sending, _screen(config),
+                             keeper.keep, config.max_recipients, sending, _screen(config),
                              directory.is_known, _inbound_archive(store, archive),
-                             _notices(config, store, directory))
+                             _notices(config, store, directory), keeper=keeper)
     log_accept_errors(asyncio.get_running_loop())
     limits = listener_limits(config.limits, ["inbound", *(["submission"] if config.listen.submission
                                                           else [])])

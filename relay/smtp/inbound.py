@@ -40,10 +40,11 @@ is made; the archive writer gets a hard link of its own.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from typing import Any
 
@@ -67,9 +68,11 @@ from relay.smtp.spam import Screen
 from relay.smtp.submission import SubmissionHandler, SubmissionSession
 from relay.smtp.tls import ServerTLS
 from relay.storage.incoming import Incoming, MessageFile
+from relay.storage.keeper import Keeper
 
-Keep = Callable[[Mailbox, str, MessageFile, tuple[str, ...], tuple[str, ...]], str]
-"""(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id; blocking."""
+Keep = Callable[[Mailbox, str, MessageFile, tuple[str, ...], tuple[str, ...]], str | Awaitable[str]]
+"""(user, envelope sender, message, MAIL FROM options, RCPT TO options) -> queue id: blocking
+(run in a worker thread), or a coroutine function (awaited: `Keeper.keep`)."""
 
 KEPT_MAIL_OPTIONS = ("BODY", "SMTPUTF8", "RET", "ENVID")   # what replay passes on later
 PLANNED_TEXT = "planned outage"    # the reply that stands for a primary not asked
@@ -170,7 +173,8 @@ class InboundHandler(FewNames):
                  max_recipients: int = 100, submission: SubmissionHandler | None = None,
                  screen: Screen | None = None, known: Callable[[Mailbox], bool] | None = None,
                  archive: ArchiveHook | None = None,
-                 notice: Callable[[bytes, str], None] | None = None) -> None:
+                 notice: Callable[[bytes, str], None] | None = None,
+                 keeper: Keeper | None = None) -> None:
         self.domains = domains
         self.hostname = hostname
         self.health = health
@@ -179,6 +183,7 @@ class InboundHandler(FewNames):
         self.archive = archive               # every accepted message, once (never waits)
         self.notice = notice                 # queues a DSN for an address (blocking)
         self.keep = keep
+        self.keeper = keeper                 # the process behind `keep`, if any: closed at the end
         self.max_recipients = max_recipients
         self.submission = submission    # AUTH and sending sessions (after STARTTLS); None: no AUTH
         self.screen = screen            # the spam filter on copies about to be kept (spam.py)
@@ -205,6 +210,8 @@ class InboundHandler(FewNames):
             await asyncio.wait(list(self._background), timeout=10)
         if self.submission is not None:
             await self.submission.drain(timeout)
+        if self.keeper is not None:
+            await self.keeper.close()
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # a sender that cannot do our TLS: not our fault
@@ -488,8 +495,7 @@ class InboundHandler(FewNames):
         kept_ids: dict[Mailbox, str] = {}
         try:
             for user in kept:
-                kept_ids[user] = await asyncio.to_thread(self.keep, user, sender, message, options,
-                                                         tx.options[user])
+                kept_ids[user] = await self._keep(user, sender, message, options, tx.options[user])
         except Exception as exc:  # noqa: BLE001 - any local fault is a 451, never a 5xx
             event("inbound.keep_failed", logging.ERROR, id=tx.id, error=exc)
             metrics.inbound("deferred")
@@ -503,6 +509,15 @@ class InboundHandler(FewNames):
         if kept:
             return replies.QUEUED.format(id=tx.id)
         return replies.DELIVERED.format(id=tx.id)
+
+    async def _keep(self, user: Mailbox, sender: str, message: MessageFile,
+                    options: tuple[str, ...], rcpt_options: tuple[str, ...]) -> str:
+        """One kept copy: awaited when `keep` is a coroutine (the keeper's process, which
+        needs no thread hop and shares no interpreter lock: storage/keeper.py), else in a
+        worker thread."""
+        if inspect.iscoroutinefunction(self.keep):
+            return await self.keep(user, sender, message, options, rcpt_options)
+        return await asyncio.to_thread(self.keep, user, sender, message, options, rcpt_options)
 
     async def _archive(self, tx: Transaction, sender: str, message: MessageFile,
                        outcomes: dict[Mailbox, str], kept_ids: dict[Mailbox, str]) -> None:

@@ -17,7 +17,10 @@ Crash points (see maildir.py and queue.py for each store's own):
   - before the queue commit: at most a stray file; the sender got no 250 and will retry
   - after the queue commit, before new/: replay has it, the Maildir not; the sender retries,
     so the primary may get it twice (never zero times)
-  - after new/ is fsync'd: complete; only now does the caller answer 250
+  - new/ and waiting/ are fsync'd last, one after the other (they share a file system
+    commit): a power cut between the two may leave new/ without the queue commit; the
+    sender got no 250 and retries, so the user may see it twice (never zero times)
+  - after both are fsync'd: complete; only now does the caller answer 250
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from relay.storage.archive import Item
 from relay.storage.durable import Owner
 from relay.storage.incoming import MessageFile
 from relay.storage.maildir import MaildirStore
-from relay.storage.queue import Envelope, Queue
+from relay.storage.queue import Envelope, Queue, Staged
 
 
 def replay_queue_path(spool: Path, domain: str) -> Path:
@@ -46,6 +49,32 @@ def outbound_queue_path(spool: Path) -> Path:
 def trace_headers(user: Mailbox, sender: str) -> bytes:
     """What a kept copy carries above the message, as a delivery agent writes it."""
     return f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n".encode()
+
+
+class _QueueEntry:
+    """A kept copy's replay queue entry riding along its Maildir delivery (maildir.Companion):
+    the envelope written and the file linked into msg/ before the Maildir file's fsync, the
+    entry committed to waiting/ before the file appears in new/, and waiting/ fsync'd with
+    new/. Every name is fsync'd before `keep` returns, as before; they share commits now."""
+
+    def __init__(self, queue: Queue, envelope: Envelope) -> None:
+        self.queue, self.envelope = queue, envelope
+        self.staged: Staged | None = None
+
+    def written(self, tmp: str) -> None:
+        self.staged = self.queue.stage_link(tmp, self.envelope)
+
+    def synced(self) -> None:
+        assert self.staged is not None
+        self.staged.commit()
+
+    def published(self) -> None:
+        assert self.staged is not None
+        self.staged.settle()
+
+    def abandon(self) -> None:
+        if self.staged is not None:
+            self.staged.abandon()
 
 
 class ContinuityStore:
@@ -75,15 +104,16 @@ class ContinuityStore:
         trace = trace_headers(user, sender)
         envelope = Envelope(mail_from=sender, rcpt=str(user), received_at=time.time(),
                             skip=len(trace), mail_options=mail_options, rcpt_options=rcpt_options)
-        queue = self.replay_queue(user.domain)
-        ids: list[str] = []
+        entry = _QueueEntry(self.replay_queue(user.domain), envelope)
         try:
             data = trace + message if isinstance(message, bytes) else message.with_prefix(trace)
-            self.maildirs.deliver(user, data,
-                                  before_publish=lambda tmp: ids.append(queue.enqueue_link(tmp, envelope)))
+            self.maildirs.deliver(user, data, companion=entry)
         except OSError as exc:
             raise StorageError(f"cannot keep mail for {user}: {exc.strerror or exc}") from exc
-        return ids[0]
+        finally:
+            entry.abandon()
+        assert entry.staged is not None
+        return entry.staged.entry
 
     def notify(self, user: Mailbox, notice: bytes) -> str:
         """A notice from the relay (envelope sender `<>`) to one of its users: into their

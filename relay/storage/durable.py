@@ -160,6 +160,17 @@ def write_new(path: Path | str, data: bytes | Chunked, mode: int = 0o600, owner:
               dir_fd: int | None = None) -> None:
     """Create `path` (which must not exist; relative to `dir_fd` when given) with `data`,
     fsync'd and handed to `owner` through its descriptor; the caller fsyncs the dir."""
+    fd = create_written(path, data, mode, owner, dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_written(path: Path | str, data: bytes | Chunked, mode: int = 0o600,
+                   owner: Owner = Owner(), dir_fd: int | None = None) -> int:
+    """`write_new` without its fsync: the open descriptor, for a caller that fsyncs it later
+    (and closes it), so that more changes go into the file system's next commit first."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                  dir_fd=dir_fd)
     try:
@@ -168,9 +179,10 @@ def write_new(path: Path | str, data: bytes | Chunked, mode: int = 0o600, owner:
             view = memoryview(piece)
             while view:
                 view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o600, owner: Owner = Owner(),

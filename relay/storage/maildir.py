@@ -8,9 +8,11 @@ message *before* it becomes visible in new/ (Dovecot may rename it to cur/ at an
 that), and `add` does not fsync the directory.
 
 A delivery, step by step, and what a crash at each step leaves:
-  1. tmp/<name> written and fsync'd      -> a stray tmp file (Dovecot removes those after 36 h)
-  2. `before_publish(tmp/<name>)`          -> whatever that callback leaves (the spool cleans up)
-  3. link tmp/<name> -> new/<name>, unlink tmp, fsync new/
+  1. tmp/<name> written (a `Companion` writes and links its files), then fsync'd
+                                           -> a stray tmp file (Dovecot removes those after 36 h)
+  2. `before_publish(tmp/<name>)` or the companion's commit
+                                           -> whatever that leaves (the spool cleans up)
+  3. link tmp/<name> -> new/<name>, unlink tmp, (the companion's commit fsync'd), fsync new/
                                            -> the message is in the mailbox
 
 The webmail reads, flags, moves and deletes messages through this class too (see the notes
@@ -42,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from relay import headers
 from relay.addresses import Mailbox
@@ -51,11 +53,11 @@ from relay.storage.durable import (
     Chunked,
     Owner,
     UnsafePathError,
+    create_written,
     fsync_dir,
     make_dirs,
     open_dir,
     open_file,
-    write_new,
 )
 
 FOLDERS = ("Sent", "Outbox")
@@ -276,6 +278,23 @@ def _read_head(path: Path) -> tuple[bytes, os.stat_result]:
         return head[:MAX_HEADER], info
 
 
+class Companion(Protocol):
+    """What rides along one delivery, step by step (the replay queue's entry for a kept
+    copy), so that its writes share the file system's commits with the delivery's instead of
+    waiting for commits of their own: a kept message then waits for three (the Maildir file
+    with the companion's new names, the companion's own file, the companion's commit marker
+    with new/), where one after the other took five."""
+
+    def written(self, tmp: str) -> None:
+        """tmp/<name> is written, not yet fsync'd: write your files, link `tmp` (no fsync)."""
+
+    def synced(self) -> None:
+        """tmp/<name> is fsync'd: make yours durable and commit, before it appears in new/."""
+
+    def published(self) -> None:
+        """It is in new/ (not yet fsync'd): make your commit durable."""
+
+
 class MaildirStore:
     """Creates Maildir++ trees and delivers messages into them, durably."""
 
@@ -335,12 +354,14 @@ class MaildirStore:
         return f"{seconds}.M{micro}P{os.getpid()}Q{next(self._counter)}.{self._host},S={size}"
 
     def deliver(self, user: Mailbox, data: bytes | Chunked, folder: str | None = None,
-                before_publish: Callable[[str], None] | None = None, seen: bool = False) -> Path:
+                before_publish: Callable[[str], None] | None = None, seen: bool = False,
+                companion: Companion | None = None) -> Path:
         """Write `data` into the user's folder (INBOX by default); return the new file's path.
 
         Returns only once the file and new/ are fsync'd. `before_publish` sees the fsync'd
-        temp file (its path) before it appears in new/. `seen` files it in cur/ already read
-        (a Sent copy). Paths are plain strings here: this runs for every kept message.
+        temp file (its path) before it appears in new/; a `companion` (the replay queue's
+        entry) rides along the steps instead (see Companion). `seen` files it in cur/ already
+        read (a Sent copy). Paths are plain strings here: this runs for every kept message.
         """
         where, parts = self._places.get(user) or self._place(user)
         if folder:
@@ -359,10 +380,12 @@ class MaildirStore:
             finally:
                 os.close(fd)
         try:
-            self._publish(where, name, final_name, data, tmp_fd, final_fd, before_publish)
+            self._publish(where, name, final_name, data, tmp_fd, final_fd, before_publish, companion)
         finally:
             os.close(tmp_fd)
             os.close(final_fd)
+        if companion is not None:
+            companion.published()
         fsync_dir(f"{where}/{final_sub}")
         return Path(f"{where}/{final_sub}/{final_name}")
 
@@ -373,13 +396,22 @@ class MaildirStore:
         return self._places.setdefault(user, (os.fspath(box), box.relative_to(self.root).parts))
 
     def _publish(self, box: str, name: str, final_name: str, data: bytes | Chunked, tmp_fd: int,
-                 final_fd: int, before_publish: Callable[[str], None] | None) -> None:
+                 final_fd: int, before_publish: Callable[[str], None] | None,
+                 companion: Companion | None = None) -> None:
         """tmp/<name> written through `tmp_fd`, shown to `before_publish`, linked into the
         directory `final_fd` (the link itself, never a target), and unlinked from tmp/."""
-        write_new(name, data, owner=self.owner, dir_fd=tmp_fd)
+        fd = create_written(name, data, owner=self.owner, dir_fd=tmp_fd)
         try:
+            try:
+                if companion is not None:
+                    companion.written(f"{box}/tmp/{name}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if before_publish is not None:
                 before_publish(f"{box}/tmp/{name}")
+            if companion is not None:
+                companion.synced()
             os.link(name, final_name, src_dir_fd=tmp_fd, dst_dir_fd=final_fd, follow_symlinks=False)
         finally:
             try:

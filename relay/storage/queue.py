@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from relay.errors import CorruptEntryError, EntryError, StorageError
-from relay.storage.durable import Owner, fsync_dir, make_dirs, write_new
+from relay.storage.durable import Owner, create_written, fsync_dir, make_dirs, write_new
 
 STATES = ("waiting", "active", "failed", "hold")
 MAX_CRASHES = 3            # an entry that crashed a runner this often is set aside in hold/
@@ -103,6 +103,45 @@ def _read_plain(path: Path | str, skip: int = 0) -> bytes:
         os.close(fd)
 
 
+@dataclass
+class Staged:
+    """An entry `Queue.stage_link` began: msg/<entry> and tmp/<entry> exist, unsynced. What a
+    crash leaves before `commit()` is what `recover()` removes (no envelope in waiting/)."""
+
+    queue: Queue
+    entry: str
+    fd: int | None = None           # tmp/<entry>'s, open until commit() fsyncs it
+
+    def commit(self) -> None:
+        """The envelope and msg/ made durable, then the entry exists (waiting/<entry>); the
+        source's own fsync must have come first. Durable only after `settle()`."""
+        dirs = self.queue._dirs
+        try:
+            assert self.fd is not None
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+            fsync_dir(dirs["msg"])
+            os.rename(f"{dirs['tmp']}/{self.entry}", f"{dirs['waiting']}/{self.entry}")
+        except OSError as exc:
+            raise StorageError(f"queue {self.queue.root}: {exc.strerror or exc}") from exc
+
+    def settle(self) -> None:
+        """waiting/ fsync'd: the entry is durable."""
+        try:
+            fsync_dir(self.queue._dirs["waiting"])
+        except OSError as exc:
+            raise StorageError(f"queue {self.queue.root}: {exc.strerror or exc}") from exc
+
+    def abandon(self) -> None:
+        """An error before `commit()`: the descriptor closed; the files are `recover()`'s."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 @dataclass(frozen=True)
 class Pending:
     """A waiting entry as a sweep sees it: whom it is for and when it may be tried."""
@@ -151,6 +190,22 @@ class Queue:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             write_new(target, _read_plain(Path(source)), owner=self.owner)
+
+    def stage_link(self, source: str, envelope: Envelope) -> Staged:
+        """Begin an entry for the file at `source`, written but maybe not yet fsync'd: its
+        envelope written to tmp/ and `source` linked into msg/, none of it fsync'd yet, so
+        that the caller's own fsync of `source` commits these too. `Staged.commit()` (once
+        `source` is fsync'd) and `Staged.settle()` finish it, as `enqueue_link` does."""
+        staged = Staged(self, self.new_id())
+        try:
+            self._ensure()
+            staged.fd = create_written(f"{self._dirs['tmp']}/{staged.entry}", envelope.to_bytes(),
+                                       owner=self.owner)
+            os.link(source, f"{self._dirs['msg']}/{staged.entry}", follow_symlinks=False)
+            return staged
+        except OSError as exc:
+            staged.abandon()
+            raise StorageError(f"queue {self.root}: {exc.strerror or exc}") from exc
 
     def enqueue_bytes(self, data: bytes, envelope: Envelope) -> str:
         """Queue a message given as bytes."""

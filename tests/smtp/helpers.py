@@ -21,6 +21,7 @@ from relay.delivery.submit import Submitter
 from relay.smtp.submission import SubmissionHandler, make_server_factory
 from relay.smtp.tls import ServerTLS
 from relay.storage.continuity import ContinuityStore
+from relay.storage.maildir import MaildirStore
 from tests.loopwatch import watch_thread
 
 PASSWORDS = {"alice@example.com": "alice pass", "bob@example.com": "bob pass",
@@ -118,7 +119,7 @@ def files(path) -> list:
 
 
 def sender_of(relay) -> Submitter:
-    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    store = ContinuityStore(MaildirStore(relay.config.storage.maildirs), relay.config.storage.spool)
     return Submitter(store)
 
 

@@ -354,16 +354,15 @@ def test_status_shows_state_since_and_waiting(make_relay, capsys):
 def test_shutdown_lets_a_message_in_hand_finish_and_get_its_reply(make_relay):
     import asyncio
     import threading
-    import time
 
     relay = make_relay(free_port())
     real_keep = relay.running.handler.keep
     started = threading.Event()
 
-    def slow_keep(*args):
+    async def slow_keep(*args):     # the keeper's keep is a coroutine (storage/keeper.py)
         started.set()
-        time.sleep(1.0)
-        return real_keep(*args)
+        await asyncio.sleep(1.0)
+        return await real_keep(*args)
 
     relay.running.handler.keep = slow_keep
     result = {}
@@ -375,3 +374,20 @@ def test_shutdown_lets_a_message_in_hand_finish_and_get_its_reply(make_relay):
     sender.join(0.5)  # close() returned only once the reply was on its way
     assert result["reply"][0] == 250
     assert len(maildir_and_queue(relay)[0]) == 1
+
+
+def test_kept_copies_are_written_by_the_keepers_process_not_the_relays(make_relay):
+    """Issue 13: a kept message's file work runs in a storage process of its own
+    (storage/keeper.py), not in threads sharing the event loop's interpreter lock. The
+    Maildir name carries its writer's pid (`...P<pid>Q...`), the queue id too."""
+    import os
+
+    relay = make_relay(free_port())  # nothing listens there
+    answers, reply = send(relay.port, "x@sender.test", ["alice@example.com"], MESSAGE)
+    assert answers[0][0] == 250 and reply[0] == 250
+    (stored,), (entry,) = maildir_and_queue(relay)
+    keeper = relay.running.handler.keeper
+    assert keeper is not None and keeper.pid not in (None, os.getpid())
+    assert f"P{keeper.pid}Q" in stored.name and f".{keeper.pid}." in entry.name
+    assert json.loads(entry.read_bytes())["rcpt"] == "alice@example.com"
+    assert body_after_our_headers(stored.read_bytes()) == MESSAGE

@@ -490,8 +490,9 @@ def _submit_as_zoe(relay, rcpt: str) -> None:
     from relay.addresses import parse_mailbox
     from relay.delivery.submit import Submitter
     from relay.storage.continuity import ContinuityStore
+    from relay.storage.maildir import MaildirStore
 
-    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    store = ContinuityStore(MaildirStore(relay.config.storage.maildirs), relay.config.storage.spool)
     zoe = parse_mailbox("zo\u00eb@example.com")
     message = "From: Zo\u00eb <zo\u00eb@example.com>\r\nTo: <b@example.org>\r\nSubject: hi\r\n\r\nx\r\n"
     Submitter(store).submit(zoe, str(zoe), [rcpt], message.encode())  # the runner's 1 s timer sends it

@@ -15,6 +15,7 @@ from relay.addresses import parse_mailbox
 from relay.cli import main
 from relay.delivery.submit import Submitter
 from relay.storage.continuity import ContinuityStore
+from relay.storage.maildir import MaildirStore
 from tests.helpers import free_port, wait_for
 from tests.smtp.fakes import FakePrimary, Script
 from tests.smtp.helpers import drop_in_outbox, files, outbound_config, sender_of
@@ -352,7 +353,7 @@ def test_every_sending_path_keeps_to_the_limits(make_relay):
     from relay.errors import PermFail
 
     relay = make_relay(free_port())
-    store = ContinuityStore(relay.running.handler.keep.__self__.maildirs, relay.config.storage.spool)
+    store = ContinuityStore(MaildirStore(relay.config.storage.maildirs), relay.config.storage.spool)
     sender = Submitter(store, max_recipients=2, max_size=100)
     alice = parse_mailbox("alice@example.com")
     small = b"From: alice@example.com\r\n\r\nhi\r\n"
