@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from pathlib import Path
 from relay.errors import StorageError
 from relay.log import event
 from relay.storage.archive import Archive, ArchiveWriter, Handoff, Item
+from relay.storage.child import ignore_stop_signals
 from relay.storage.durable import Owner
 from relay.storage.incoming import MessageFile
 
@@ -211,14 +211,6 @@ class ArchiveFeed(Handoff):
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-def ignore_stop_signals() -> None:
-    """A helper process of serve ends when its standard input ends, never on a signal: Ctrl-C
-    signals the whole foreground group, and systemd's stop every process of the unit, at once;
-    serve then writes what it holds and closes the pipe, and the helper writes that too."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _hold_lock(root: Path):

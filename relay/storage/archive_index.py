@@ -767,7 +767,7 @@ def _main(argv: list[str]) -> int:
     import sys
 
     from relay.log import setup
-    from relay.storage.archive_feed import ignore_stop_signals
+    from relay.storage.child import ignore_stop_signals
 
     ignore_stop_signals()
     setup("INFO")

@@ -31,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from typing import BinaryIO
 from relay.addresses import Mailbox, parse_mailbox
 from relay.errors import StorageError
 from relay.log import event, setup, stop
+from relay.storage.child import ignore_stop_signals
 from relay.storage.continuity import ContinuityStore
 from relay.storage.durable import Owner
 from relay.storage.incoming import MessageFile
@@ -205,10 +205,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, store: ContinuityStore) -> None:
 
 
 def main(argv: list[str]) -> int:
-    # A stop signal to the whole group (systemd's, a terminal's Ctrl-C) is the relay's to act
-    # on: it drains its sessions, whose keeps this process is finishing, then closes stdin.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_stop_signals()   # the relay drains its sessions, whose keeps this finishes, then closes stdin
     setup("WARNING")        # what keep logs (a refused symlink) goes to the relay's stderr
     maildirs, spool, uid, gid = argv
     owner = Owner(int(uid) if uid else None, int(gid) if gid else None)
