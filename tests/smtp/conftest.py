@@ -25,6 +25,15 @@ def smarthost():
     server.stop()
 
 
+@pytest.fixture(params=["pipelining", "one at a time"])
+def any_primary(request):
+    """A primary that offers PIPELINING (the relay's own protocol), and one that does not
+    (plain aiosmtpd): the answers must come out the same."""
+    server = FakePrimary(dsn=request.param == "pipelining").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def ca():
     return trustme.CA()

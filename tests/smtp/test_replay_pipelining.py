@@ -23,15 +23,6 @@ MESSAGE = b"From: x@sender.test\r\nSubject: grouped\r\n\r\nbody\r\n"
 USERS = ("alice@example.com", "bob@example.com")
 
 
-@pytest.fixture(params=["pipelining", "one at a time"])
-def any_primary(request):
-    """A primary that offers PIPELINING (the relay's own protocol), and one that does not
-    (plain aiosmtpd): the answers must come out the same."""
-    server = FakePrimary(dsn=request.param == "pipelining").start()
-    yield server
-    server.stop()
-
-
 def transactions(server: FakePrimary, *steps) -> list[list[Reply]]:
     """Run `steps` (each (change to the script or None, recipients)) over one Upstream, one
     transaction each; every transaction's Replies."""

@@ -26,15 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 MESSAGE = b"From: x@sender.test\r\nSubject: round trips\r\n\r\nbody\r\n"
 
 
-@pytest.fixture(params=["pipelining", "one at a time"])
-def any_primary(request):
-    """A primary that offers PIPELINING (the relay's own protocol), and one that does not
-    (plain aiosmtpd): the answers must come out the same."""
-    server = FakePrimary(dsn=request.param == "pipelining").start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def pipelining():
     server = FakePrimary(dsn=True).start()
