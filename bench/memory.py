@@ -16,8 +16,10 @@ memory is not in the way); the primary is a closed port (an outage) or `smtp-sin
 `limits.idle_timeout` is 10m here: on a loaded shared machine, twenty 50 MB DATA transfers
 can stall a session past the default 60s while smtp-source and the disk catch up.
 
-Figures are MB (10^6 bytes) from /proc/PID/status (VmRSS, VmHWM). Messages are SIZE bytes of
-body (default 50,000,000: under the 50 MiB limit once headers are added).
+Figures are MB (10^6 bytes) from /proc/PID/status (VmRSS, VmHWM), of serve's own process; its
+helper processes (the archive writer, the index follower, the keeper) are shown beside it.
+Messages are SIZE bytes of body (default 50,000,000: under the 50 MiB limit once headers are
+added).
 
 Usage: .venv/bin/python bench/memory.py [--size 50000000] [--sessions 20]
        [--relay PATH/TO/continuity-relay] [--only idle,keep,many,pass] [--keep]
@@ -114,35 +116,44 @@ def running(root: Path, primary: int):
         yield pid, port
 
 
-def idle(root: Path, size: int, sessions: int) -> tuple[float, float]:
+def helpers(pid: int, field: str = "VmHWM") -> str:
+    """serve's helper processes (archive writer, index follower, keeper: not in the goals'
+    figure, which is serve's own): each one's `field` and their PSS now, summed."""
+    found = bench.children(pid)
+    peak = sum(status_kb(p, field) for p in found) * 1024 / MB
+    pss = sum(bench.proc_kb(f"/proc/{p}/smaps_rollup", "Pss") for p in found) * 1024 / MB
+    return f"helpers ({len(found)} processes): {field} {peak:.0f} MB, PSS now {pss:.0f} MB"
+
+
+def idle(root: Path, size: int, sessions: int) -> tuple[float, float, str]:
     with running(root, bench.free_port()) as (pid, _):
         time.sleep(IDLE_SECONDS)       # settled: the runners' first sweeps and probes done
-        return status_kb(pid, "VmRSS") * 1024 / MB, 80
+        return status_kb(pid, "VmRSS") * 1024 / MB, 80, helpers(pid, "VmRSS")
 
 
-def keep_and_replay(root: Path, size: int, sessions: int) -> tuple[float, float]:
+def keep_and_replay(root: Path, size: int, sessions: int) -> tuple[float, float, str]:
     primary = bench.free_port()
     with running(root, primary) as (pid, port):
         source(port, size, 1)
         bench.expect(queued(root), 1, "kept messages waiting")
         with sink_on(primary):         # the primary comes back: serve replays by itself
             bench.wait_for(lambda: queued(root) == 0, 300, "the replay to finish")
-        return status_kb(pid, "VmHWM") * 1024 / MB, 2 * size / MB + 60
+        return status_kb(pid, "VmHWM") * 1024 / MB, 2 * size / MB + 60, helpers(pid)
 
 
-def many(root: Path, size: int, sessions: int) -> tuple[float, float]:
+def many(root: Path, size: int, sessions: int) -> tuple[float, float, str]:
     with running(root, bench.free_port()) as (pid, port):
         source(port, size, sessions)
         bench.expect(queued(root), sessions, "kept messages waiting")
-        return status_kb(pid, "VmHWM") * 1024 / MB, 400
+        return status_kb(pid, "VmHWM") * 1024 / MB, 400, helpers(pid)
 
 
-def passed(root: Path, size: int, sessions: int) -> tuple[float, float]:
+def passed(root: Path, size: int, sessions: int) -> tuple[float, float, str]:
     sink = bench.free_port()
     with sink_on(sink), running(root, sink) as (pid, port):
         source(port, size, sessions)
         bench.expect(queued(root), 0, "kept messages")
-        return status_kb(pid, "VmHWM") * 1024 / MB, 0
+        return status_kb(pid, "VmHWM") * 1024 / MB, 0, helpers(pid)
 
 
 SCENARIOS = {"idle": ("idle RSS", idle), "keep": ("1 message kept, then replayed: peak", keep_and_replay),
@@ -164,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only.split(","):
             label, scenario = SCENARIOS[name]
             try:
-                figure, goal = scenario(tmp / name, args.size, args.sessions)
+                figure, goal, beside = scenario(tmp / name, args.size, args.sessions)
             except bench.BenchError as exc:
                 print(f"{name}: FAILED: {exc}")
                 failed = True
                 continue
             verdict = "(no goal)" if not goal else ("ok" if figure <= goal else "MISSED")
             shown = f"goal <= {goal:.0f} MB {verdict}" if goal else verdict
-            print(f"{label.format(n=args.sessions):40} {figure:7.0f} MB   {shown}", flush=True)
+            print(f"{label.format(n=args.sessions):40} {figure:7.0f} MB   {shown}   {beside}", flush=True)
     finally:
         if args.keep:
             print(f"kept {tmp}")

@@ -87,7 +87,9 @@ MAX_PARTS = 1000                # parts of one multipart looked at
 MAX_WORDS = 32                  # words of a query field looked for; the rest are left out
 SEQ_BITS = 30                   # key = whole seconds << SEQ_BITS | place in the day's file
 BUSY = 10.0                     # seconds a search or sync waits for SQLite's write lock
-FOLLOW_INTERVAL = 0.5           # seconds between two catch-ups of the follower (`follow`)
+FOLLOW_INTERVAL = 0.5           # seconds between two looks of the follower at the files (`follow`)
+QUIET = 2.0                     # seconds the archive must not grow before the follower catches up...
+MAX_LAG = 60.0                  # ...unless it has not for this long (`Pacing`)
 NICENESS = 10                   # the follower's nice(2) increment
 MIN_KEY, MAX_KEY = -(2**63), 2**63 - 1
 
@@ -720,21 +722,60 @@ class ArchiveIndex:
         return sql, params, newest
 
 
-def follow(archive: Archive, stop: Callable[[float], bool], interval: float = FOLLOW_INTERVAL) -> None:
+@dataclass
+class Pacing:
+    """When the follower catches up: once the archive has not grown for `quiet` seconds, or
+    when it has not caught up for `max_lag`. Parsing and indexing beside a burst of mail, even
+    on idle CPU only, slowed the listeners' event loop by a third (the two cores' caches and
+    memory shared: bench/README.md, "The archive on and off"); so under a burst the index
+    lags, by `max_lag` at most, and catches up when the burst is over."""
+
+    quiet: float = QUIET
+    max_lag: float = MAX_LAG
+    _sizes: tuple[int, ...] | None = None
+    _grew: float = -math.inf
+    _synced: float = -math.inf      # (so the first look catches up at once: a start)
+
+    def due(self, now: float, sizes: tuple[int, ...]) -> bool:
+        """Whether to catch up now, the newest day files being `sizes` long."""
+        if sizes != self._sizes:
+            self._sizes, self._grew = sizes, now
+        return now - self._grew >= self.quiet or now - self._synced >= self.max_lag
+
+    def synced(self, now: float) -> None:
+        self._synced = now
+
+
+def _newest_sizes(archive: Archive) -> tuple[int, ...]:
+    """The sizes of the two newest day files (a burst may span midnight): what grows."""
+    sizes = []
+    for day in archive.day_names()[-2:]:
+        try:
+            sizes.append(os.stat(archive._day_file(day)).st_size)
+        except FileNotFoundError:
+            sizes.append(-1)
+    return tuple(sizes)
+
+
+def follow(archive: Archive, stop: Callable[[float], bool], interval: float = FOLLOW_INTERVAL,
+           pacing: Pacing | None = None) -> None:
     """Keep the index up with the archive's files until `stop(seconds)` (which waits up to
     `seconds`) says to end: what `serve` runs in a process of its own, so parsing messages for
-    the index never takes the SMTP listeners' interpreter (blocking)."""
+    the index never takes the SMTP listeners' interpreter (blocking). When, see `Pacing`."""
     index = ArchiveIndex(archive)
+    pacing = pacing if pacing is not None else Pacing()
     try:
         if index.stale():       # written by another version: rebuilt from the files, no command
             event("archive.index_rebuilding", logging.WARNING, reason=f"not version {SCHEMA}")
             index.reindex()
         while True:
-            try:
-                index.sync()
-            except StorageError as exc:
-                event("archive.index_failed", logging.WARNING, error=exc,
-                      hint="`archive reindex` rebuilds it")
+            if pacing.due(time.monotonic(), _newest_sizes(archive)):
+                try:
+                    index.sync()
+                except StorageError as exc:
+                    event("archive.index_failed", logging.WARNING, error=exc,
+                          hint="`archive reindex` rebuilds it")
+                pacing.synced(time.monotonic())
             if stop(interval):
                 return
     finally:

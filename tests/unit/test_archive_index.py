@@ -477,7 +477,7 @@ def test_follow_keeps_up_until_told_to_stop(archive):
             ArchiveWriter(archive).write([item(message("while following"), at("2026-11-01"))])
         return len(rounds) == 2
 
-    archive_index.follow(archive, stop, interval=0.01)
+    archive_index.follow(archive, stop, interval=0.01, pacing=archive_index.Pacing(quiet=0))
     index = ArchiveIndex(archive)
     try:
         assert ids(index, Query(words="following")) == ["20261101.1"] and rounds == [0.01, 0.01]
@@ -570,3 +570,19 @@ def test_a_follower_refused_a_lower_priority_says_so_and_follows_anyway(monkeypa
     monkeypatch.setattr(archive_index.os, "nice", refused)
     archive_index._background()
     assert "archive.index_priority" in caplog.text and "not permitted" in caplog.text
+
+
+def test_the_follower_waits_for_a_burst_to_end_but_never_lags_more_than_max_lag():
+    """Times given, not waited for: `Pacing` says when to catch up, given the newest day
+    files' sizes at each look."""
+    pacing = archive_index.Pacing(quiet=2, max_lag=60)
+    assert pacing.due(0.0, (100,))                      # a start catches up at once
+    pacing.synced(0.0)
+    growing = [pacing.due(t / 2, (100 + t,)) for t in range(1, 100)]     # growing every look
+    assert not any(growing), "caught up in the middle of a burst"
+    assert pacing.due(60.0, (300,)), "never more than max_lag behind"
+    pacing.synced(60.0)
+    assert not pacing.due(61.0, (301,)) and not pacing.due(62.5, (301,))
+    assert pacing.due(63.0, (301,)), "the burst over (quiet for 2 s): catch up"
+    pacing.synced(63.0)
+    assert pacing.due(63.5, (301,)), "quiet: every look catches up (a sync with nothing new is cheap)"
