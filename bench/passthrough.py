@@ -39,7 +39,9 @@ event loop's time went (bench/profile_summary.py --groups FILE prints it again).
 
 Usage: .venv/bin/python bench/passthrough.py [--messages 5000] [--sessions 20] [--size 4096]
        [--users 100] [--latency 2000] [--rounds 20] [--latency-only | --throughput-only]
-       [--profile DIR] [--keep]
+       [--profile DIR] [--keep] [--onoff PAIRS]
+`--onoff PAIRS` runs the relay with the archive off and on PAIRS times, each pair in the other
+order than the one before, and prints every on/off ratio and their median (issue 11's 10%).
 Exit status 0 when every step succeeded and every count matched, 1 otherwise, 2 on bad usage.
 Needs root, the Debian postfix package and the project venv (run it with .venv/bin/python).
 """
@@ -255,10 +257,27 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
               f"{leg.rate / postfix_leg.delivered_rate:.2f} (against Postfix's delivered rate); "
               f"server cpu a message {leg.server_cpu / postfix_leg.server_cpu:.2f}x Postfix's")
     print(f"ratio relay+archive/relay = {legs[2].rate / legs[1].rate:.2f} (the archive on/off)")
+    if args.onoff > 1:
+        archive_pairs(args, load, tmp, (legs[1], legs[2]))
     if args.profile is not None:
         for name in ("relay", "relay+archive"):
             print(f"\n== profile {name} ({args.profile / (name + '.raw')}) ==")
             print(grouped(args.profile / f"{name}.raw"))
+
+
+def archive_pairs(args: argparse.Namespace, load: Load, tmp: Path, first: tuple[Leg, Leg]) -> None:
+    """More pairs of relay legs, archive off and on, each pair in the other order than the one
+    before (the first pair ran off, then on): a machine that slows or speeds up over a run (a
+    neighbour, the disk writing back the legs before) then weighs on both sides alike."""
+    ratios = [first[1].rate / first[0].rate]
+    for pair in range(1, args.onoff):
+        order = (True, False) if pair % 2 else (False, True)
+        ran = {archive: leg_relay(load, tmp / f"pair{pair}-{archive}", archive, None) for archive in order}
+        ratios.append(ran[True].rate / ran[False].rate)
+        print(f"pair {pair + 1} ({'on first' if order[0] else 'off first'}): "
+              f"{ran[False].line()}\n  {ran[True].line()}\n  on/off {ratios[-1]:.2f}", flush=True)
+    print(f"archive on/off over {len(ratios)} pairs: {' '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}")
 
 
 # -- latency -----------------------------------------------------------------------------------
@@ -421,6 +440,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy on each relay throughput leg, collapsed stacks into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
+    parser.add_argument("--onoff", type=int, default=1, metavar="PAIRS",
+                        help="throughput: relay legs with the archive off and on, PAIRS times, "
+                             "in alternating order; prints each ratio and their median")
     args = parser.parse_args(argv)
     if min(args.messages, args.sessions, args.size, args.users, args.latency, args.rounds) < 1:
         parser.error("--messages, --sessions, --size, --users, --latency and --rounds must be "
