@@ -280,6 +280,20 @@ class Archive:
             file.seek(int(record.object.partition("+")[2] or 0))
             return file.read(limit)
 
+    def pieces(self, record: Record, start: int, size: int = 1 << 20) -> Iterator[bytes]:
+        """The message's bytes from `start` on, `size` at a time (a big one never whole)."""
+        pack, at, offset = record.object.partition("@")
+        base = int(offset) if at else int(record.object.partition("+")[2] or 0)
+        left = record.size - start if at else -1
+        with open(self.object_path(record), "rb") as file:
+            file.seek(base + start)
+            while left:
+                piece = file.read(size if left < 0 else min(size, left))
+                if not piece:
+                    return
+                left -= len(piece) if left > 0 else 0
+                yield piece
+
     # -- legal hold --------------------------------------------------------------------------
 
     def holds(self) -> list[str]:

@@ -63,7 +63,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from email import policy
 from email.message import Message
@@ -130,7 +130,8 @@ _NEWEST_FROM_WORDS = " ORDER BY words.rowid DESC LIMIT ? OFFSET ?"
 _NEWEST_FROM_RECORDS = " ORDER BY r.key DESC LIMIT ? OFFSET ?"
 
 # Past `MAX_PARSE`, an attachment is still noticed by its header line.
-_ATTACHMENT_LINE = re.compile(rb"^content-disposition:[ \t]*attachment", re.IGNORECASE | re.MULTILINE)
+_ATTACHMENT_LINE = re.compile(rb"^content-disposition:[ \t]{0,200}attachment", re.IGNORECASE | re.MULTILINE)
+_LINE_CARRY = 256               # bytes of a piece carried into the next: a line split between two
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,21 @@ def _document(data: bytes) -> _Document:
     except Exception:  # noqa: BLE001 - headers that do not parse give nothing, never a fault
         subject, from_, to = "", (), ()
     return _Document(subject, text, attached, from_, to)
+
+
+def _document_of(archive: Archive, record: Record) -> _Document:
+    """`_document` of an archived message, reading only the `MAX_PARSE` bytes it parses, then
+    (no attachment seen) the rest a piece at a time for an attachment's header line: reading
+    a 50 MB message whole took the follower's memory to 180 MB."""
+    doc = _document(archive.read(record, MAX_PARSE))
+    if doc.has_attachment or record.size <= MAX_PARSE:
+        return doc
+    window = b""
+    for piece in archive.pieces(record, MAX_PARSE - 1):    # (the byte before: `^` needs it)
+        window = window[-_LINE_CARRY:] + piece
+        if _ATTACHMENT_LINE.search(window, 1) is not None:
+            return replace(doc, has_attachment=True)
+    return doc
 
 
 def _roles(record: Record, doc: _Document) -> dict[str, int]:
@@ -614,7 +630,7 @@ class ArchiveIndex:
         if conn.execute("SELECT 1 FROM records WHERE id = ?", (record.id,)).fetchone():
             return 0
         try:
-            doc = _document(self.archive.read(record))
+            doc = _document_of(self.archive, record)
         except OSError:                 # its object is missing: `verify` says so; still listed
             doc = _Document("", "", False, (), ())
         key = key_of(record)

@@ -586,3 +586,43 @@ def test_the_follower_waits_for_a_burst_to_end_but_never_lags_more_than_max_lag(
     assert pacing.due(63.0, (301,)), "the burst over (quiet for 2 s): catch up"
     pacing.synced(63.0)
     assert pacing.due(63.5, (301,)), "quiet: every look catches up (a sync with nothing new is cheap)"
+
+
+def _big(tail: bytes, size: int = 5 * 1024 * 1024) -> bytes:
+    """A multipart message of about `size` bytes: a text part, a filler part, then `tail`."""
+    from relay.storage.archive_index import MAX_PARSE
+
+    head = (b"From: s@sender.test\r\nTo: a@example.com\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain\r\n\r\n"
+            b"bigword\r\n--XX\r\nContent-Type: text/plain\r\n\r\n")
+    filler = (b"y" * 76 + b"\r\n") * ((max(size, MAX_PARSE + 10) - len(head)) // 78)
+    return head + filler + tail + b"\r\n--XX--\r\n"
+
+
+@pytest.mark.parametrize("shift", [0, 1, 77, 200, 1 << 20])
+def test_an_attachment_past_what_is_parsed_is_seen_reading_a_piece_at_a_time(archive, index, shift):
+    """Past MAX_PARSE only an attachment's header line is looked for: now in pieces (a line
+    split between two included), and the answer is what reading it whole gives."""
+    line = b"--XX\r\nContent-Disposition:  attachment; filename=a.pdf\r\n\r\nxx"
+    with_one, without = _big(b"z" * shift + b"\r\n" + line), _big(b"z" * shift + b"\r\nnot an attachment")
+    records = ArchiveWriter(archive, on_written=index.add).write(
+        [item(with_one, at("2026-11-01")), item(without, at("2026-11-01", 7200))])
+    assert message_text(with_one)[1] and not message_text(without)[1]
+    assert ids(index, Query(has_attachment=True)) == [records[0].id]
+    assert ids(index, Query(words="bigword", has_attachment=False)) == [records[1].id]
+
+
+def test_indexing_a_big_message_never_holds_it_whole(archive, index):
+    import tracemalloc
+
+    data = _big(b"no attachment", size=40 * 1024 * 1024)
+    ArchiveWriter(archive).write([item(data, at("2026-11-01"))])
+    del data
+    tracemalloc.start()
+    try:
+        assert index.sync() == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 1024 * 1024, f"{peak / 2**20:.0f} MiB to index a 40 MiB message"
+    assert ids(index, Query(words="bigword")) == ["20261101.1"]
