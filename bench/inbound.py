@@ -30,7 +30,7 @@ and the last line is `ratio archive on/off` (issue 11: archiving must cost the s
 
 Usage: .venv/bin/python bench/inbound.py [--messages 5000] [--sessions 20] [--size 4096]
        [--users 100] [--relay-only | --postfix-only | --disk-only] [--archive]
-       [--profile DIR] [--keep]
+       [--profile DIR] [--keep] [--pairs PAIRS (with --archive: off/on pairs in alternating order)]
 Exit status 0 when every step succeeded and every count matched, 1 otherwise, 2 on bad usage.
 """
 
@@ -43,6 +43,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -566,6 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy on the relay during "
                         "the kept leg: DIR/kept.raw, summed up by bench/profile_summary.py --groups")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
+    parser.add_argument("--pairs", type=int, default=1, help="with --archive: PAIRS pairs of "
+                        "off/on legs (kept, passed), in alternating order, and their medians")
     args = parser.parse_args(argv)
     if args.profile is not None:
         if args.postfix_only or args.disk_only:
@@ -619,7 +622,28 @@ def run_benches(args: argparse.Namespace, tmp: Path) -> dict[str, Result]:
         print(on.line(), flush=True)
         print(f"ratio archive on/off (passed through) = {on.rate / off.rate:.2f}; cpu a message "
               f"on/off = {on.cpu_seconds / off.cpu_seconds:.2f}")
+        if args.pairs > 1:
+            archive_pairs(args, load, tmp, results["archive"].rate / results["relay"].rate,
+                          on.rate / off.rate)
     return results
+
+
+def archive_pairs(args: argparse.Namespace, load: Load, tmp: Path, kept: float, passed: float) -> None:
+    """More pairs of legs, archive off and on, kept and passed through, each pair in the other
+    order than the one before (the first ran off, then on): a machine that slows or speeds up
+    over the run (a neighbour, the disk writing back the legs before) weighs on both alike."""
+    ratios = {"kept in an outage": [kept], "passed through": [passed]}
+    for pair in range(1, args.pairs):
+        order = (True, False) if pair % 2 else (False, True)
+        for name, through in (("kept in an outage", False), ("passed through", True)):
+            ran = {archive: bench_relay(load, tmp / f"pair{pair}-{through}-{archive}", archive=archive,
+                                        through=through) for archive in order}
+            ratios[name].append(ran[True].rate / ran[False].rate)
+            print(f"pair {pair + 1} ({'on first' if order[0] else 'off first'}), {name}: "
+                  f"on/off {ratios[name][-1]:.2f}", flush=True)
+    for name, values in ratios.items():
+        print(f"archive on/off ({name}) over {len(values)} pairs: {' '.join(f'{r:.2f}' for r in values)}; "
+              f"median {statistics.median(values):.2f}")
 
 
 def bench_main(args: argparse.Namespace, prefix: str, check: Callable[[argparse.Namespace], None],
