@@ -45,6 +45,7 @@ import mmap
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -418,7 +419,7 @@ class Archive:
         return []
 
 
-class Handoff:
+class Handoff(ABC):
     """Handing messages over to a writer that takes them in batches, at most `BACKLOG`
     waiting: `ArchiveWriter` here, and `ArchiveFeed` (storage/archive_feed.py), which sends
     them to it in another process. A subclass says what waits (`_waiting`) and how one is
@@ -427,11 +428,13 @@ class Handoff:
     _space: threading.Condition
     _thread: threading.Thread | None
 
+    @abstractmethod
     def _waiting(self) -> int:
-        raise NotImplementedError
+        """How many messages wait for the writer."""
 
+    @abstractmethod
     def _put(self, item: Item) -> None:
-        raise NotImplementedError
+        """One message put where the writer takes it, and the writer woken when it must be."""
 
     def add(self, item: Item) -> None:
         """Hand a message over (blocking only while `BACKLOG` messages wait)."""
