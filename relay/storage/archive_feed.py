@@ -46,6 +46,7 @@ from relay.storage.archive import Archive, ArchiveWriter, Handoff, Item
 from relay.storage.child import ignore_stop_signals
 from relay.storage.durable import Owner
 from relay.storage.incoming import MessageFile
+from relay.storage.serve_lock import hold
 
 FEED_LINGER = 0.02       # seconds the feed gathers messages before one write to the pipe
 PIPE_SIZE = 1 << 20      # the pipe's buffer (F_SETPIPE_SZ): the writer's flushes stall no sender
@@ -213,10 +214,11 @@ class ArchiveFeed(Handoff):
             self._proc.wait()
 
 
-def _hold_lock(root: Path):
-    """The archive's one writer: wait for any other to end (a process serve left running)."""
-    fd = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+def _hold_lock(root: Path) -> int:
+    """The archive's one writer: wait for any other to end (a process serve left running). A
+    read-only descriptor, so the archive's file system can still be remounted read-only."""
+    fd = hold(root / "writer.lock", wait=True)
+    assert fd is not None
     return fd
 
 
