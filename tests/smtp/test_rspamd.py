@@ -99,10 +99,11 @@ def kept(relay):
 
 
 def nothing_anywhere(relay) -> bool:
-    """No message in a Maildir, and no file in the spool but the health state (no replay entry,
-    nothing in outbound/: no DSN)."""
+    """No message in a Maildir, and no file in the spool but the health state and serve's lock
+    (no replay entry, nothing in outbound/: no DSN)."""
     spool = relay.config.storage.spool
-    queued = [p for p in spool.rglob("*") if p.is_file() and p.relative_to(spool).parts[0] != "state"]
+    queued = [p for p in spool.rglob("*")
+              if p.is_file() and p.relative_to(spool).parts[0] not in ("state", "serve.lock")]
     return stored_files(relay.config.storage.maildirs) == [] and queued == []
 
 
